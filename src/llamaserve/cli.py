@@ -1,0 +1,85 @@
+"""The `llamaserve` command line; console.sh and install.sh are thin wrappers over it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from llamaserve import console, install
+from llamaserve.config import ConfigError, load_settings
+
+EXAMPLES = """\
+examples:
+  llamaserve start              start the engine and wait until the model answers
+  llamaserve status             state, pid, port, model and uptime (exit 3 when stopped)
+  llamaserve logs -n 100        follow the engine log from its last 100 lines
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llamaserve",
+        description="Serve one GGUF model over the OpenAI API.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("start", help="start the engine and wait until it is ready")
+    commands.add_parser("stop", help="stop it (SIGTERM, then SIGKILL after a timeout)")
+    commands.add_parser("restart", help="stop, then start")
+    commands.add_parser("status", help="show state, pid, port, model and uptime")
+    logs = commands.add_parser("logs", help="follow the engine log")
+    logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show first")
+    logs.add_argument("--no-follow", action="store_true", help="print and exit")
+    setup = commands.add_parser("install", help="the Python half of runtime/install.sh")
+    setup.add_argument("--skip-engine", action="store_true", help="do not install llama.cpp")
+    commands.add_parser("serve-engine", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as exc:
+        print(f"llamaserve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    settings, layout = load_settings()
+    match args.command:
+        case "start":
+            return console.start(settings, layout)
+        case "stop":
+            return console.stop(settings, layout)
+        case "restart":
+            console.stop(settings, layout)
+            return console.start(settings, layout)
+        case "status":
+            return console.status(layout)
+        case "logs":
+            return console.logs(layout, args.lines, not args.no_follow)
+        case "install":
+            if not args.skip_engine:
+                install.ensure_engine(sys.stdout)
+            install.ensure_config(layout, sys.stdout)
+            settings, layout = load_settings()
+            install.ensure_model(layout, settings.llama_model, sys.stdout)
+            print("\nNext: ./console.sh start")
+            return 0
+        case "serve-engine":
+            return serve_engine()
+    raise AssertionError(args.command)
+
+
+def serve_engine() -> int:
+    from llamaserve.engine import pyserver
+    from llamaserve.engine.models import resolve_model
+
+    settings, layout = load_settings()
+    pyserver.serve(settings, resolve_model(settings, layout))
+    return 0

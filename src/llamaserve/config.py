@@ -1,0 +1,156 @@
+"""Settings: one declared list, read from the environment, runtime/config.env and .env.
+
+Precedence, highest first: the process environment, `runtime/config.env`,
+`.env`. Every field's description is its documentation; the README's
+configuration table is checked against this list by a test.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENGINES = ("llama-cpp-python", "llama-server")
+PLACEHOLDER_MARKERS = ("change", "insert", "placeholder", "your", "<", "xxx", "todo")
+MIN_KEY_LENGTH = 16
+
+
+class Settings(BaseSettings):
+    """Every setting Llamaserve reads; the environment variable is the upper-cased name."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    # Engine
+    llama_server_api_key: SecretStr = Field(
+        SecretStr(""),
+        description="Key the engine requires as a bearer token. install.sh generates it.",
+    )
+    llama_server_host: str = Field("0.0.0.0", description="Address the engine listens on.")
+    llama_server_port: int = Field(8000, ge=1, le=65535, description="Port of the engine.")
+    llama_model: str = Field(
+        "",
+        description="GGUF file to serve (a name in the models directory, or a path). "
+        "May stay empty when the models directory holds exactly one .gguf.",
+    )
+    llama_models_dir: Path = Field(
+        Path("models"), description="Directory searched for .gguf files (relative to the project)."
+    )
+    llama_n_ctx: int = Field(4096, ge=0, description="Context size in tokens (0 = the model's).")
+    llama_n_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads for token generation; 0 = one fewer than the cores, at least 1, "
+        "so the gateway and the database keep a core.",
+    )
+    llama_n_threads_batch: int = Field(
+        0, ge=0, description="Threads for prompt processing; 0 = all cores."
+    )
+    llama_n_gpu_layers: int = Field(0, description="Layers offloaded to the GPU (-1 = all).")
+    llama_chat_format: str = Field(
+        "",
+        description="Chat format of llama-cpp-python (e.g. gemma, chatml, "
+        "chatml-function-calling); empty = the model's own template.",
+    )
+    llama_engine: Literal["llama-cpp-python", "llama-server"] = Field(
+        "llama-cpp-python", description="Which llama.cpp server runs the model."
+    )
+    llama_start_timeout: float = Field(
+        300.0, gt=0, description="Seconds `console.sh start` waits for the model to load."
+    )
+    llama_stop_timeout: float = Field(
+        15.0, gt=0, description="Seconds `console.sh stop` waits after SIGTERM before SIGKILL."
+    )
+    llama_runtime_dir: Path = Field(
+        Path("runtime"),
+        description="Directory of config.env, logs/ and run/ (environment only).",
+    )
+
+    # Gateway (multi-user proxy)
+    llama_proxy_enabled: bool = Field(
+        False, description="Run the multi-user gateway in front of the engine."
+    )
+    llama_proxy_host: str = Field("0.0.0.0", description="Address the gateway listens on.")
+    llama_proxy_port: int = Field(8001, ge=1, le=65535, description="Port of the gateway.")
+    llama_server_backend_url: str = Field(
+        "http://127.0.0.1:8000", description="Engine URL(s) the gateway forwards to."
+    )
+    llama_proxy_rate_limit: int = Field(
+        60, ge=0, description="Requests per user per window (0 = no limit)."
+    )
+    llama_proxy_rate_window_seconds: int = Field(
+        60, ge=1, description="Length of the rate-limit window in seconds."
+    )
+
+    def threads(self) -> int:
+        return self.llama_n_threads or max(1, (os.cpu_count() or 1) - 1)
+
+    def threads_batch(self) -> int:
+        return self.llama_n_threads_batch or max(1, os.cpu_count() or 1)
+
+    def api_key_problem(self) -> str | None:
+        """Why the engine key is unusable, or None when it is fine."""
+        key = self.llama_server_api_key.get_secret_value().strip()
+        if not key:
+            return "LLAMA_SERVER_API_KEY is empty"
+        if any(marker in key.lower() for marker in PLACEHOLDER_MARKERS):
+            return "LLAMA_SERVER_API_KEY is still a placeholder"
+        if len(key) < MIN_KEY_LENGTH:
+            return f"LLAMA_SERVER_API_KEY is shorter than {MIN_KEY_LENGTH} characters"
+        return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a project's files live: config, logs, pidfiles, models."""
+
+    root: Path
+    runtime: Path
+    models: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.runtime / "config.env"
+
+    @property
+    def env_file(self) -> Path:
+        return self.root / ".env"
+
+    @property
+    def logs(self) -> Path:
+        return self.runtime / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.runtime / "run"
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("LLAMASERVE_ROOT") or Path.cwd()).resolve()
+
+
+def runtime_dir(root: Path) -> Path:
+    return _under(root, Path(os.environ.get("LLAMA_RUNTIME_DIR") or "runtime"))
+
+
+def load_settings(root: Path | None = None) -> tuple[Settings, Layout]:
+    """Read the settings of the project at `root` (default: LLAMASERVE_ROOT or the cwd)."""
+    root = root or project_root()
+    runtime = runtime_dir(root)
+    settings = Settings(
+        _env_file=(root / ".env", runtime / "config.env"),  # type: ignore[call-arg]
+        llama_runtime_dir=runtime,
+    )
+    return settings, Layout(root, runtime, _under(root, settings.llama_models_dir))
+
+
+def _under(root: Path, path: Path) -> Path:
+    return path if path.is_absolute() else root / path
+
+
+class ConfigError(Exception):
+    """A setting or file that stops Llamaserve from starting; the message is one clear line."""

@@ -1,0 +1,1 @@
+"""Starting and watching the llama.cpp servers that run the model."""

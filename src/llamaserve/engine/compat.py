@@ -1,0 +1,282 @@
+"""An ASGI middleware that mends where llama_cpp.server falls short of OpenAI's API.
+
+- every error answers in OpenAI's envelope (FastAPI's `{"detail": ...}` and 422s are rewritten);
+- `response_format` of type `json_schema` becomes the json_object-with-schema form the
+  engine understands;
+- `stream_options.include_usage` gets its last chunk carrying usage, counted by the engine;
+- `n` > 1 and a `model` other than the served one are refused instead of silently ignored;
+- an exception once a stream has started ends it with an error event and `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llamaserve.errors import (
+    APIError,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    error_for_status,
+    sse_error_event,
+)
+
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+@dataclass
+class Usage:
+    """Tokens of one request, filled in by the engine's generation hook."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+# Set per request by the middleware; the generation hook adds to it from the worker thread.
+current_usage: contextvars.ContextVar[Usage | None] = contextvars.ContextVar(
+    "current_usage", default=None
+)
+
+
+def rewrite_request(
+    raw: bytes, model_id: str, schema: type[BaseModel] | None = None
+) -> tuple[bytes, bool]:
+    """The body to hand to the engine, and whether the client asked for usage in the stream."""
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = body.get("model")
+    if model is not None and model != model_id:
+        raise NotFound(
+            f"The model '{model}' does not exist; this server serves '{model_id}'.",
+            param="model",
+            code="model_not_found",
+        )
+    if (body.get("n") or 1) != 1:
+        raise InvalidRequest("Only n=1 is supported.", param="n")
+    body["model"] = model_id  # else the engine names the model by its file path
+    body["response_format"] = _engine_response_format(body.get("response_format"))
+    stream_options = body.pop("stream_options", None) or {}
+    if schema is not None:
+        _validate(schema, body)
+    include_usage = bool(body.get("stream")) and bool(stream_options.get("include_usage"))
+    return json.dumps(body).encode(), include_usage
+
+
+def _validate(schema: type[BaseModel], body: dict[str, Any]) -> None:
+    """Refuse a malformed request as OpenAI does (400), where the engine would answer 500."""
+    try:
+        schema.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param) from None
+
+
+def _engine_response_format(fmt: Any) -> Any:
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise InvalidRequest(
+                "response_format.json_schema.schema must be a JSON schema object.",
+                param="response_format",
+            )
+        return {"type": "json_object", "schema": schema}
+    return fmt
+
+
+def openai_error(status: int, raw: bytes) -> APIError | None:
+    """The envelope for an error body the engine wrote in another shape (None if already fine)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return error_for_status(status, raw.decode(errors="replace") or "error")
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return None
+    detail = body.get("detail") if isinstance(body, dict) else body
+    if isinstance(detail, list) and detail:  # FastAPI validation errors
+        first = detail[0]
+        loc = [str(part) for part in first.get("loc", []) if part != "body"]
+        param = ".".join(loc) or None
+        return InvalidRequest(f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
+    code = "invalid_api_key" if status == 401 else None
+    return error_for_status(status, str(detail), code=code)
+
+
+class CompatMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        model_id: str,
+        schemas: dict[str, type[BaseModel]] | None = None,
+    ) -> None:
+        self.app = app
+        self.model_id = model_id
+        self.schemas = schemas or {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        include_usage = False
+        if scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
+            try:
+                raw = await _read_body(receive)
+                schema = self.schemas.get(scope["path"])
+                body, include_usage = rewrite_request(raw, self.model_id, schema)
+            except APIError as error:
+                await _send_error(send, error)
+                return
+            scope, receive = _with_body(scope, body, receive)
+        usage = Usage()
+        token = current_usage.set(usage)
+        mender = ResponseMender(send, usage if include_usage else None)
+        try:
+            await self.app(scope, receive, mender.send)
+        except Exception as exc:
+            await mender.fail(InternalError(f"The engine failed: {exc}"))
+        finally:
+            current_usage.reset(token)
+
+
+class ResponseMender:
+    """Wraps `send`: envelopes error bodies, adds the usage chunk, ends failed streams cleanly."""
+
+    def __init__(self, send: Send, usage: Usage | None) -> None:
+        self._send = send
+        self._usage = usage
+        self._start: Message | None = None
+        self._error_body = b""
+        self._last_chunk: dict[str, Any] = {}
+        self.streaming = False
+        self.started = False
+        self.finished = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            await self._on_start(message)
+        elif message["type"] == "http.response.body" and self._start is not None:
+            await self._on_error_body(message)
+        elif message["type"] == "http.response.body" and self.streaming:
+            await self._on_stream_body(message)
+        else:
+            await self._send(message)
+
+    async def fail(self, error: APIError) -> None:
+        if self.finished:
+            return
+        if self.streaming:
+            await self._send(
+                {"type": "http.response.body", "body": sse_error_event(error), "more_body": False}
+            )
+        elif not self.started:
+            await _send_error(self._send, error)
+        self.finished = True
+
+    async def _on_start(self, message: Message) -> None:
+        headers = dict(message.get("headers", []))
+        content_type = headers.get(b"content-type", b"")
+        if message["status"] >= 400 and content_type.startswith(b"application/json"):
+            self._start = message  # hold it until the whole error body is seen
+            return
+        self.streaming = content_type.startswith(b"text/event-stream")
+        self.started = True
+        await self._send(message)
+
+    async def _on_error_body(self, message: Message) -> None:
+        self._error_body += message.get("body", b"")
+        if message.get("more_body"):
+            return
+        assert self._start is not None
+        status = self._start["status"]
+        error = openai_error(status, self._error_body)
+        self.started = self.finished = True
+        if error is None:
+            await self._send(self._start)
+            await self._send({"type": "http.response.body", "body": self._error_body})
+        else:
+            await _send_error(self._send, error, status=status)
+
+    async def _on_stream_body(self, message: Message) -> None:
+        chunk: bytes = message.get("body", b"")
+        if self._usage is not None and b"data: [DONE]" in chunk:
+            before, _, after = chunk.partition(b"data: [DONE]")
+            chunk = before + self._usage_event() + b"data: [DONE]" + after
+        elif self._usage is not None and chunk.startswith(b"data: {"):
+            self._remember(chunk)
+        if not message.get("more_body", False):
+            self.finished = True
+        await self._send({**message, "body": chunk})
+
+    def _remember(self, chunk: bytes) -> None:
+        with contextlib.suppress(ValueError):
+            self._last_chunk = json.loads(chunk[len(b"data: ") :])
+
+    def _usage_event(self) -> bytes:
+        assert self._usage is not None
+        last = self._last_chunk
+        event = {
+            "id": last.get("id"),
+            "object": last.get("object", "chat.completion.chunk"),
+            "created": last.get("created"),
+            "model": last.get("model"),
+            "choices": [],
+            "usage": self._usage.as_dict(),
+        }
+        return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+async def _read_body(receive: Receive) -> bytes:
+    body = bytearray()
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+def _with_body(scope: Scope, body: bytes, original: Receive) -> tuple[Scope, Receive]:
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            # The body was read already: the next message from the server is the disconnect.
+            return await original()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return {**scope, "headers": headers}, receive
+
+
+async def _send_error(send: Send, error: APIError, *, status: int | None = None) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
+    ]
+    await send(
+        {"type": "http.response.start", "status": status or error.status, "headers": headers}
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

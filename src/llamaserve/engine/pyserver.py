@@ -1,0 +1,108 @@
+"""Runs llama-cpp-python's `llama_cpp.server` for one model, mended by CompatMiddleware.
+
+This module is the engine process itself (`llamaserve serve-engine`): it imports
+llama_cpp, so nothing else in the package imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from llamaserve.config import Settings
+from llamaserve.engine.compat import CompatMiddleware, current_usage
+
+
+def _add_missing_request_fields() -> None:
+    """Let `typical_p` reach the engine: the server's request models drop it.
+
+    Must run before llama_cpp.server.app is imported, which binds the models by name.
+    """
+    if "llama_cpp.server.app" in sys.modules:
+        raise RuntimeError(
+            "llama_cpp.server.app was imported before its request models were mended"
+        )
+    types: Any = importlib.import_module("llama_cpp.server.types")
+    typical_p_field = Field(default=1.0, ge=0.0, le=1.0, description="Locally typical sampling.")
+
+    class CreateChatCompletionRequest(types.CreateChatCompletionRequest):  # type: ignore[misc]
+        typical_p: float = typical_p_field
+
+    class CreateCompletionRequest(types.CreateCompletionRequest):  # type: ignore[misc]
+        typical_p: float = typical_p_field
+
+    types.CreateChatCompletionRequest = CreateChatCompletionRequest
+    types.CreateCompletionRequest = CreateCompletionRequest
+
+
+def _meter(llama: Any) -> None:
+    """Count prompt and generated tokens of every generation into the request's Usage.
+
+    The count mirrors llama-cpp-python's own non-streamed usage: every sampled token
+    but the end-of-generation one.
+    """
+    import llama_cpp
+
+    generate: Callable[..., Iterator[int]] = llama.generate
+    vocab = llama._model.vocab
+
+    def metered_generate(tokens: Any, *args: Any, **kwargs: Any) -> Iterator[int]:
+        usage = current_usage.get()
+        if usage is not None:
+            usage.prompt_tokens += len(tokens)
+        for token in generate(tokens, *args, **kwargs):
+            if usage is not None and not llama_cpp.llama_vocab_is_eog(vocab, token):
+                usage.completion_tokens += 1
+            yield token
+
+    llama.generate = metered_generate
+
+
+def build_app(settings: Settings, model: Path) -> CompatMiddleware:
+    _add_missing_request_fields()
+    server_app: Any = importlib.import_module("llama_cpp.server.app")
+    engine_settings = server_app.Settings(
+        model=str(model),
+        model_alias=model.name,
+        host=settings.llama_server_host,
+        port=settings.llama_server_port,
+        api_key=settings.llama_server_api_key.get_secret_value(),
+        # The default cuts off a running stream whenever another request arrives.
+        interrupt_requests=False,
+        n_ctx=settings.llama_n_ctx,
+        n_threads=settings.threads(),
+        n_threads_batch=settings.threads_batch(),
+        n_gpu_layers=settings.llama_n_gpu_layers,
+        chat_format=settings.llama_chat_format or None,
+        verbose=False,
+    )
+    app = server_app.create_app(settings=engine_settings)
+    _meter(server_app._llama_proxy(model.name))
+    schemas = {
+        "/v1/chat/completions": server_app.CreateChatCompletionRequest,
+        "/v1/completions": server_app.CreateCompletionRequest,
+    }
+    return CompatMiddleware(app, model_id=model.name, schemas=schemas)
+
+
+def serve(settings: Settings, model: Path) -> None:
+    import uvicorn
+
+    app = build_app(settings, model)
+    print(
+        f"llamaserve engine: llama-cpp-python, model {model.name}, "
+        f"threads {settings.threads()}/{settings.threads_batch()}, ctx {settings.llama_n_ctx}",
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=settings.llama_server_host,
+        port=settings.llama_server_port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )

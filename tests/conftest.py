@@ -1,0 +1,113 @@
+"""Shared fixtures: an isolated runtime directory per test, and the real engine started
+the way a user starts it (`console.sh start`), on a free port."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def default_model() -> Path:
+    models = sorted(MODELS.glob("*.gguf"))
+    assert len(models) == 1, "run ./runtime/install.sh first: models/ must hold the default model"
+    return models[0]
+
+
+def write_config(runtime: Path, **values: str) -> None:
+    """A config.env in `runtime`, from the template, with the given values set."""
+    runtime.mkdir(parents=True, exist_ok=True)
+    lines = (ROOT / "runtime" / "config.env.template").read_text().splitlines()
+    for key, value in values.items():
+        lines = [line for line in lines if not line.startswith(f"{key}=")]
+        lines.append(f'{key}="{value}"')
+    (runtime / "config.env").write_text("\n".join(lines) + "\n")
+
+
+def run(
+    args: list[str], env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@dataclass
+class Project:
+    """An isolated runtime directory (config, logs, pidfiles) over this checkout."""
+
+    runtime: Path
+    env: dict[str, str]
+
+    def console(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return run([str(ROOT / "console.sh"), *args], self.env, timeout)
+
+
+def make_project(runtime: Path, **config: str) -> Project:
+    config.setdefault("LLAMA_SERVER_API_KEY", secrets.token_urlsafe(32))
+    config.setdefault("LLAMA_SERVER_HOST", "127.0.0.1")
+    config.setdefault("LLAMA_SERVER_PORT", str(free_port()))
+    write_config(runtime, **config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "POSTGRES_"))}
+    env["LLAMA_RUNTIME_DIR"] = str(runtime)
+    return Project(runtime, env)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    return make_project(tmp_path / "runtime")
+
+
+@dataclass
+class Engine:
+    base_url: str
+    api_key: str
+    model: str
+    project: Project
+
+    def client(self, api_key: str | None = None) -> OpenAI:
+        return OpenAI(
+            base_url=f"{self.base_url}/v1",
+            api_key=api_key or self.api_key,
+            max_retries=0,
+            timeout=300,
+        )
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """The real default model behind `console.sh start`, for the whole session."""
+    port = free_port()
+    key = secrets.token_urlsafe(32)
+    project = make_project(
+        tmp_path_factory.mktemp("engine") / "runtime",
+        LLAMA_SERVER_API_KEY=key,
+        LLAMA_SERVER_PORT=str(port),
+    )
+    started = project.console("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield Engine(f"http://127.0.0.1:{port}", key, default_model().name, project)
+    finally:
+        project.console("stop")
+
+
+@pytest.fixture
+def client(engine: Engine) -> OpenAI:
+    return engine.client()

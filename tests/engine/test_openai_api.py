@@ -1,0 +1,301 @@
+"""Every parameter of the spec's table, through the official SDK, against the real model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import Engine, default_model
+
+CHAT = [{"role": "user", "content": "Write a list of fruits."}]
+PERSON_PROMPT = "Give a JSON object with the name and age of Jason, who is 30."
+REPETITIVE = "the the the the the the the the"
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def chat_text(client: OpenAI, engine: Engine, **params: object) -> str:
+    response = client.chat.completions.create(
+        model=engine.model,
+        messages=CHAT,
+        max_tokens=24,
+        **params,  # type: ignore[arg-type]
+    )
+    return response.choices[0].message.content or ""
+
+
+def complete_text(client: OpenAI, engine: Engine, **params: object) -> str:
+    response = client.completions.create(
+        model=engine.model,
+        prompt=REPETITIVE,
+        max_tokens=16,
+        **params,  # type: ignore[arg-type]
+    )
+    return response.choices[0].text
+
+
+def test_models_lists_exactly_the_model_file(client: OpenAI, engine: Engine) -> None:
+    assert [m.id for m in client.models.list().data] == [engine.model]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7])
+def test_max_tokens_bounds_length_and_reports_length(
+    client: OpenAI, engine: Engine, max_tokens: int
+) -> None:
+    chat = client.chat.completions.create(
+        model=engine.model, messages=CHAT, max_tokens=max_tokens, temperature=0
+    )
+    assert chat.usage is not None and chat.usage.completion_tokens == max_tokens
+    assert chat.choices[0].finish_reason == "length"
+    completion = client.completions.create(
+        model=engine.model, prompt=REPETITIVE, max_tokens=max_tokens, temperature=0
+    )
+    assert completion.usage is not None and completion.usage.completion_tokens == max_tokens
+    assert completion.choices[0].finish_reason == "length"
+
+
+def test_temperature_zero_is_deterministic(client: OpenAI, engine: Engine) -> None:
+    assert chat_text(client, engine, temperature=0) == chat_text(client, engine, temperature=0)
+
+
+def test_seed_repeats_sampling(client: OpenAI, engine: Engine) -> None:
+    first = chat_text(client, engine, temperature=1.0, seed=1234)
+    assert chat_text(client, engine, temperature=1.0, seed=1234) == first
+    completion = complete_text(client, engine, temperature=1.0, seed=99)
+    assert complete_text(client, engine, temperature=1.0, seed=99) == completion
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_stop_sequences_end_the_text(client: OpenAI, engine: Engine, as_list: bool) -> None:
+    free = chat_text(client, engine, temperature=0)
+    word = free.split()[2]  # a stop string that greedy decoding is known to produce
+    stop: str | list[str] = [word, "never-produced-stop"] if as_list else word
+    response = client.chat.completions.create(
+        model=engine.model, messages=CHAT, max_tokens=24, temperature=0, stop=stop
+    )
+    text = response.choices[0].message.content or ""
+    assert word not in text
+    assert free.startswith(text)
+    assert response.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{"top_k": 1}, {"top_p": 0.001}, {"min_p": 0.99}],
+    ids=["top_k", "top_p", "min_p"],
+)
+def test_sampling_controls_reduce_to_greedy(
+    client: OpenAI, engine: Engine, sampling: dict[str, float]
+) -> None:
+    greedy = chat_text(client, engine, temperature=0)
+    top_p = sampling.pop("top_p", None)
+    params: dict[str, object] = {"temperature": 1.0, "seed": 7, "extra_body": sampling}
+    if top_p is not None:
+        params["top_p"] = top_p
+    assert chat_text(client, engine, **params) == greedy
+
+
+def test_typical_p_reaches_the_sampler(client: OpenAI, engine: Engine) -> None:
+    wide = chat_text(client, engine, temperature=1.0, seed=5, extra_body={"typical_p": 1.0})
+    narrow = chat_text(client, engine, temperature=1.0, seed=5, extra_body={"typical_p": 0.05})
+    assert narrow != wide
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [
+        {"extra_body": {"repeat_penalty": 2.0}},
+        {"presence_penalty": 2.0},
+        {"frequency_penalty": 2.0},
+    ],
+    ids=["repeat_penalty", "presence_penalty", "frequency_penalty"],
+)
+def test_penalties_change_a_repetitive_continuation(
+    client: OpenAI, engine: Engine, penalty: dict[str, object]
+) -> None:
+    baseline = complete_text(client, engine, temperature=0, extra_body={"repeat_penalty": 1.0})
+    assert baseline.split() == ["the"] * len(baseline.split())  # the model repeats itself
+    extra = {"repeat_penalty": 1.0, **penalty.pop("extra_body", {})}  # type: ignore[dict-item]
+    assert complete_text(client, engine, temperature=0, extra_body=extra, **penalty) != baseline
+
+
+def test_logit_bias_bans_a_token(client: OpenAI, engine: Engine, vocab: Any) -> None:
+    def tokens(**params: object) -> list[str]:
+        response = client.completions.create(
+            model=engine.model,
+            prompt=REPETITIVE,
+            max_tokens=8,
+            temperature=0,
+            logprobs=1,
+            **params,  # type: ignore[arg-type]
+        )
+        assert response.choices[0].logprobs is not None
+        return list(response.choices[0].logprobs.tokens or [])
+
+    first = tokens()[0]
+    ids = vocab.tokenize(first.encode(), add_bos=False, special=True)
+    assert len(ids) == 1, (first, ids)
+    banned = tokens(logit_bias={str(ids[0]): -100})
+    assert banned and first not in banned
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Any:
+    """The model's tokenizer, to name a token by its id."""
+    import llama_cpp
+
+    return llama_cpp.Llama(str(default_model()), vocab_only=True, verbose=False)
+
+
+def test_chat_logprobs_have_openai_shape(client: OpenAI, engine: Engine) -> None:
+    response = client.chat.completions.create(
+        model=engine.model,
+        messages=CHAT,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    logprobs = response.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    assert len(logprobs.content) == 5
+    for item in logprobs.content:
+        assert isinstance(item.token, str) and item.logprob <= 0
+        assert len(item.top_logprobs) == 3
+        assert all(alt.logprob <= 0 for alt in item.top_logprobs)
+
+
+def test_completion_logprobs_have_the_requested_count(client: OpenAI, engine: Engine) -> None:
+    response = client.completions.create(
+        model=engine.model, prompt=REPETITIVE, max_tokens=4, temperature=0, logprobs=2
+    )
+    logprobs = response.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens and logprobs.top_logprobs
+    assert len(logprobs.tokens) == 4
+    assert all(len(alternatives) == 2 for alternatives in logprobs.top_logprobs)
+
+
+def test_response_format_json_object(client: OpenAI, engine: Engine) -> None:
+    response = client.chat.completions.create(
+        model=engine.model,
+        messages=[{"role": "user", "content": PERSON_PROMPT}],
+        max_tokens=300,
+        temperature=0,
+        # The 270M base model rambles inside JSON strings; a penalty lets it close the object.
+        extra_body={"repeat_penalty": 1.5},
+        response_format={"type": "json_object"},
+    )
+    assert response.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(response.choices[0].message.content or ""), dict)
+
+
+def test_response_format_json_schema(client: OpenAI, engine: Engine) -> None:
+    response = client.chat.completions.create(
+        model=engine.model,
+        messages=[{"role": "user", "content": "Give a person as JSON."}],
+        max_tokens=60,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON, "strict": True},
+        },
+    )
+    assert response.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(response.choices[0].message.content or ""), PERSON)
+
+
+def test_forced_tool_call_validates(client: OpenAI, engine: Engine) -> None:
+    response = client.chat.completions.create(
+        model=engine.model,
+        messages=[{"role": "user", "content": "Jason is 30 years old."}],
+        max_tokens=60,
+        temperature=0,
+        tools=[{"type": "function", "function": {"name": "record", "parameters": PERSON}}],
+        tool_choice={"type": "function", "function": {"name": "record"}},
+    )
+    calls = response.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "record"
+    jsonschema.validate(json.loads(calls[0].function.arguments), PERSON)
+
+
+def test_forced_legacy_function_call_validates(client: OpenAI, engine: Engine) -> None:
+    response = client.chat.completions.create(
+        model=engine.model,
+        messages=[{"role": "user", "content": "Jason is 30 years old."}],
+        max_tokens=60,
+        temperature=0,
+        functions=[{"name": "record", "parameters": PERSON}],
+        function_call={"name": "record"},
+    )
+    call = response.choices[0].message.function_call
+    assert call is not None and call.name == "record"
+    jsonschema.validate(json.loads(call.arguments), PERSON)
+
+
+def test_stream_sends_chunks_then_finish_reason(client: OpenAI, engine: Engine) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=engine.model, messages=CHAT, max_tokens=8, temperature=0, stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) >= 3 and text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks)  # usage only when asked for
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_stream_include_usage_ends_with_usage(client: OpenAI, engine: Engine, kind: str) -> None:
+    common = {"model": engine.model, "max_tokens": 9, "temperature": 0}
+    if kind == "chat":
+        plain = client.chat.completions.create(messages=CHAT, **common)  # type: ignore[call-overload]
+        chunks = list(
+            client.chat.completions.create(
+                messages=CHAT, stream=True, stream_options={"include_usage": True}, **common
+            )
+        )  # type: ignore[call-overload]
+    else:
+        plain = client.completions.create(prompt=REPETITIVE, **common)  # type: ignore[call-overload]
+        chunks = list(
+            client.completions.create(
+                prompt=REPETITIVE, stream=True, stream_options={"include_usage": True}, **common
+            )
+        )  # type: ignore[call-overload]
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage == plain.usage
+    assert [c for c in chunks[:-1] if c.choices][-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("api_key", ["wrong-key", ""])
+def test_wrong_or_missing_key_is_401_envelope(engine: Engine, api_key: str) -> None:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(f"{engine.base_url}/v1/models", headers=headers)
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.AuthenticationError):
+        engine.client(api_key="wrong-key").models.list()
+
+
+def test_unknown_model_is_404(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=1)
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_n_above_one_is_refused_not_ignored(client: OpenAI, engine: Engine) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=engine.model, messages=CHAT, max_tokens=1, n=2)
+    assert info.value.body["param"] == "n"  # type: ignore[index]

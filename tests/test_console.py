@@ -1,0 +1,148 @@
+"""console.sh: refusals before launch, start/stop/status/logs, stale pidfiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from llamaserve.engine.process import start_ticks
+from tests.conftest import Engine, Project, make_project
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+def test_no_model(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    project = make_project(tmp_path / "rt", LLAMA_MODELS_DIR=str(tmp_path / "empty"))
+    one_line_error(project.console("start"), "no model", "install.sh")
+
+
+def test_several_models_without_llama_model(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (models / name).write_bytes(b"GGUF" + b"\0" * 16)
+    project = make_project(tmp_path / "rt", LLAMA_MODELS_DIR=str(models))
+    one_line_error(project.console("start"), "several models", "a.gguf", "b.gguf", "LLAMA_MODEL")
+
+
+def test_llama_model_names_a_missing_file(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "rt", LLAMA_MODEL="missing.gguf")
+    one_line_error(project.console("start"), "LLAMA_MODEL=missing.gguf", "no such file")
+
+
+def test_a_file_that_is_not_gguf(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("<html>not a model</html>")
+    project = make_project(tmp_path / "rt", LLAMA_MODEL=str(fake))
+    one_line_error(project.console("start"), "not a GGUF file")
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [("", "empty"), ("CHANGE_ME_PLEASE_0123456789", "placeholder"), ("short", "shorter")],
+)
+def test_unusable_api_key(tmp_path: Path, key: str, reason: str) -> None:
+    project = make_project(tmp_path / "rt", LLAMA_SERVER_API_KEY=key)
+    one_line_error(project.console("start"), "LLAMA_SERVER_API_KEY", reason)
+
+
+def test_port_already_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        project = make_project(tmp_path / "rt", LLAMA_SERVER_PORT=str(port))
+        one_line_error(project.console("start"), f"port {port}", "already in use")
+    assert not (project.runtime / "run" / "engine.pid").exists()
+
+
+def test_engine_dying_while_starting_shows_its_log(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + os.urandom(4096))  # right magic, unloadable
+    project = make_project(tmp_path / "rt", LLAMA_MODEL=str(broken))
+    result = project.console("start", timeout=120)
+    assert result.returncode != 0
+    assert "exited" in result.stdout and "engine.log" in result.stdout
+    assert len(result.stdout.splitlines()) > 3  # the end of the log is shown
+    assert project.console("status").returncode == 3
+
+
+def test_status_and_start_again_while_running(engine: Engine) -> None:
+    status = engine.project.console("status")
+    assert status.returncode == 0
+    line = status.stdout.strip()
+    assert "running" in line and engine.model in line
+    assert engine.base_url.rsplit(":", 1)[1] in line and "pid" in line and "up " in line
+    again = engine.project.console("start")
+    assert again.returncode == 0 and "already running" in again.stdout
+
+
+def test_logs_shows_the_last_lines(engine: Engine) -> None:
+    result = engine.project.console("logs", "-n", "3", "--no-follow")
+    assert result.returncode == 0
+    assert 1 <= len(result.stdout.splitlines()) <= 3
+
+
+def test_stop_when_stopped_and_status_exit_code(project: Project) -> None:
+    assert project.console("stop").returncode == 0
+    status = project.console("status")
+    assert status.returncode == 3 and "stopped" in status.stdout
+
+
+def test_stale_pidfile_with_a_reused_pid_is_never_signalled(project: Project) -> None:
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        run_dir = project.runtime / "run"
+        run_dir.mkdir(parents=True)
+        # The pid is alive, but it is not the process the pidfile recorded.
+        record = {"pid": stranger.pid, "start_ticks": 1, "started_at": time.time(), "info": {}}
+        (run_dir / "engine.pid").write_text(json.dumps(record))
+        status = project.console("status")
+        assert status.returncode == 3 and "stale" in status.stdout
+        assert project.console("stop").returncode == 0
+        assert stranger.poll() is None  # still alive: never signalled
+        assert not (run_dir / "engine.pid").exists()
+    finally:
+        stranger.send_signal(signal.SIGKILL)
+        stranger.wait()
+
+
+def test_start_stop_restart_cycle(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "rt")
+    try:
+        assert project.console("start").returncode == 0
+        first = json.loads((project.runtime / "run" / "engine.pid").read_text())["pid"]
+        restarted = project.console("restart")
+        assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+        second = json.loads((project.runtime / "run" / "engine.pid").read_text())["pid"]
+        assert second != first
+        stopped = project.console("stop")
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout
+        assert not (project.runtime / "run" / "engine.pid").exists()
+        assert start_ticks(second) is None  # gone (or a zombie awaiting its reaper)
+    finally:
+        project.console("stop")
+
+
+def test_console_refuses_before_install(tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "console.sh", clone)
+    result = subprocess.run([str(clone / "console.sh"), "start"], capture_output=True, text=True)
+    assert result.returncode == 1 and "install.sh" in result.stderr

@@ -1,0 +1,118 @@
+"""runtime/install.sh: prerequisites first, idempotence, the key, the default model."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, default_model, run
+
+INSTALL = ROOT / "runtime" / "install.sh"
+TOOLS = ["dirname", "grep", "head", "sort", "cat", "sha256sum", "cut", "rm", "cc", "c++", "cmake"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "POSTGRES_"))}
+    env.update(extra)
+    return env
+
+
+def config_text(runtime: Path) -> str:
+    return (runtime / "config.env").read_text()
+
+
+def test_install_writes_a_private_config_once_and_keeps_it(tmp_path: Path) -> None:
+    env = clean_env(LLAMA_RUNTIME_DIR=str(tmp_path / "rt"))
+    first = run([str(INSTALL)], env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    config = tmp_path / "rt" / "config.env"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    lines = config_text(tmp_path / "rt").splitlines()
+    key_line = next(line for line in lines if line.startswith("LLAMA_SERVER_API_KEY="))
+    key = key_line.split("=", 1)[1].strip('"')
+    assert len(key) >= 43 and set(key) <= set(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    )
+    assert key not in first.stdout + first.stderr  # the key is never printed
+    assert first.stdout.rstrip().endswith("./console.sh start")
+
+    before = config.read_bytes()
+    second = run([str(INSTALL)], env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert config.read_bytes() == before
+    assert "already installed" in second.stdout and "keeping" in second.stdout
+    assert "building" not in second.stdout.lower()
+
+
+def test_install_provides_the_default_model_with_checksum(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    env = clean_env(LLAMA_RUNTIME_DIR=str(tmp_path / "rt"), LLAMA_MODELS_DIR=str(models))
+    result = run([str(INSTALL)], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "100%" in result.stdout and "sha256 verified" in result.stdout
+    provided = models / default_model().name
+    assert sha256(provided) == sha256(default_model())
+    assert not list(models.glob("*.partial"))
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fake_clone(tmp_path: Path, missing: str) -> tuple[Path, dict[str, str]]:
+    """A copy of install.sh with a PATH that lacks one tool."""
+    clone = tmp_path / "clone"
+    (clone / "runtime").mkdir(parents=True)
+    shutil.copy(INSTALL, clone / "runtime" / "install.sh")
+    shutil.copy(ROOT / "pyproject.toml", clone)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(os.path.realpath(sys.executable))
+    for tool in TOOLS:
+        found = shutil.which(tool)
+        if tool != missing and found:
+            (bin_dir / tool).symlink_to(found)
+    return clone, clean_env(PATH=str(bin_dir))
+
+
+@pytest.mark.parametrize(("missing", "needle"), [("cmake", "cmake"), ("c++", "C++ compiler")])
+def test_a_missing_prerequisite_stops_before_anything(
+    tmp_path: Path, missing: str, needle: str
+) -> None:
+    clone, env = fake_clone(tmp_path, missing)
+    result = subprocess.run(
+        ["/bin/bash", str(clone / "runtime" / "install.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "install" in lines[0]
+    assert not (clone / ".venv").exists()
+
+
+def test_an_old_python_is_refused(tmp_path: Path) -> None:
+    clone, env = fake_clone(tmp_path, "")
+    old = tmp_path / "python3.9"
+    old.write_text("#!/bin/sh\nexit 1\n")
+    old.chmod(0o755)
+    env["PYTHON"] = str(old)
+    result = subprocess.run(
+        ["/bin/bash", str(clone / "runtime" / "install.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1 and "3.11" in result.stderr
+    assert not (clone / ".venv").exists()
