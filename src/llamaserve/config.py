@@ -86,6 +86,32 @@ class Settings(BaseSettings):
         60, ge=1, description="Length of the rate-limit window in seconds."
     )
 
+    llama_proxy_allow_public_engine: bool = Field(
+        False,
+        description="Let the gateway start while the engine listens on a public address "
+        "(users could then bypass the gateway).",
+    )
+    llama_proxy_max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body the gateway accepts (413)."
+    )
+    llama_proxy_upstream_timeout: float = Field(
+        600.0, gt=0, description="Seconds the gateway waits for the engine between two reads (504)."
+    )
+
+    # Database of users, keys and the request log
+    postgres_auth_host: str = Field(
+        "",
+        description="PostgreSQL host; empty = a private cluster under runtime/ "
+        "(needs PostgreSQL's server programs).",
+    )
+    postgres_auth_port: int = Field(5432, ge=1, le=65535, description="PostgreSQL port.")
+    postgres_auth_db: str = Field("llamaserve", description="Database name.")
+    postgres_auth_user: str = Field("llamaserve", description="Database user.")
+    postgres_auth_password: SecretStr = Field(SecretStr(""), description="Database password.")
+    postgres_auth_sslmode: Literal[
+        "disable", "allow", "prefer", "require", "verify-ca", "verify-full"
+    ] = Field("prefer", description="SSL mode of the database connection.")
+
     def threads(self) -> int:
         return self.llama_n_threads or max(1, (os.cpu_count() or 1) - 1)
 
