@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+pytest_plugins = ["tests.pgfixtures"]
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 

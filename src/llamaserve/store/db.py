@@ -1,0 +1,119 @@
+"""Connections to the database named by POSTGRES_AUTH_*, and the one place their errors are mapped.
+
+With no POSTGRES_AUTH_HOST the database is the private cluster's (store/cluster.py), over
+its Unix socket. Connection failures become DatabaseUnavailable with one line saying
+what is wrong and what to do; the password never appears in one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+
+from llamaserve.config import Layout, Settings
+from llamaserve.store import cluster
+from llamaserve.store.errors import DatabaseUnavailable
+
+CONNECT_TIMEOUT = 10.0
+SERVER_SETTINGS = {"application_name": "llamaserve"}
+
+
+def connect_kwargs(settings: Settings, layout: Layout) -> dict[str, Any]:
+    """asyncpg's connect arguments for the configured database."""
+    if cluster.is_private(settings):
+        return cluster.connect_kwargs(settings, layout)
+    kwargs: dict[str, Any] = {
+        "host": settings.postgres_auth_host.strip(),
+        "port": settings.postgres_auth_port,
+        "user": settings.postgres_auth_user,
+        "database": settings.postgres_auth_db,
+        "ssl": settings.postgres_auth_sslmode,
+    }
+    password = settings.postgres_auth_password.get_secret_value()
+    if password:
+        kwargs["password"] = password
+    return kwargs
+
+
+def describe(settings: Settings, layout: Layout) -> str:
+    """Where the database is, for messages: never with the password."""
+    if cluster.is_private(settings):
+        return (
+            f"private cluster in {cluster.data_dir(layout)}, database {settings.postgres_auth_db}"
+        )
+    host, port = settings.postgres_auth_host.strip(), settings.postgres_auth_port
+    return f"{settings.postgres_auth_user}@{host}:{port}/{settings.postgres_auth_db}"
+
+
+async def connect(settings: Settings, layout: Layout) -> asyncpg.Connection:
+    with map_connect_errors(settings, layout):
+        return await asyncpg.connect(
+            **connect_kwargs(settings, layout),
+            timeout=CONNECT_TIMEOUT,
+            server_settings=SERVER_SETTINGS,
+        )
+
+
+async def create_pool(
+    settings: Settings, layout: Layout, *, min_size: int = 1, max_size: int = 10
+) -> asyncpg.Pool:
+    with map_connect_errors(settings, layout):
+        return await asyncpg.create_pool(
+            **connect_kwargs(settings, layout),
+            timeout=CONNECT_TIMEOUT,
+            server_settings=SERVER_SETTINGS,
+            min_size=min_size,
+            max_size=max_size,
+        )
+
+
+@contextlib.contextmanager
+def map_connect_errors(settings: Settings, layout: Layout) -> Iterator[None]:
+    """Re-raise a failure to connect as DatabaseUnavailable, with what to do about it."""
+    try:
+        yield
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseUnavailable(_explain(exc, settings, layout)) from exc
+
+
+def _explain(exc: BaseException, settings: Settings, layout: Layout) -> str:
+    where = describe(settings, layout)
+    user, database = settings.postgres_auth_user, settings.postgres_auth_db
+    if isinstance(exc, asyncpg.InvalidPasswordError):
+        return (
+            f"PostgreSQL refused the password of {user} ({where}): "
+            "check POSTGRES_AUTH_USER and POSTGRES_AUTH_PASSWORD in .env"
+        )
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return f"PostgreSQL refused user {user} ({where}): {exc}; check POSTGRES_AUTH_USER in .env"
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return (
+            f"database {database} does not exist ({where}): create it "
+            f"(createdb -O {user} {database}) or set POSTGRES_AUTH_DB in .env"
+        )
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"PostgreSQL refused the connection ({where}): {exc}"
+    if cluster.is_private(settings):
+        return (
+            f"cannot reach the private PostgreSQL cluster ({where}): it is not running; "
+            "any ./bin/user_management_cli.sh command or ./console.sh start starts it"
+        )
+    if isinstance(exc, ssl.SSLError) or "SSL" in str(exc):
+        return (
+            f"SSL failed connecting to {where} ({exc}): "
+            "set POSTGRES_AUTH_SSLMODE in .env to what the server supports"
+        )
+    reason = "timed out" if isinstance(exc, TimeoutError) else _reason(exc)
+    return (
+        f"cannot reach PostgreSQL at {where} ({reason}): is the server running? "
+        "Start it (docker compose up -d postgres) or fix POSTGRES_AUTH_HOST/PORT in .env"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    strerror = exc.strerror if isinstance(exc, OSError) else None
+    return strerror or str(exc) or type(exc).__name__
