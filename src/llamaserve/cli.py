@@ -35,10 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     setup = commands.add_parser("install", help="the Python half of runtime/install.sh")
     setup.add_argument("--skip-engine", action="store_true", help="do not install llama.cpp")
     commands.add_parser("serve-engine", help=argparse.SUPPRESS)
+    # Listed for --help only: main() hands `users ...` to users_cli before parsing.
+    commands.add_parser("users", help="manage users and API keys (./bin/user_management_cli.sh)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["users"]:
+        from llamaserve import users_cli
+
+        return users_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return run(args)

@@ -1,0 +1,340 @@
+"""What each command of the user CLI does, and how it prints its result.
+
+The handlers receive an open connection (the schema already checked, except for
+`check` and `init-db`) and the parsed arguments; they print to stdout, and raise the
+store's errors for users_cli.py to report. A full key is printed once, when it is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, is_dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from llamaserve.config import Layout, Settings
+from llamaserve.store import db, migrations, reports, users
+from llamaserve.store.errors import InvalidValue, NoSuchKey, NoSuchUser, SchemaMismatch
+from llamaserve.store.keys import NewKey
+from llamaserve.tables import format_bytes, format_time, render_table
+
+CLI = "./bin/user_management_cli.sh"
+
+
+@dataclass(frozen=True)
+class Context:
+    conn: asyncpg.Connection
+    settings: Settings
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class Duration:
+    text: str  # as the operator wrote it: 30m, 24h, 7d
+    delta: timedelta
+
+
+Handler = Callable[[Context, argparse.Namespace], Awaitable[int]]
+
+
+async def check(ctx: Context, args: argparse.Namespace) -> int:
+    where = db.describe(ctx.settings, ctx.layout)
+    try:
+        version = await migrations.check_schema(ctx.conn)
+    except SchemaMismatch as exc:
+        if exc.too_new:
+            raise
+        print(f"database OK ({where}); {exc}")
+        return 0
+    print(f"database OK ({where}), schema version {version}")
+    return 0
+
+
+async def init_db(ctx: Context, args: argparse.Namespace) -> int:
+    applied = await migrations.migrate(ctx.conn)
+    version = await migrations.check_schema(ctx.conn)
+    where = db.describe(ctx.settings, ctx.layout)
+    if not applied:
+        print(f"database already at schema version {version} ({where})")
+        return 0
+    print(f"database initialised ({where}): applied {_versions(applied)}, now at {version}")
+    print(f"next: {CLI} create-user --username NAME")
+    return 0
+
+
+async def create_user(ctx: Context, args: argparse.Namespace) -> int:
+    if args.window is not None and args.rate_limit is None:
+        raise InvalidValue("--window needs --rate-limit")
+    async with ctx.conn.transaction():
+        user = await users.create_user(
+            ctx.conn,
+            username=args.username,
+            rate_limit=args.rate_limit,
+            rate_window_seconds=args.window,
+        )
+        new = await users.create_key(ctx.conn, username=user.username)
+    if args.json:
+        _print_json({**asdict(user), "key_id": new.key_id, "key": new.key})
+        return 0
+    print(f"created user {user.username}; rate limit {describe_limit(user, ctx.settings)}")
+    _print_new_key(new)
+    return 0
+
+
+async def list_users(ctx: Context, args: argparse.Namespace) -> int:
+    summaries = await users.list_users(ctx.conn)
+    if args.json:
+        _print_json(summaries)
+        return 0
+    if not summaries:
+        print(f"no users yet: {CLI} create-user --username NAME")
+        return 0
+    header = ["USER", "STATE", "KEYS", "LIMIT", "CREATED", "LAST USED", "REQ 24H", "TOKENS 24H"]
+    rows = [
+        [
+            s.username,
+            "enabled" if s.enabled else "disabled",
+            str(s.active_keys),
+            describe_limit(s, ctx.settings),
+            format_time(s.created_at),
+            format_time(s.last_used, never="never"),
+            str(s.requests_24h),
+            str(s.tokens_24h),
+        ]
+        for s in summaries
+    ]
+    print(render_table(header, rows, right={"KEYS", "REQ 24H", "TOKENS 24H"}))
+    return 0
+
+
+async def disable_user(ctx: Context, args: argparse.Namespace) -> int:
+    await users.set_enabled(ctx.conn, username=args.username, enabled=False)
+    print(f"disabled {args.username}: the gateway refuses its keys")
+    return 0
+
+
+async def enable_user(ctx: Context, args: argparse.Namespace) -> int:
+    await users.set_enabled(ctx.conn, username=args.username, enabled=True)
+    print(f"enabled {args.username}")
+    return 0
+
+
+async def delete_user(ctx: Context, args: argparse.Namespace) -> int:
+    if await users.get_user(ctx.conn, username=args.username) is None:
+        raise NoSuchUser(f"no such user: {args.username}")
+    if not args.yes and not _confirm(
+        f"delete user {args.username} and all its keys? Its request log rows are kept. [y/N] "
+    ):
+        print("not deleted")
+        return 1
+    deleted = await users.delete_user(ctx.conn, username=args.username)
+    print(
+        f"deleted user {deleted.username} and its {_count(deleted.keys, 'key')}; kept its "
+        f"{_count(deleted.requests_kept, 'request log row')} (username kept, user id cleared)"
+    )
+    return 0
+
+
+async def create_key(ctx: Context, args: argparse.Namespace) -> int:
+    expires_at = _expiry(args.expires_in)
+    new = await users.create_key(ctx.conn, username=args.username, expires_at=expires_at)
+    if args.json:
+        _print_json(_key_json(new, args.username, expires_at))
+        return 0
+    print(f"created a key for {args.username}" + _until(expires_at))
+    _print_new_key(new)
+    return 0
+
+
+async def list_keys(ctx: Context, args: argparse.Namespace) -> int:
+    found = await users.list_keys(ctx.conn, username=args.username)
+    if args.json:
+        _print_json(found)
+        return 0
+    header = ["KEY ID", "USER", "STATE", "CREATED", "EXPIRES", "REVOKED"]
+    rows = [
+        [
+            k.key_id,
+            k.username,
+            k.state,
+            format_time(k.created_at),
+            format_time(k.expires_at, never="never"),
+            format_time(k.revoked_at),
+        ]
+        for k in found
+    ]
+    print(render_table(header, rows) if rows else "no keys")
+    return 0
+
+
+async def revoke_key(ctx: Context, args: argparse.Namespace) -> int:
+    if await users.revoke_key(ctx.conn, key_id=args.key_id):
+        print(f"revoked key {args.key_id}: the gateway refuses it from now on")
+    else:
+        print(f"key {args.key_id} was already revoked")
+    return 0
+
+
+async def rotate_key(ctx: Context, args: argparse.Namespace) -> int:
+    expires_at = _expiry(args.expires_in)
+    new = await users.rotate_key(ctx.conn, key_id=args.key_id, expires_at=expires_at)
+    username = await _owner(ctx, new.key_id)
+    if args.json:
+        _print_json({**_key_json(new, username, expires_at), "replaces": args.key_id})
+        return 0
+    print(f"revoked key {args.key_id}; the new key of {username}" + _until(expires_at))
+    _print_new_key(new)
+    return 0
+
+
+async def set_limits(ctx: Context, args: argparse.Namespace) -> int:
+    if args.default and args.window is not None:
+        raise InvalidValue("--window goes with --rate-limit, not with --default")
+    user = await users.set_limits(
+        ctx.conn,
+        username=args.username,
+        rate_limit=None if args.default else args.rate_limit,
+        rate_window_seconds=None if args.default else args.window,
+    )
+    print(f"{user.username}: rate limit {describe_limit(user, ctx.settings)}")
+    return 0
+
+
+async def usage(ctx: Context, args: argparse.Namespace) -> int:
+    rows = await reports.usage(ctx.conn, username=args.username, since=args.since.delta)
+    await _known_user(ctx, args.username, found=bool(rows))
+    if args.json:
+        _print_json(rows)
+        return 0
+    span = args.since.text
+    if not rows:
+        print(f"no requests in the last {span}")
+        return 0
+    header = ["USER", "REQUESTS", "ERRORS", "PROMPT TOK", "COMPL TOK", "IN", "OUT", "P50", "P95"]
+    table = [
+        [
+            r.username or "(no user)",
+            str(r.requests),
+            str(r.errors),
+            str(r.prompt_tokens),
+            str(r.completion_tokens),
+            format_bytes(r.bytes_in),
+            format_bytes(r.bytes_out),
+            _ms(r.p50_ms),
+            _ms(r.p95_ms),
+        ]
+        for r in rows
+    ]
+    print(f"requests in the last {span} (latency of successful requests)")
+    print(render_table(header, table, right=set(header[1:])))
+    return 0
+
+
+async def logs(ctx: Context, args: argparse.Namespace) -> int:
+    rows = await reports.recent(ctx.conn, username=args.username, limit=args.lines)
+    await _known_user(ctx, args.username, found=bool(rows))
+    if args.json:
+        _print_json(rows)
+        return 0
+    header = ["TIME", "REQUEST", "USER", "KEY", "STATUS", "OUTCOME", "REQUEST LINE"]
+    header += ["MS", "TTFT", "TOKENS", "ERROR"]
+    table = [
+        [
+            format_time(r.created_at, seconds=True),
+            r.request_id,
+            r.username or "-",
+            r.key_id or "-",
+            str(r.status),
+            r.outcome,
+            f"{r.method} {r.path}",
+            _ms(r.latency_ms),
+            _ms(r.ttft_ms),
+            _tokens(r.prompt_tokens, r.completion_tokens),
+            (r.error or "")[:60],
+        ]
+        for r in rows
+    ]
+    print(render_table(header, table, right={"STATUS", "MS", "TTFT"}) if rows else "no requests")
+    return 0
+
+
+def describe_limit(user: users.User, settings: Settings) -> str:
+    """A user's effective rate limit: '60/60s (default)', '10/30s' or 'none'."""
+    default = user.rate_limit is None and user.rate_window_seconds is None
+    rate = settings.llama_proxy_rate_limit if user.rate_limit is None else user.rate_limit
+    window = user.rate_window_seconds or settings.llama_proxy_rate_window_seconds
+    text = "none" if rate == 0 else f"{rate}/{window}s"
+    return f"{text} (default)" if default else text
+
+
+async def _known_user(ctx: Context, username: str | None, *, found: bool) -> None:
+    """An empty report for a name that is neither a user nor in the log is a typo."""
+    if username and not found and await users.get_user(ctx.conn, username=username) is None:
+        raise NoSuchUser(f"no such user: {username}")
+
+
+async def _owner(ctx: Context, key_id: str) -> str:
+    key = await users.get_key(ctx.conn, key_id=key_id)
+    if key is None:
+        raise NoSuchKey(f"no such key: {key_id}")
+    return key.username
+
+
+def _print_new_key(new: NewKey) -> None:
+    print(f"key id: {new.key_id}")
+    print(f"key:    {new.key}")
+    print("This key is shown only once and cannot be shown again: store it now.", file=sys.stderr)
+
+
+def _key_json(new: NewKey, username: str, expires_at: datetime | None) -> dict[str, Any]:
+    return {"username": username, "key_id": new.key_id, "key": new.key, "expires_at": expires_at}
+
+
+def _expiry(expires_in: Duration | None) -> datetime | None:
+    return None if expires_in is None else datetime.now(UTC) + expires_in.delta
+
+
+def _until(expires_at: datetime | None) -> str:
+    return "" if expires_at is None else f", valid until {format_time(expires_at)}"
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise InvalidValue("not deleted: add --yes to delete without a terminal to confirm")
+    return input(question).strip().lower() in ("y", "yes")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _versions(applied: list[int]) -> str:
+    return _count(len(applied), "migration") + " (" + ", ".join(map(str, applied)) + ")"
+
+
+def _tokens(prompt: int | None, completion: int | None) -> str:
+    """Prompt+completion, or '-' for a request that never reached the engine."""
+    if prompt is None and completion is None:
+        return "-"
+    return f"{prompt or 0}+{completion or 0}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=_encode))
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
