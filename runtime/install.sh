@@ -59,7 +59,9 @@ if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/d
   "$python" -m venv .venv
 fi
 stamp=".venv/llamaserve-deps"
-want="$(cat pyproject.toml | sha256sum | cut -c1-16)$extras"
+# The stamp names the dependencies and where the package is installed from, so that a
+# moved or copied checkout (or a venv shared with another one) is installed again.
+want="$(cat pyproject.toml | sha256sum | cut -c1-16)$extras $root"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "install.sh: installing llamaserve$extras into .venv"
   .venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip

@@ -1,4 +1,4 @@
-"""The `llamaserve` command line; console.sh and install.sh are thin wrappers over it."""
+"""The `llamaserve` command line; console.sh, install.sh and the bin/ scripts wrap it."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from llamaserve import console, install
-from llamaserve.config import ConfigError, load_settings
+from llamaserve.config import ConfigError, Layout, Settings, load_settings
 
 EXAMPLES = """\
 examples:
-  llamaserve start              start the engine and wait until the model answers
+  llamaserve start              start the engine (and gateway) and wait until ready
   llamaserve status             state, pid, port, model and uptime (exit 3 when stopped)
   llamaserve logs -n 100        follow the engine log from its last 100 lines
+  llamaserve users --help       manage users and API keys
 """
 
 
@@ -25,16 +25,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("start", help="start the engine and wait until it is ready")
-    commands.add_parser("stop", help="stop it (SIGTERM, then SIGKILL after a timeout)")
+    commands.add_parser("start", help="start the engine (and gateway) and wait until ready")
+    commands.add_parser("stop", help="stop (SIGTERM, then SIGKILL after a timeout)")
     commands.add_parser("restart", help="stop, then start")
     commands.add_parser("status", help="show state, pid, port, model and uptime")
-    logs = commands.add_parser("logs", help="follow the engine log")
+    logs = commands.add_parser("logs", help="follow a log")
     logs.add_argument("-n", "--lines", type=int, default=50, help="lines to show first")
     logs.add_argument("--no-follow", action="store_true", help="print and exit")
+    logs.add_argument(
+        "--service", choices=["engine", "gateway"], default="engine", help="whose log"
+    )
     setup = commands.add_parser("install", help="the Python half of runtime/install.sh")
     setup.add_argument("--skip-engine", action="store_true", help="do not install llama.cpp")
-    commands.add_parser("serve-engine", help=argparse.SUPPRESS)
     # Listed for --help only: main() hands `users ...` to users_cli before parsing.
     commands.add_parser("users", help="manage users and API keys (./bin/user_management_cli.sh)")
     return parser
@@ -46,9 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from llamaserve import users_cli
 
         return users_cli.main(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        if argv in (["serve-engine"], ["serve-gateway"]):  # the processes console.sh starts
+            return serve(argv[0], *load_settings())
+        return run(build_parser().parse_args(argv))
     except ConfigError as exc:
         print(f"llamaserve: error: {exc}", file=sys.stderr)
         return 1
@@ -57,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llamaserve import console, install
+
     settings, layout = load_settings()
     match args.command:
         case "start":
@@ -67,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
             console.stop(settings, layout)
             return console.start(settings, layout)
         case "status":
-            return console.status(layout)
+            return console.status(settings, layout)
         case "logs":
-            return console.logs(layout, args.lines, not args.no_follow)
+            return console.logs(layout, args.lines, not args.no_follow, args.service)
         case "install":
             if not args.skip_engine:
                 install.ensure_engine(sys.stdout)
@@ -78,15 +83,17 @@ def run(args: argparse.Namespace) -> int:
             install.ensure_model(layout, settings.llama_model, sys.stdout)
             print("\nNext: ./console.sh start")
             return 0
-        case "serve-engine":
-            return serve_engine()
     raise AssertionError(args.command)
 
 
-def serve_engine() -> int:
+def serve(command: str, settings: Settings, layout: Layout) -> int:
+    if command == "serve-gateway":
+        from llamaserve.gateway import server
+
+        server.serve(settings, layout)
+        return 0
     from llamaserve.engine import pyserver
     from llamaserve.engine.models import resolve_model
 
-    settings, layout = load_settings()
     pyserver.serve(settings, resolve_model(settings, layout))
     return 0

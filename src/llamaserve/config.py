@@ -163,10 +163,10 @@ def runtime_dir(root: Path) -> Path:
     return _under(root, Path(os.environ.get("LLAMA_RUNTIME_DIR") or "runtime"))
 
 
-def load_settings(root: Path | None = None) -> tuple[Settings, Layout]:
+def load_settings(root: Path | None = None, runtime: Path | None = None) -> tuple[Settings, Layout]:
     """Read the settings of the project at `root` (default: LLAMASERVE_ROOT or the cwd)."""
     root = root or project_root()
-    runtime = runtime_dir(root)
+    runtime = runtime or runtime_dir(root)
     settings = Settings(
         _env_file=(root / ".env", runtime / "config.env"),  # type: ignore[call-arg]
         llama_runtime_dir=runtime,

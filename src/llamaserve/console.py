@@ -15,6 +15,7 @@ import httpx
 from llamaserve.config import ConfigError, Layout, Settings
 from llamaserve.engine.models import resolve_model
 from llamaserve.engine.process import ProcessRecord, Service
+from llamaserve.store import cluster
 
 EXIT_STOPPED = 3
 
@@ -33,12 +34,20 @@ class Plan:
     info: dict[str, str | int]
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 def engine_service(layout: Layout) -> Service:
     return Service("engine", layout.run, layout.logs)
 
 
+def gateway_service(layout: Layout) -> Service:
+    return Service("gateway", layout.run, layout.logs)
+
+
 def services(layout: Layout) -> list[Service]:
-    return [engine_service(layout)]
+    """In start order; stopped in reverse."""
+    return [engine_service(layout), gateway_service(layout)]
 
 
 def plan_engine(settings: Settings, layout: Layout) -> Plan:
@@ -47,12 +56,7 @@ def plan_engine(settings: Settings, layout: Layout) -> Plan:
     problem = settings.api_key_problem()
     if problem:
         raise ConfigError(f"{problem}: set it in {layout.config_file} (install.sh generates one)")
-    env = {
-        **os.environ,
-        "LLAMASERVE_ROOT": str(layout.root),
-        "LLAMA_RUNTIME_DIR": str(layout.runtime),
-        "LLAMA_MODEL": str(model),
-    }
+    env = _child_env(layout, LLAMA_MODEL=str(model))
     host, port = settings.llama_server_host, settings.llama_server_port
     return Plan(
         service=engine_service(layout),
@@ -64,6 +68,36 @@ def plan_engine(settings: Settings, layout: Layout) -> Plan:
         port=port,
         info={"model": model.name, "host": host, "port": port, "engine": settings.llama_engine},
     )
+
+
+def plan_gateway(settings: Settings, layout: Layout) -> Plan:
+    host = settings.llama_server_host
+    if host not in LOOPBACK and not settings.llama_proxy_allow_public_engine:
+        raise ConfigError(
+            f"LLAMA_PROXY_ENABLED=1 but the engine would listen on {host}, where users could "
+            'bypass the gateway: set LLAMA_SERVER_HOST="127.0.0.1" in runtime/config.env '
+            '(or LLAMA_PROXY_ALLOW_PUBLIC_ENGINE="1" to accept that)'
+        )
+    proxy_host, port = settings.llama_proxy_host, settings.llama_proxy_port
+    return Plan(
+        service=gateway_service(layout),
+        argv=[sys.executable, "-m", "llamaserve", "serve-gateway"],
+        env=_child_env(layout),
+        ready_url=f"http://{connect_host(proxy_host)}:{port}/ready",
+        headers={},
+        host=proxy_host,
+        port=port,
+        info={"host": proxy_host, "port": port, "backend": settings.llama_server_backend_url},
+    )
+
+
+def _child_env(layout: Layout, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "LLAMASERVE_ROOT": str(layout.root),
+        "LLAMA_RUNTIME_DIR": str(layout.runtime),
+        **extra,
+    }
 
 
 def connect_host(host: str) -> str:
@@ -81,16 +115,27 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def start(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
-    plan = plan_engine(settings, layout)
+    """Start what is not running yet: the engine, then the database and gateway if enabled."""
+    plans = [plan_engine(settings, layout)]
+    if settings.llama_proxy_enabled:
+        plans.append(plan_gateway(settings, layout))
+    pending = [plan for plan in plans if not _already_running(plan, out)]
+    for plan in pending:
+        check_port_free(plan.host, plan.port)
+    for plan in pending:
+        if plan.service.name == "gateway" and cluster.is_private(settings):
+            cluster.ensure_running(settings, layout)
+        if not launch(plan, settings.llama_start_timeout, settings.llama_stop_timeout, out):
+            return 1
+    print_ready(plans[-1], layout, out)
+    return 0
+
+
+def _already_running(plan: Plan, out: TextIO) -> bool:
     record = plan.service.running()
     if record is not None:
         print(f"llamaserve: {plan.service.name} is already running (pid {record.pid})", file=out)
-        return 0
-    check_port_free(plan.host, plan.port)
-    if not launch(plan, settings.llama_start_timeout, settings.llama_stop_timeout, out):
-        return 1
-    print_ready(plan, layout, out)
-    return 0
+    return record is not None
 
 
 def launch(plan: Plan, timeout: float, stop_timeout: float, out: TextIO) -> bool:
@@ -133,6 +178,10 @@ def _fail(out: TextIO, message: str, service: Service) -> None:
 
 def print_ready(plan: Plan, layout: Layout, out: TextIO) -> None:
     base = f"http://{connect_host(plan.host)}:{plan.port}/v1"
+    if plan.service.name == "gateway":
+        print(f"  URL:   {base}  (gateway; each user calls it with their own key)", file=out)
+        print(f'  try:   curl -s {base}/models -H "Authorization: Bearer <USER_KEY>"', file=out)
+        return
     model = plan.info["model"]
     config = os.path.relpath(layout.config_file)
     payload = (
@@ -154,14 +203,19 @@ def print_ready(plan: Plan, layout: Layout, out: TextIO) -> None:
 def stop(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
     for service in reversed(services(layout)):
         was_running = service.stop(settings.llama_stop_timeout)
-        state = "stopped" if was_running else "was not running"
-        print(f"llamaserve: {service.name} {state}", file=out)
+        if was_running or service.name == "engine" or settings.llama_proxy_enabled:
+            state = "stopped" if was_running else "was not running"
+            print(f"llamaserve: {service.name} {state}", file=out)
+    if cluster.stop(layout, settings.llama_stop_timeout):
+        print("llamaserve: database stopped", file=out)
     return 0
 
 
-def status(layout: Layout, out: TextIO = sys.stdout) -> int:
+def status(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
+    """One line per process; exit 0 when everything enabled runs, 3 otherwise."""
     code = 0
-    for service in services(layout):
+    expected = services(layout) if settings.llama_proxy_enabled else [engine_service(layout)]
+    for service in expected:
         record = service.running()
         if record is None:
             stale = " (stale pidfile)" if service.record() is not None else ""
@@ -169,14 +223,17 @@ def status(layout: Layout, out: TextIO = sys.stdout) -> int:
             code = EXIT_STOPPED
         else:
             print(f"{service.name}: {_describe(record)}", file=out)
+    if settings.llama_proxy_enabled and cluster.is_private(settings):
+        print(f"database: {cluster.status(layout) or 'stopped'} (private cluster)", file=out)
     return code
 
 
 def _describe(record: ProcessRecord) -> str:
     info = record.info
+    what = f"model {info['model']}" if "model" in info else f"to {info.get('backend')}"
     return (
         f"running, pid {record.pid}, {info.get('host')}:{info.get('port')}, "
-        f"model {info.get('model')}, up {_duration(record.uptime)}"
+        f"{what}, up {_duration(record.uptime)}"
     )
 
 
@@ -186,12 +243,15 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def logs(layout: Layout, lines: int, follow: bool, out: TextIO = sys.stdout) -> int:
-    logfile: Path = engine_service(layout).logfile
+def logs(
+    layout: Layout, lines: int, follow: bool, service: str = "engine", out: TextIO = sys.stdout
+) -> int:
+    chosen = Service(service, layout.run, layout.logs)
+    logfile: Path = chosen.logfile
     if not logfile.exists():
         print(f"llamaserve: no log yet ({logfile})", file=out)
         return 1
     if follow:
         os.execvp("tail", ["tail", "-n", str(lines), "-F", str(logfile)])
-    print(engine_service(layout).tail(lines), file=out)
+    print(chosen.tail(lines), file=out)
     return 0

@@ -16,7 +16,10 @@ APIError
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any, ClassVar
+
+from starlette.types import Send
 
 
 class APIError(Exception):
@@ -61,6 +64,11 @@ class NotFound(APIError):
     type = "not_found_error"
 
 
+class MethodNotAllowed(APIError):
+    status = 405
+    type = "invalid_request_error"
+
+
 class RequestTooLarge(APIError):
     status = 413
     type = "invalid_request_error"
@@ -98,6 +106,8 @@ _BY_STATUS: dict[int, type[APIError]] = {
         AuthenticationFailed,
         PermissionDenied,
         NotFound,
+        MethodNotAllowed,
+        RequestTooLarge,
         RateLimited,
         InternalError,
         UpstreamFailed,
@@ -119,10 +129,54 @@ def error_for_status(status: int, message: str, **kwargs: Any) -> APIError:
     cls = _BY_STATUS.get(status)
     if cls is None:
         cls = InvalidRequest if 400 <= status < 500 else InternalError
-    error = cls(message, **kwargs)
-    return error
+    return cls(message, **kwargs)
 
 
 def sse_error_event(error: APIError) -> bytes:
     """The last event of a stream that failed after it started, followed by [DONE]."""
     return b"data: " + json.dumps(error.body()).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def openai_error(status: int, raw: bytes) -> APIError | None:
+    """The family member for an error body written in another shape (None if already fine).
+
+    FastAPI writes `{"detail": ...}`, with a list of validation errors for a 422.
+    """
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return error_for_status(status, raw.decode(errors="replace").strip() or "error")
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return None
+    detail = body.get("detail") if isinstance(body, dict) else body
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        first = detail[0]
+        loc = [str(part) for part in first.get("loc", []) if part != "body"]
+        param = ".".join(loc) or None
+        return InvalidRequest(f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
+    code = "invalid_api_key" if status == 401 else None
+    return error_for_status(status, str(detail), code=code)
+
+
+async def send_error(
+    send: Send,
+    error: APIError,
+    *,
+    status: int | None = None,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer an ASGI request with the error's envelope."""
+    body = json.dumps(error.body()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status or error.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -24,7 +24,8 @@ from llamaserve.errors import (
     InternalError,
     InvalidRequest,
     NotFound,
-    error_for_status,
+    openai_error,
+    send_error,
     sse_error_event,
 )
 
@@ -102,24 +103,6 @@ def _engine_response_format(fmt: Any) -> Any:
     return fmt
 
 
-def openai_error(status: int, raw: bytes) -> APIError | None:
-    """The envelope for an error body the engine wrote in another shape (None if already fine)."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return error_for_status(status, raw.decode(errors="replace") or "error")
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return None
-    detail = body.get("detail") if isinstance(body, dict) else body
-    if isinstance(detail, list) and detail:  # FastAPI validation errors
-        first = detail[0]
-        loc = [str(part) for part in first.get("loc", []) if part != "body"]
-        param = ".".join(loc) or None
-        return InvalidRequest(f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
-    code = "invalid_api_key" if status == 401 else None
-    return error_for_status(status, str(detail), code=code)
-
-
 class CompatMiddleware:
     def __init__(
         self,
@@ -143,7 +126,7 @@ class CompatMiddleware:
                 schema = self.schemas.get(scope["path"])
                 body, include_usage = rewrite_request(raw, self.model_id, schema)
             except APIError as error:
-                await _send_error(send, error)
+                await send_error(send, error)
                 return
             scope, receive = _with_body(scope, body, receive)
         usage = Usage()
@@ -188,7 +171,7 @@ class ResponseMender:
                 {"type": "http.response.body", "body": sse_error_event(error), "more_body": False}
             )
         elif not self.started:
-            await _send_error(self._send, error)
+            await send_error(self._send, error)
         self.finished = True
 
     async def _on_start(self, message: Message) -> None:
@@ -213,7 +196,7 @@ class ResponseMender:
             await self._send(self._start)
             await self._send({"type": "http.response.body", "body": self._error_body})
         else:
-            await _send_error(self._send, error, status=status)
+            await send_error(self._send, error, status=status)
 
     async def _on_stream_body(self, message: Message) -> None:
         chunk: bytes = message.get("body", b"")
@@ -267,16 +250,3 @@ def _with_body(scope: Scope, body: bytes, original: Receive) -> tuple[Scope, Rec
         return {"type": "http.request", "body": body, "more_body": False}
 
     return {**scope, "headers": headers}, receive
-
-
-async def _send_error(send: Send, error: APIError, *, status: int | None = None) -> None:
-    body = json.dumps(error.body()).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
-    ]
-    await send(
-        {"type": "http.response.start", "status": status or error.status, "headers": headers}
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})

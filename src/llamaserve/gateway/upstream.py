@@ -1,0 +1,92 @@
+"""The engine behind the gateway. Every network and engine failure is mapped to the
+error family here, and nowhere else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from pydantic import SecretStr
+
+from llamaserve.errors import APIError, ServiceUnavailable, UpstreamFailed, UpstreamTimeout
+
+
+@dataclass
+class Reply:
+    """An engine's answer whose body may still be arriving."""
+
+    status: int
+    content_type: str
+    response: aiohttp.ClientResponse
+
+    async def read(self) -> bytes:
+        with map_errors():
+            return await self.response.read()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        with map_errors():
+            async for chunk in self.response.content.iter_any():
+                yield chunk
+
+
+@contextmanager
+def map_errors() -> Iterator[None]:
+    try:
+        yield
+    except aiohttp.ClientConnectorError as exc:
+        raise ServiceUnavailable(f"The engine is not reachable ({exc.strerror}).") from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout("The engine did not answer in time.") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamFailed(f"The engine failed: {type(exc).__name__}.") from exc
+
+
+class Upstream:
+    """A pooled HTTP client to the engine that adds the engine's own key."""
+
+    def __init__(self, base_url: str, engine_key: SecretStr, read_timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._auth = f"Bearer {engine_key.get_secret_value()}"
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, auto_decompress=False
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @asynccontextmanager
+    async def send(self, method: str, path: str, body: bytes) -> AsyncIterator[Reply]:
+        """Send a request; the reply is released (and the engine told, if unfinished) on exit."""
+        assert self._session is not None, "Upstream.open() was not called"
+        headers = {"Authorization": self._auth}
+        if body:
+            headers["Content-Type"] = "application/json"
+        with map_errors():
+            response = await self._session.request(
+                method, self.base_url + path, data=body or None, headers=headers
+            )
+        try:
+            yield Reply(response.status, response.content_type, response)
+        finally:
+            # Closing an unfinished response drops the connection: the engine sees the
+            # client go away and stops generating.
+            if not response.content.at_eof():
+                response.close()
+            else:
+                response.release()
+
+    async def healthy(self) -> bool:
+        try:
+            async with self.send("GET", "/v1/models", b"") as reply:
+                await reply.read()
+                return reply.status == 200
+        except APIError:
+            return False

@@ -1,0 +1,125 @@
+"""The whole multi-user stack, set up as the README tells a user to: bootstrap, init-db,
+create-user, console.sh start (engine on loopback, private PostgreSQL, gateway)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from openai import OpenAI
+
+from tests.conftest import ROOT, Project, free_port, make_project, run
+
+
+@dataclass
+class Stack:
+    project: Project
+    gateway_url: str
+    engine_url: str
+    engine_key: str
+    model: str
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run([str(ROOT / "bin" / "user_management_cli.sh"), *args], self.project.env)
+
+    def create_user(self, username: str, *options: str) -> str:
+        """A new user; returns their key (shown once)."""
+        result = self.cli("create-user", "--username", username, "--json", *options)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return str(json.loads(result.stdout)["key"])
+
+    def client(self, key: str) -> OpenAI:
+        return OpenAI(base_url=f"{self.gateway_url}/v1", api_key=key, max_retries=0, timeout=300)
+
+    def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return asyncio.run(_query(self.project, sql, *args))
+
+    def row(self, request_id: str) -> asyncpg.Record:
+        """The llama_requests row of a request, once the background writer has written it."""
+        for _ in range(100):
+            rows = self.query("SELECT * FROM llama_requests WHERE request_id = $1", request_id)
+            if rows:
+                return rows[0]
+            subprocess.run(["sleep", "0.1"], check=True)
+        raise AssertionError(f"no llama_requests row for {request_id}")
+
+
+async def _query(project: Project, sql: str, *args: Any) -> list[asyncpg.Record]:
+    from llamaserve.config import load_settings
+    from llamaserve.store import db
+
+    settings, layout = load_settings(ROOT, runtime=project.runtime)
+    conn = await asyncpg.connect(**db.connect_kwargs(settings, layout))
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+def start_stack(runtime: Path, **config: str) -> Stack:
+    engine_port, gateway_port = free_port(), free_port()
+    project = make_project(
+        runtime,
+        LLAMA_SERVER_PORT=str(engine_port),
+        LLAMA_PROXY_ENABLED="1",
+        LLAMA_PROXY_HOST="127.0.0.1",
+        LLAMA_PROXY_PORT=str(gateway_port),
+        LLAMA_SERVER_BACKEND_URL=f"http://127.0.0.1:{engine_port}",
+        # The private cluster, whatever the checkout's own .env says.
+        POSTGRES_AUTH_HOST="",
+        POSTGRES_AUTH_DB="llamaserve",
+        POSTGRES_AUTH_USER="llamaserve",
+        **config,
+    )
+    for step in (["bin/bootstrap_user_cli.sh"], ["bin/user_management_cli.sh", "init-db"]):
+        result = run([str(ROOT / step[0]), *step[1:]], project.env)
+        assert result.returncode == 0, result.stdout + result.stderr
+    started = project.console("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    key = next(
+        line.split("=", 1)[1].strip('"')
+        for line in (runtime / "config.env").read_text().splitlines()
+        if line.startswith("LLAMA_SERVER_API_KEY=")
+    )
+    from tests.conftest import default_model
+
+    return Stack(
+        project,
+        f"http://127.0.0.1:{gateway_port}",
+        f"http://127.0.0.1:{engine_port}",
+        key,
+        default_model().name,
+    )
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    # PostgreSQL runs as an unprivileged user: the runtime must be reachable for it.
+    base = Path(tempfile.mkdtemp(prefix="llamaserve-stack-"))
+    base.chmod(0o755)
+    runtime = base / "runtime"
+    # A generous default limit: the rate-limit tests give their users limits of their own.
+    built = start_stack(runtime, LLAMA_PROXY_RATE_LIMIT="100000")
+    try:
+        yield built
+    finally:
+        built.project.console("stop")
+        if not os.environ.get("KEEP_STACK"):  # KEEP_STACK=1 keeps logs for a post-mortem
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def alice(stack: Stack, request: pytest.FixtureRequest) -> str:
+    """A fresh user's key, named after the test."""
+    name = "u" + str(abs(hash(request.node.nodeid)))[:12]
+    return stack.create_user(name)

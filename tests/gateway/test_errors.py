@@ -1,0 +1,110 @@
+"""The contract: every error path answers OpenAI's envelope with the right status."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.gateway.conftest import Stack
+from tests.gateway.helpers import extra_gateway, running_mock_engine
+
+ENVELOPE = {"message", "type", "param", "code"}
+
+
+def assert_envelope(
+    response: httpx.Response, status: int, proxied: bool = True
+) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == ENVELOPE and isinstance(error["message"], str) and error["message"]
+    assert not proxied or response.headers["x-request-id"]
+    return error  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def mock_url() -> Iterator[str]:
+    with running_mock_engine() as url:
+        yield url
+
+
+def post(
+    url: str, key: str, content: bytes | str, path: str = "/v1/chat/completions"
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    return httpx.post(url + path, content=content, headers=headers, timeout=60)
+
+
+def test_malformed_json_is_400(stack: Stack, alice: str) -> None:
+    assert_envelope(post(stack.gateway_url, alice, b"{not json"), 400)
+    assert_envelope(post(stack.gateway_url, alice, b"[1, 2]"), 400)
+
+
+def test_invalid_parameters_are_400_from_the_engine(stack: Stack, alice: str) -> None:
+    bad = {"model": stack.model, "messages": "not a list"}
+    error = assert_envelope(post(stack.gateway_url, alice, json.dumps(bad)), 400)
+    assert error["param"] == "messages"
+
+
+def test_body_over_the_limit_is_413(stack: Stack, alice: str) -> None:
+    with extra_gateway(stack, LLAMA_PROXY_MAX_BODY_BYTES="2048") as url:
+        big = json.dumps(
+            {"model": stack.model, "messages": [{"role": "user", "content": "x" * 4096}]}
+        )
+        assert_envelope(post(url, alice, big), 413)
+
+
+def test_unknown_path_404_and_wrong_method_405(stack: Stack, alice: str) -> None:
+    assert_envelope(httpx.get(f"{stack.gateway_url}/v2/nothing"), 404)
+    assert_envelope(httpx.get(f"{stack.gateway_url}/v1/chat/completions"), 405)
+
+
+def test_unknown_model_is_404(stack: Stack, alice: str) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    error = assert_envelope(post(stack.gateway_url, alice, json.dumps(body)), 404)
+    assert error["code"] == "model_not_found"
+
+
+def test_engine_unreachable_is_503(stack: Stack, alice: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=dead) as url:
+        response = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {alice}"})
+        assert_envelope(response, 503)
+        row = stack.row(response.headers["x-request-id"])
+        assert row["outcome"] == "error" and row["status"] == 503
+        assert_envelope(httpx.get(f"{url}/ready"), 503, proxied=False)
+
+
+def test_engine_timeout_is_504(stack: Stack, alice: str, mock_url: str) -> None:
+    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=mock_url,
+                       LLAMA_PROXY_UPSTREAM_TIMEOUT="1") as url:  # fmt: skip
+        response = post(url, alice, json.dumps({"model": "hang", "messages": []}))
+        assert_envelope(response, 504)
+
+
+def test_a_stream_that_breaks_ends_with_an_error_event_then_done(
+    stack: Stack, alice: str, mock_url: str
+) -> None:
+    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=mock_url) as url:
+        body = json.dumps({"model": "cut", "messages": [], "stream": True})
+        response = post(url, alice, body)
+    assert response.status_code == 200
+    events = [e for e in response.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert set(error) == ENVELOPE
+    row = stack.row(response.headers["x-request-id"])
+    assert row["outcome"] == "error" and row["error"]
+
+
+def test_over_the_limit_is_429_with_retry_after(stack: Stack) -> None:
+    key = stack.create_user("errors-limited", "--rate-limit", "1", "--window", "600")
+    headers = {"Authorization": f"Bearer {key}"}
+    httpx.get(f"{stack.gateway_url}/v1/models", headers=headers)
+    response = httpx.get(f"{stack.gateway_url}/v1/models", headers=headers)
+    assert_envelope(response, 429)
+    assert int(response.headers["retry-after"]) > 0
