@@ -94,6 +94,21 @@ class Settings(BaseSettings):
     llama_proxy_max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="Largest request body the gateway accepts (413)."
     )
+    llama_proxy_user_concurrency: int = Field(
+        0, ge=0, description="Requests one user may have generating at once (0 = no limit)."
+    )
+    llama_proxy_queue_size: int = Field(
+        1000, ge=0, description="Requests waiting for an engine, all users together (503 above)."
+    )
+    llama_proxy_user_queue_size: int = Field(
+        100, ge=0, description="Requests one user may have waiting (429 above)."
+    )
+    llama_proxy_queue_timeout: float = Field(
+        300.0, gt=0, description="Seconds a request may wait for an engine (503 after)."
+    )
+    llama_proxy_health_interval: float = Field(
+        2.0, gt=0, description="Seconds between the gateway's health probes of each engine."
+    )
     llama_proxy_upstream_timeout: float = Field(
         600.0, gt=0, description="Seconds the gateway waits for the engine between two reads (504)."
     )
@@ -111,6 +126,11 @@ class Settings(BaseSettings):
     postgres_auth_sslmode: Literal[
         "disable", "allow", "prefer", "require", "verify-ca", "verify-full"
     ] = Field("prefer", description="SSL mode of the database connection.")
+
+    def backend_urls(self) -> list[str]:
+        return [
+            u.strip().rstrip("/") for u in self.llama_server_backend_url.split(",") if u.strip()
+        ]
 
     def threads(self) -> int:
         return self.llama_n_threads or max(1, (os.cpu_count() or 1) - 1)

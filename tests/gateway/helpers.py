@@ -58,6 +58,10 @@ async def mock_engine(scope: Scope, receive: Receive, send: Send) -> None:
     """An OpenAI-ish engine whose `model` field picks a fault: hang, cut, or none."""
     if scope["type"] != "http":
         return
+    if scope["path"] == "/health":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"status": "ok", "slots": 1}'})
+        return
     body = b""
     while True:
         message = await receive()
@@ -93,3 +97,57 @@ def running_mock_engine() -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+class MockEngine:
+    """A fast fake engine with `slots`, that records what reaches it and can be killed.
+
+    A request's `mock_delay` (seconds) is how long it 'generates'; its first message
+    is its tag in `arrivals`.
+    """
+
+    def __init__(self, slots: int = 1) -> None:
+        self.slots = slots
+        self.arrivals: list[str] = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/health":
+            body = json.dumps({"status": "ok", "slots": self.slots}).encode()
+        elif scope["path"] == "/v1/models":
+            body = b'{"object": "list", "data": [{"id": "mock", "object": "model"}]}'
+        else:
+            raw = b""
+            while True:
+                message = await receive()
+                raw += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            request = json.loads(raw)
+            self.arrivals.append(request["messages"][0]["content"])
+            await asyncio.sleep(request.get("mock_delay", 0))
+            usage = {"prompt_tokens": 1, "completion_tokens": 1}
+            answer = {"id": "m", "object": "chat.completion", "choices": [], "usage": usage}
+            body = json.dumps(answer).encode()
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def start(self) -> MockEngine:
+        config = uvicorn.Config(self, port=self.port, log_level="critical")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        while not self._server.started:
+            time.sleep(0.02)
+        return self
+
+    def kill(self) -> None:
+        assert self._server is not None and self._thread is not None
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

@@ -1,66 +1,22 @@
-"""The gateway's ASGI application: health, the route allowlist, and the life of one
-proxied request from its first byte to its row in `llama_requests`."""
+"""The gateway's ASGI application: its lifespan (pools, clients, background tasks),
+health and readiness, and the hand-off of every other request to an Exchange."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import logging
-import time
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from llamaserve.config import Layout, Settings
-from llamaserve.errors import (
-    APIError,
-    AuthenticationFailed,
-    InternalError,
-    InvalidRequest,
-    MethodNotAllowed,
-    NotFound,
-    PermissionDenied,
-    RateLimited,
-    RequestTooLarge,
-    ServiceUnavailable,
-    UpstreamFailed,
-    openai_error,
-    send_error,
-    sse_error_event,
-)
+from llamaserve.errors import ServiceUnavailable, send_error
 from llamaserve.gateway.auth import Authenticator
+from llamaserve.gateway.engines import EngineWatch
+from llamaserve.gateway.exchange import JSON_HEADERS, Exchange
 from llamaserve.gateway.logbook import RequestLog
-from llamaserve.gateway.streaming import (
-    DONE,
-    EventSplitter,
-    event_data,
-    has_output,
-    is_usage_only,
-    parse_chunk,
-)
-from llamaserve.gateway.upstream import Reply, Upstream
-from llamaserve.store import db, limits, migrations
-from llamaserve.store.limits import Admission
-from llamaserve.store.requests import RequestRow
-
-log = logging.getLogger("llamaserve.gateway")
-
-# The OpenAI routes users may reach; the engine's own (/slots, /props, /metrics...) never.
-ROUTES = {
-    "/v1/models": "GET",
-    "/v1/chat/completions": "POST",
-    "/v1/completions": "POST",
-    "/v1/embeddings": "POST",
-}
-JSON_HEADERS = [(b"content-type", b"application/json")]
-STREAM_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
+from llamaserve.gateway.scheduling import Engine, Limits, Scheduler
+from llamaserve.gateway.upstream import Upstream
+from llamaserve.store import db, migrations
 
 
 class Gateway:
@@ -70,9 +26,19 @@ class Gateway:
         self.settings = settings
         self.layout = layout
         self.upstream = Upstream(
-            settings.llama_server_backend_url,
-            settings.llama_server_api_key,
-            settings.llama_proxy_upstream_timeout,
+            settings.llama_server_api_key, settings.llama_proxy_upstream_timeout
+        )
+        self.scheduler = Scheduler(
+            [Engine(url) for url in settings.backend_urls()],
+            Limits(
+                per_user=settings.llama_proxy_user_concurrency,
+                queue_size=settings.llama_proxy_queue_size,
+                user_queue_size=settings.llama_proxy_user_queue_size,
+                max_wait=settings.llama_proxy_queue_timeout,
+            ),
+        )
+        self.watch = EngineWatch(
+            self.scheduler, self.upstream, settings.llama_proxy_health_interval
         )
         self.pool: Any = None
         self.auth: Authenticator
@@ -110,8 +76,11 @@ class Gateway:
         self.requests = RequestLog(self.pool)
         self.requests.start()
         await self.upstream.open()
+        await self.watch.probe_all()
+        self.watch.start()
 
     async def shutdown(self) -> None:
+        await self.watch.close()
         await self.requests.close()
         await self.upstream.close()
         await self.pool.close()
@@ -123,305 +92,13 @@ class Gateway:
                 await migrations.check_schema(conn)
         except Exception as exc:
             problems.append(f"database: {exc}")
-        if not await self.upstream.healthy():
+        await self.watch.probe_all()
+        if not any(engine.healthy for engine in self.scheduler.engines):
             problems.append("engine: not reachable")
         if problems:
             await send_error(send, ServiceUnavailable("Not ready: " + "; ".join(problems)))
         else:
             await _send_json(send, 200, {"status": "ready"})
-
-
-class Exchange:
-    """One proxied request."""
-
-    def __init__(self, gateway: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
-        self.gateway = gateway
-        self.scope = scope
-        self.receive = receive
-        self._send = send
-        self.began = time.perf_counter()
-        client = scope.get("client")
-        self.row = RequestRow(
-            request_id=uuid.uuid4().hex,
-            created_at=datetime.now(UTC),
-            method=scope["method"],
-            path=scope["path"],
-            client_addr=client[0] if client else None,
-        )
-        self.headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.row.request_id.encode())]
-        self.started = False  # the response's status line has gone out
-        self.streaming = False
-
-    async def run(self) -> None:
-        try:
-            await self._serve()
-        except APIError as error:
-            await self._fail(error)
-        except Exception as exc:
-            log.exception("request %s failed", self.row.request_id)
-            await self._fail(InternalError(f"Internal error ({type(exc).__name__})."))
-        finally:
-            self._finish()
-
-    async def _serve(self) -> None:
-        method = ROUTES.get(self.row.path)
-        if method is None:
-            raise NotFound(f"Unknown path {self.row.path}.", code="unknown_url")
-        if method != self.row.method:
-            raise MethodNotAllowed(f"{self.row.path} takes {method}, not {self.row.method}.")
-        body = await self._read_body()
-        self.row.bytes_in = len(body)
-        await self._admit(_header(self.scope, b"authorization"))
-        stream, wants_usage = False, False
-        if method == "POST":
-            body, stream, wants_usage = self._prepare(body)
-        await self._forward(body, stream, wants_usage)
-
-    async def _read_body(self) -> bytes:
-        limit = self.gateway.settings.llama_proxy_max_body_bytes
-        declared = _header(self.scope, b"content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise RequestTooLarge(f"The request body is larger than {limit} bytes.")
-        body = bytearray()
-        while True:
-            message = await self.receive()
-            body += message.get("body", b"")
-            if len(body) > limit:
-                raise RequestTooLarge(f"The request body is larger than {limit} bytes.")
-            if not message.get("more_body"):
-                return bytes(body)
-
-    async def _admit(self, authorization: bytes | None) -> None:
-        gateway = self.gateway
-        self.row.key_id = await gateway.auth.authenticate(authorization)
-        admission = await limits.admit(
-            gateway.pool,
-            key_id=self.row.key_id,
-            default_limit=gateway.settings.llama_proxy_rate_limit,
-            default_window=gateway.settings.llama_proxy_rate_window_seconds,
-        )
-        if admission is None:  # the key was deleted with its user
-            raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
-        self.row.user_id, self.row.username = admission.user_id, admission.username
-        _refuse_unless_admitted(admission)
-        self.headers += rate_limit_headers(admission)
-        if not admission.allowed:
-            retry = max(1, round(admission.retry_after + 0.5))
-            raise RateLimited(
-                f"Rate limit reached: {admission.limit} requests per {admission.window}s. "
-                f"Retry in {retry}s.",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(retry)},
-            )
-
-    def _prepare(self, body: bytes) -> tuple[bytes, bool, bool]:
-        """The body for the engine, whether it streams, and whether the client wants usage."""
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            raise InvalidRequest("The request body is not valid JSON.") from None
-        if not isinstance(payload, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        model = payload.get("model")
-        self.row.model = model if isinstance(model, str) else None
-        self.row.stream = stream = payload.get("stream") is True
-        if not stream:
-            return body, False, False
-        options = payload.get("stream_options")
-        options = options if isinstance(options, dict) else {}
-        if options.get("include_usage") is True:
-            return body, True, True
-        # Ask for usage anyway, to account it exactly; that chunk is not passed on.
-        payload["stream_options"] = {**options, "include_usage": True}
-        return json.dumps(payload).encode(), True, False
-
-    async def _forward(self, body: bytes, stream: bool, wants_usage: bool) -> None:
-        """Relay the engine's answer; a client that goes away cancels the engine's work."""
-        relay = asyncio.ensure_future(self._relay(body, stream, wants_usage))
-        gone = asyncio.ensure_future(_disconnected(self.receive))
-        await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if relay.done():
-            gone.cancel()
-            relay.result()
-            return
-        relay.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay
-        self.row.outcome = "cancelled"
-        if not self.started:
-            self.row.status = 499  # nginx's "client closed request"
-
-    async def _relay(self, body: bytes, stream: bool, wants_usage: bool) -> None:
-        gateway = self.gateway
-        async with gateway.upstream.send(self.row.method, self.row.path, body) as reply:
-            if reply.status >= 400:
-                await self._relay_error(reply)
-            elif stream and reply.content_type == "text/event-stream":
-                await self._relay_stream(reply, wants_usage)
-            else:
-                await self._relay_body(reply)
-
-    async def _relay_body(self, reply: Reply) -> None:
-        raw = await reply.read()
-        if reply.content_type == "application/json":
-            with contextlib.suppress(ValueError, AttributeError):
-                self._count_usage(json.loads(raw).get("usage"))
-        content_type = reply.content_type.encode() or b"application/octet-stream"
-        await self._start(reply.status, [(b"content-type", content_type)])
-        await self._body(raw, more=False)
-
-    async def _relay_error(self, reply: Reply) -> None:
-        raw = await reply.read()
-        error = openai_error(reply.status, raw)
-        if error is None:  # the engine's answer is an envelope already
-            self.row.error = _error_message(raw)
-            await self._start(reply.status, JSON_HEADERS)
-            await self._body(raw, more=False)
-        else:
-            await self._fail(error, status=reply.status)
-
-    async def _relay_stream(self, reply: Reply, wants_usage: bool) -> None:
-        self.streaming = True
-        await self._start(200, STREAM_HEADERS)
-        events = EventSplitter()
-        done = False
-        async for chunk in reply.chunks():
-            out = []
-            for event in events.feed(chunk):
-                data = event_data(event)
-                done = done or data == DONE
-                if data is not None and data != DONE and not self._keep(data, wants_usage):
-                    continue
-                out.append(event)
-            if out:
-                await self._body(b"".join(out))
-        if not done:
-            raise UpstreamFailed("The engine ended the stream before it was complete.")
-        await self._body(b"", more=False)
-
-    def _keep(self, data: bytes, wants_usage: bool) -> bool:
-        """Read one streamed chunk for accounting; False drops the usage chunk we added."""
-        chunk = parse_chunk(data)
-        if chunk is None:
-            return True
-        if is_usage_only(chunk):
-            self._count_usage(chunk["usage"])
-            return wants_usage
-        if self.row.ttft_ms is None and has_output(chunk):
-            self.row.ttft_ms = self._elapsed_ms()
-        if isinstance(chunk.get("error"), dict):
-            self.row.outcome = "error"
-            self.row.error = str(chunk["error"].get("message"))
-        return True
-
-    def _count_usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            self.row.prompt_tokens = usage.get("prompt_tokens")
-            self.row.completion_tokens = usage.get("completion_tokens")
-
-    async def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.row.status = status
-        self.started = True
-        await self._send(
-            {"type": "http.response.start", "status": status, "headers": headers + self.headers}
-        )
-
-    async def _body(self, data: bytes, more: bool = True) -> None:
-        self.row.bytes_out += len(data)
-        await self._send({"type": "http.response.body", "body": data, "more_body": more})
-
-    async def _fail(self, error: APIError, status: int | None = None) -> None:
-        self.row.error = error.message
-        if self.row.outcome != "cancelled":
-            self.row.outcome = "error"
-        if self.streaming:
-            await self._body(sse_error_event(error), more=False)
-        elif not self.started:
-            self.row.status = status or error.status
-            self.started = True
-            wire = _CountingSend(self._send)
-            await send_error(wire, error, status=self.row.status, headers=self.headers)
-            self.row.bytes_out += wire.count
-
-    def _finish(self) -> None:
-        row = self.row
-        row.latency_ms = self._elapsed_ms()
-        if row.outcome == "error" and 400 <= row.status < 500:
-            row.outcome = "rejected"
-        self.gateway.requests.add(row)
-        log.info(
-            "request id=%s user=%s key=%s %s %s status=%d outcome=%s latency_ms=%.1f "
-            "ttft_ms=%s tokens=%s+%s",
-            row.request_id, row.username, row.key_id, row.method, row.path, row.status,
-            row.outcome, row.latency_ms, _ms(row.ttft_ms), row.prompt_tokens,
-            row.completion_tokens,
-        )  # fmt: skip
-
-    def _elapsed_ms(self) -> float:
-        return (time.perf_counter() - self.began) * 1000
-
-
-class _CountingSend:
-    """Counts the body bytes that pass through an ASGI send."""
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self.count = 0
-
-    async def __call__(self, message: Message) -> None:
-        self.count += len(message.get("body", b""))
-        await self._send(message)
-
-
-def _refuse_unless_admitted(admission: Admission) -> None:
-    if admission.state == "disabled":
-        raise PermissionDenied("This user is disabled.", code="user_disabled")
-    if admission.state == "revoked":
-        raise AuthenticationFailed("This API key has been revoked.", code="key_revoked")
-    if admission.state == "expired":
-        raise AuthenticationFailed("This API key has expired.", code="key_expired")
-
-
-def rate_limit_headers(admission: Admission) -> list[tuple[bytes, bytes]]:
-    if admission.limit == 0:
-        return []
-    return [
-        (b"x-ratelimit-limit-requests", str(admission.limit).encode()),
-        (b"x-ratelimit-remaining-requests", str(admission.remaining).encode()),
-        (b"x-ratelimit-reset-requests", format_duration(admission.reset_seconds).encode()),
-    ]
-
-
-def format_duration(seconds: float) -> str:
-    """OpenAI's style of duration: 20ms, 1.5s, 6m0s."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    minutes, secs = divmod(seconds, 60)
-    if minutes < 1:
-        return f"{secs:.3g}s"
-    return f"{int(minutes)}m{int(secs)}s"
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
-
-
-def _error_message(raw: bytes) -> str | None:
-    with contextlib.suppress(ValueError, AttributeError, TypeError):
-        return str(json.loads(raw)["error"]["message"])
-    return None
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
 
 
 async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:

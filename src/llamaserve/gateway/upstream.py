@@ -1,8 +1,9 @@
-"""The engine behind the gateway. Every network and engine failure is mapped to the
+"""The HTTP client to the engines. Every network and engine failure is mapped to the
 error family here, and nowhere else."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -44,10 +45,9 @@ def map_errors() -> Iterator[None]:
 
 
 class Upstream:
-    """A pooled HTTP client to the engine that adds the engine's own key."""
+    """A pooled HTTP client to the engines that adds the engine's own key."""
 
-    def __init__(self, base_url: str, engine_key: SecretStr, read_timeout: float) -> None:
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, engine_key: SecretStr, read_timeout: float) -> None:
         self._auth = f"Bearer {engine_key.get_secret_value()}"
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -63,7 +63,7 @@ class Upstream:
             await self._session.close()
 
     @asynccontextmanager
-    async def send(self, method: str, path: str, body: bytes) -> AsyncIterator[Reply]:
+    async def send(self, url: str, method: str, path: str, body: bytes) -> AsyncIterator[Reply]:
         """Send a request; the reply is released (and the engine told, if unfinished) on exit."""
         assert self._session is not None, "Upstream.open() was not called"
         headers = {"Authorization": self._auth}
@@ -71,7 +71,7 @@ class Upstream:
             headers["Content-Type"] = "application/json"
         with map_errors():
             response = await self._session.request(
-                method, self.base_url + path, data=body or None, headers=headers
+                method, url + path, data=body or None, headers=headers
             )
         try:
             yield Reply(response.status, response.content_type, response)
@@ -83,10 +83,22 @@ class Upstream:
             else:
                 response.release()
 
-    async def healthy(self) -> bool:
+    async def probe(self, url: str) -> int | None:
+        """The engine's slots if it is healthy, else None.
+
+        Llamaserve's engines say their slots in /health; an engine that does not is
+        counted as one slot once its /v1/models answers.
+        """
         try:
-            async with self.send("GET", "/v1/models", b"") as reply:
+            async with self.send(url, "GET", "/health", b"") as reply:
+                raw = await reply.read()
+            if reply.status == 200:
+                slots = json.loads(raw).get("slots", 1)
+                return slots if isinstance(slots, int) and slots > 0 else 1
+            if reply.status != 404:
+                return None
+            async with self.send(url, "GET", "/v1/models", b"") as reply:
                 await reply.read()
-                return reply.status == 200
-        except APIError:
-            return False
+            return 1 if reply.status == 200 else None
+        except (APIError, ValueError, AttributeError):
+            return None

@@ -1,0 +1,54 @@
+"""The engines behind the gateway: probed in the background for health and capacity.
+
+An engine that fails a request is taken out at once and probed every interval until
+it answers again; its slots come back to the scheduler then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from llamaserve.gateway.scheduling import Engine, Scheduler
+from llamaserve.gateway.upstream import Upstream
+
+log = logging.getLogger("llamaserve.gateway")
+
+
+class EngineWatch:
+    def __init__(self, scheduler: Scheduler, upstream: Upstream, interval: float) -> None:
+        self.scheduler = scheduler
+        self.upstream = upstream
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(engine) for engine in self.scheduler.engines))
+        self.scheduler.dispatch()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="engine-watch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def take_out(self, engine: Engine, reason: str) -> None:
+        if engine.healthy:
+            log.warning("engine %s taken out: %s", engine.url, reason)
+        engine.healthy = False
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.probe_all()
+
+    async def _probe(self, engine: Engine) -> None:
+        slots = await self.upstream.probe(engine.url)
+        if slots is None:
+            self.take_out(engine, "health probe failed")
+            return
+        if not engine.healthy:
+            log.warning("engine %s is back (%d slots)", engine.url, slots)
+        engine.healthy, engine.capacity = True, slots

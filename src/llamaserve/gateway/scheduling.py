@@ -1,0 +1,198 @@
+"""Fair admission to the engines' slots: a queue per user, served round-robin.
+
+Requests in flight to an engine are capped at its slots. The others wait here, each
+user in a queue of their own; when a slot frees, the next user in the ring is served
+and goes to the back of it. A user with one request therefore waits for at most one
+request of each other waiting user, never behind another user's whole backlog.
+
+The queue is the gateway's own: several gateways in front of the same engines each
+cap what *they* send; the engines queue whatever exceeds their slots, first come,
+first served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from llamaserve.errors import RateLimited, ServiceUnavailable
+
+
+@dataclass(eq=False)
+class Engine:
+    """One engine and what the gateway knows of it."""
+
+    url: str
+    capacity: int = 1  # slots: requests it generates at once
+    in_flight: int = 0
+    healthy: bool = True
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.in_flight if self.healthy else 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    per_user: int = 0  # requests generating at once per user; 0 = no limit
+    queue_size: int = 1000  # waiting, all users
+    user_queue_size: int = 100  # waiting, one user
+    max_wait: float = 300.0  # seconds
+
+
+@dataclass(eq=False)
+class _Waiter:
+    user: Hashable
+    exclude: Engine | None
+    future: asyncio.Future[Engine] = field(default_factory=lambda: _loop().create_future())
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
+@dataclass(frozen=True)
+class Grant:
+    engine: Engine
+    waited: float  # seconds spent queued
+
+
+class Scheduler:
+    def __init__(self, engines: list[Engine], limits: Limits) -> None:
+        self.engines = engines
+        self.limits = limits
+        self._queues: dict[Hashable, deque[_Waiter]] = {}
+        self._ring: deque[Hashable] = deque()  # users with waiters, in serving order
+        self._running: Counter[Hashable] = Counter()
+        self._waiting = 0
+
+    @asynccontextmanager
+    async def slot(self, user: Hashable, exclude: Engine | None = None) -> AsyncIterator[Grant]:
+        """Hold one slot of an engine (not `exclude`) while the block runs."""
+        grant = await self.acquire(user, exclude)
+        try:
+            yield grant
+        finally:
+            self.release(user, grant.engine)
+
+    async def acquire(self, user: Hashable, exclude: Engine | None = None) -> Grant:
+        began = time.monotonic()
+        if not any(e.healthy for e in self.engines if e is not exclude):
+            raise ServiceUnavailable("No engine is available.", code="engine_unavailable")
+        engine = self._pick(exclude)
+        if not self._ring and engine is not None and self._may_run(user):
+            self._take(user, engine)
+            return Grant(engine, 0.0)
+        waiter = self._enqueue(user, exclude)
+        self.dispatch()  # a free slot may be held back only from users at their limit
+        try:
+            engine = await asyncio.wait_for(asyncio.shield(waiter.future), self.limits.max_wait)
+        except TimeoutError:
+            self._abandon(waiter)
+            raise ServiceUnavailable(
+                f"The server is busy: no engine was free within {self.limits.max_wait:.0f}s.",
+                code="queue_timeout",
+                headers={"Retry-After": "5"},
+            ) from None
+        except asyncio.CancelledError:
+            self._abandon(waiter)  # the client went away while queued
+            raise
+        return Grant(engine, time.monotonic() - began)
+
+    def any_engine(self, exclude: Engine | None = None) -> Engine:
+        """A healthy engine for a request that takes no slot (such as /v1/models)."""
+        healthy = [e for e in self.engines if e.healthy and e is not exclude]
+        if not healthy:
+            raise ServiceUnavailable("No engine is available.", code="engine_unavailable")
+        return max(healthy, key=lambda e: e.free)
+
+    def has_other(self, engine: Engine) -> bool:
+        return any(e.healthy and e is not engine for e in self.engines)
+
+    def release(self, user: Hashable, engine: Engine) -> None:
+        engine.in_flight -= 1
+        self._running[user] -= 1
+        if self._running[user] <= 0:
+            del self._running[user]
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Grant free slots to waiting users, round-robin. Call when capacity appears."""
+        progress = True
+        while self._ring and progress:
+            progress = False
+            for _ in range(len(self._ring)):
+                user = self._ring[0]
+                self._ring.rotate(-1)
+                if self._may_run(user) and self._serve_first(user):
+                    progress = True
+                    break
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def _serve_first(self, user: Hashable) -> bool:
+        queue = self._queues[user]
+        engine = self._pick(queue[0].exclude)
+        if engine is None:
+            return False
+        waiter = queue.popleft()
+        self._waiting -= 1
+        if not queue:
+            del self._queues[user]
+            self._ring.remove(user)
+        self._take(user, engine)
+        waiter.future.set_result(engine)
+        return True
+
+    def _enqueue(self, user: Hashable, exclude: Engine | None) -> _Waiter:
+        queue = self._queues.get(user)
+        if queue is not None and len(queue) >= self.limits.user_queue_size:
+            raise RateLimited(
+                f"Too many of your requests are waiting ({len(queue)}); retry when some finish.",
+                code="user_queue_full",
+                headers={"Retry-After": "5"},
+            )
+        if self._waiting >= self.limits.queue_size:
+            raise ServiceUnavailable(
+                "The server is full: too many requests are waiting.",
+                code="queue_full",
+                headers={"Retry-After": "5"},
+            )
+        waiter = _Waiter(user, exclude)
+        if queue is None:
+            queue = self._queues[user] = deque()
+            self._ring.append(user)
+        queue.append(waiter)
+        self._waiting += 1
+        return waiter
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        if waiter.future.done() and not waiter.future.cancelled():
+            self.release(waiter.user, waiter.future.result())  # granted as it gave up
+            return
+        waiter.future.cancel()
+        queue = self._queues.get(waiter.user)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            self._waiting -= 1
+            if not queue:
+                del self._queues[waiter.user]
+                self._ring.remove(waiter.user)
+
+    def _may_run(self, user: Hashable) -> bool:
+        return not self.limits.per_user or self._running[user] < self.limits.per_user
+
+    def _pick(self, exclude: Engine | None) -> Engine | None:
+        """The healthy engine with the most free slots."""
+        candidates = [e for e in self.engines if e is not exclude and e.free > 0]
+        return max(candidates, key=lambda e: e.free) if candidates else None
+
+    def _take(self, user: Hashable, engine: Engine) -> None:
+        engine.in_flight += 1
+        self._running[user] += 1

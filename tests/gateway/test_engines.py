@@ -1,0 +1,133 @@
+"""Queues, several engines, an engine that dies: through a real gateway and database,
+with fake engines (the faults are the subject)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.gateway.conftest import Stack
+from tests.gateway.helpers import MockEngine, extra_gateway
+
+
+def body(tag: str, delay: float = 0.0) -> dict[str, object]:
+    return {"model": "mock", "messages": [{"role": "user", "content": tag}], "mock_delay": delay}
+
+
+async def send_all(url: str, calls: list[tuple[str, dict[str, object]]]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        tasks = []
+        for key, payload in calls:
+            tasks.append(asyncio.create_task(client.post(
+                f"{url}/v1/chat/completions", json=payload,
+                headers={"Authorization": f"Bearer {key}"},
+            )))  # fmt: skip
+            await asyncio.sleep(0.05)  # arrive in this order
+        return list(await asyncio.gather(*tasks))
+
+
+@pytest.fixture
+def engine() -> Iterator[MockEngine]:
+    mock = MockEngine(slots=1).start()
+    yield mock
+    mock.kill()
+
+
+def test_a_light_user_is_not_queued_behind_a_heavy_one(stack: Stack, engine: MockEngine) -> None:
+    heavy, light = stack.create_user("heavy-e2e"), stack.create_user("light-e2e")
+    calls = [(heavy, body(f"h{i}", 0.3)) for i in range(6)] + [(light, body("l1", 0.3))]
+    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=engine.url) as url:
+        responses = asyncio.run(send_all(url, calls))
+    assert all(r.status_code == 200 for r in responses)
+    # When l1 arrives, one of h's requests is generating and four wait: l1 goes after at
+    # most one of those (the next in the ring), not after all of them.
+    generating_or_next = engine.arrivals.index("l1")
+    assert generating_or_next <= 3 and engine.arrivals[-1] != "l1"
+    row = stack.row(responses[-1].headers["x-request-id"])
+    assert row["queue_ms"] is not None and row["queue_ms"] > 0
+
+
+def test_queue_bounds_answer_429_and_503_in_the_envelope(stack: Stack, engine: MockEngine) -> None:
+    a, b = stack.create_user("bounds-a"), stack.create_user("bounds-b")
+    calls = [(a, body(f"a{i}", 0.5)) for i in range(4)] + [(b, body("b1")), (b, body("b2"))]
+    bounds = {"LLAMA_PROXY_USER_QUEUE_SIZE": "2", "LLAMA_PROXY_QUEUE_SIZE": "3"}
+    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=engine.url, **bounds) as url:
+        responses = asyncio.run(send_all(url, calls))
+    statuses = [r.status_code for r in responses]
+    # a0 runs, a1 a2 wait, a3 exceeds a's queue; b1 fills the server's queue, b2 exceeds it.
+    assert statuses == [200, 200, 200, 429, 200, 503]
+    for refused in (responses[3], responses[5]):
+        assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+        assert int(refused.headers["retry-after"]) > 0
+
+
+def test_waiting_too_long_is_503(stack: Stack, engine: MockEngine) -> None:
+    a, b = stack.create_user("patient-a"), stack.create_user("patient-b")
+    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=engine.url,
+                       LLAMA_PROXY_QUEUE_TIMEOUT="0.3") as url:  # fmt: skip
+        responses = asyncio.run(send_all(url, [(a, body("a", 1.5)), (b, body("b"))]))
+    assert [r.status_code for r in responses] == [200, 503]
+    assert responses[1].json()["error"]["code"] == "queue_timeout"
+
+
+def test_a_client_gone_while_queued_never_reaches_the_engine(
+    stack: Stack, engine: MockEngine
+) -> None:
+    a, b, c = (stack.create_user(f"leaver-{n}") for n in "abc")
+
+    async def scenario(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            def post(key: str, payload: dict[str, object]) -> asyncio.Task[httpx.Response]:
+                return asyncio.create_task(client.post(
+                    f"{url}/v1/chat/completions", json=payload,
+                    headers={"Authorization": f"Bearer {key}"}))  # fmt: skip
+
+            first = post(a, body("a", 0.8))
+            await asyncio.sleep(0.2)
+            leaver = post(b, body("b"))
+            await asyncio.sleep(0.2)
+            last = post(c, body("c"))
+            await asyncio.sleep(0.1)
+            leaver.cancel()  # b's client goes away while queued
+            return [await first, await last]
+
+    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=engine.url) as url:
+        responses = asyncio.run(scenario(url))
+    assert [r.status_code for r in responses] == [200, 200]
+    assert engine.arrivals == ["a", "c"]
+    cancelled = stack.query(
+        "SELECT outcome, status FROM llama_requests WHERE username = 'leaver-b'"
+    )
+    assert [(r["outcome"], r["status"]) for r in cancelled] == [("cancelled", 499)]
+
+
+def test_requests_route_around_a_killed_engine_and_retry_once(stack: Stack) -> None:
+    key = stack.create_user("two-engines")
+    first, second = MockEngine(slots=1).start(), MockEngine(slots=1).start()
+    backends = f"{first.url},{second.url}"
+    try:
+        with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=backends,
+                           LLAMA_PROXY_HEALTH_INTERVAL="0.3") as url:  # fmt: skip
+            first.kill()  # the gateway still believes it healthy: the first request fails on it
+            responses = asyncio.run(send_all(url, [(key, body(f"r{i}")) for i in range(6)]))
+            assert [r.status_code for r in responses] == [200] * 6
+            assert Counter(second.arrivals) == Counter(f"r{i}" for i in range(6))
+            rows = [stack.row(r.headers["x-request-id"]) for r in responses]
+            assert all(row["outcome"] == "ok" for row in rows)
+            ready = httpx.get(f"{url}/ready")
+            assert ready.status_code == 200  # one engine is enough
+            second.kill()
+            down = httpx.post(f"{url}/v1/chat/completions", json=body("x"),
+                              headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+            assert down.status_code == 503
+            assert json.loads(down.text)["error"]["type"] == "service_unavailable"
+    finally:
+        for mock in (first, second):
+            if mock._thread is not None and mock._thread.is_alive():
+                mock.kill()

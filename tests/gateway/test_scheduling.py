@@ -1,0 +1,131 @@
+"""The scheduler on its own: round-robin order, bounds, timeouts, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llamaserve.errors import RateLimited, ServiceUnavailable
+from llamaserve.gateway.scheduling import Engine, Limits, Scheduler
+
+
+async def run_requests(scheduler: Scheduler, plan: list[str], served: list[str]) -> None:
+    """Each entry of `plan` is a user's request, queued in that order; each holds its slot
+    until every earlier one was served."""
+    release = {tag: asyncio.Event() for tag in plan}
+
+    async def request(tag: str) -> None:
+        async with scheduler.slot(tag[0]):
+            served.append(tag)
+            await release[tag].wait()
+
+    tasks = []
+    for tag in plan:
+        tasks.append(asyncio.create_task(request(tag)))
+        await asyncio.sleep(0)  # queued in plan order
+    while len(served) < len(plan):
+        await asyncio.sleep(0)
+        release[served[-1]].set()
+    await asyncio.gather(*tasks)
+
+
+def test_users_are_served_round_robin_not_first_come() -> None:
+    scheduler = Scheduler([Engine("e", capacity=1)], Limits())
+    served: list[str] = []
+    plan = ["a1", "a2", "a3", "a4", "a5", "b1", "c1"]
+    asyncio.run(run_requests(scheduler, plan, served))
+    # b and c wait for at most one more request of a, not for a's whole backlog.
+    assert served == ["a1", "a2", "b1", "c1", "a3", "a4", "a5"]
+
+
+def test_round_robin_across_several_backlogs() -> None:
+    scheduler = Scheduler([Engine("e", capacity=1)], Limits())
+    served: list[str] = []
+    asyncio.run(run_requests(scheduler, ["a1", "a2", "a3", "b1", "b2", "c1"], served))
+    assert served == ["a1", "a2", "b1", "c1", "a3", "b2"]
+
+
+def test_slots_of_all_engines_are_used_most_free_first() -> None:
+    async def scenario() -> list[int]:
+        small, big = Engine("small", capacity=1), Engine("big", capacity=3)
+        scheduler = Scheduler([small, big], Limits())
+        grants = [await scheduler.acquire(f"u{i}") for i in range(4)]
+        assert {g.engine.url for g in grants} == {"small", "big"}
+        return [small.in_flight, big.in_flight]
+
+    assert asyncio.run(scenario()) == [1, 3]
+
+
+def test_per_user_concurrency_limit_lets_others_pass() -> None:
+    async def scenario() -> list[str]:
+        scheduler = Scheduler([Engine("e", capacity=2)], Limits(per_user=1))
+        await scheduler.acquire("a")
+        waiting_a = asyncio.create_task(scheduler.acquire("a"))
+        await asyncio.sleep(0)
+        grant_b = await asyncio.wait_for(scheduler.acquire("b"), 1)  # b is not held back
+        assert not waiting_a.done()
+        waiting_a.cancel()
+        return [grant_b.engine.url]
+
+    assert asyncio.run(scenario()) == ["e"]
+
+
+def test_user_queue_bound_is_429_and_total_bound_503() -> None:
+    async def scenario() -> None:
+        scheduler = Scheduler([Engine("e", capacity=1)], Limits(queue_size=3, user_queue_size=2))
+        await scheduler.acquire("a")
+        waiting = [asyncio.create_task(scheduler.acquire("a")) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(RateLimited) as user_full:
+            await scheduler.acquire("a")
+        assert user_full.value.code == "user_queue_full" and user_full.value.headers
+        waiting.append(asyncio.create_task(scheduler.acquire("b")))
+        await asyncio.sleep(0)
+        with pytest.raises(ServiceUnavailable) as server_full:
+            await scheduler.acquire("c")
+        assert server_full.value.code == "queue_full" and server_full.value.headers
+        for task in waiting:
+            task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_waiting_longer_than_the_limit_is_503() -> None:
+    async def scenario() -> None:
+        scheduler = Scheduler([Engine("e", capacity=1)], Limits(max_wait=0.05))
+        await scheduler.acquire("a")
+        with pytest.raises(ServiceUnavailable) as timed_out:
+            await scheduler.acquire("b")
+        assert timed_out.value.code == "queue_timeout"
+        assert scheduler.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_request_cancelled_while_queued_leaves_the_queue() -> None:
+    async def scenario() -> str:
+        engine = Engine("e", capacity=1)
+        scheduler = Scheduler([engine], Limits())
+        await scheduler.acquire("a")
+        gone = asyncio.create_task(scheduler.acquire("b"))
+        stays = asyncio.create_task(scheduler.acquire("c"))
+        await asyncio.sleep(0)
+        gone.cancel()  # b's client went away
+        await asyncio.gather(gone, return_exceptions=True)
+        assert scheduler.waiting == 1
+        scheduler.release("a", engine)
+        grant = await asyncio.wait_for(stays, 1)  # the slot goes to c, not to b's ghost
+        assert engine.in_flight == 1
+        return grant.engine.url
+
+    assert asyncio.run(scenario()) == "e"
+
+
+def test_no_healthy_engine_is_503_at_once() -> None:
+    async def scenario() -> None:
+        scheduler = Scheduler([Engine("e", healthy=False)], Limits())
+        with pytest.raises(ServiceUnavailable):
+            await scheduler.acquire("a")
+
+    asyncio.run(scenario())
