@@ -1,0 +1,184 @@
+"""`python -m bench`: run the benchmark, print its table, write JSON and a PNG chart.
+
+Everything runs in a temporary runtime directory (its own config.env, private
+PostgreSQL, users and ports on 127.0.0.1) and is stopped at the end; the checkout's
+own runtime/ is not touched. The user's LLAMA_MODEL, LLAMA_N_THREADS and the other
+names in `stack.PASSTHROUGH` carry over from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import chart, fairness, machine, model, overhead, report, targets
+from bench.integrity import Ledger
+from bench.model import Target
+from bench.progress import say
+from bench.stack import PASSTHROUGH, ROOT, BenchError, Stack
+
+SCENARIOS = ("overhead", "model", "fairness")
+# Tried in this order; fairness runs on the first that starts.
+ENGINE_PREFERENCE = ("llama-server", "llama-cpp-python")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (about 6 minutes)")
+    parser.add_argument(
+        "--only",
+        type=_names(SCENARIOS),
+        default=list(SCENARIOS),
+        help="comma-separated scenarios: overhead,model,fairness (default all)",
+    )
+    parser.add_argument(
+        "--engines",
+        type=_names(ENGINE_PREFERENCE),
+        default=list(ENGINE_PREFERENCE),
+        help="comma-separated engines (default llama-cpp-python,llama-server)",
+    )
+    parser.add_argument(
+        "--parallel", type=int, default=4, help="LLAMA_PARALLEL: llama-server's slots (default 4)"
+    )
+    parser.add_argument(
+        "--mock-delay-ms",
+        type=float,
+        default=50.0,
+        help="the mock engine's answer delay (default 50)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results",
+        help="directory of the JSON and PNG (default bench/results)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary runtime directory (logs) for a post-mortem",
+    )
+    return parser.parse_args(argv)
+
+
+def _names(allowed: Sequence[str]) -> Any:
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}")
+        return names
+
+    return parse
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    passthrough = _take_environment()
+    mode = "quick" if args.quick else "full"
+    results: dict[str, Any] = {"meta": {**machine.machine(), "mode": mode, "argv": sys.argv}}
+    ledger = Ledger()
+    say(f"setting up a private stack ({mode} run)")
+    try:
+        stack = Stack.create(passthrough)
+        try:
+            _run(args, stack, ledger, results)
+        finally:
+            say("stopping the stack")
+            stack.destroy(keep=args.keep)
+            if args.keep:
+                say(f"kept {stack.base}")
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    _finish(args, results, ledger)
+    return 0
+
+
+def _take_environment() -> dict[str, str]:
+    """The user's settings that carry over; then none are left to leak into this process's
+    own reading of the stack's settings."""
+    passthrough = {name: os.environ[name] for name in PASSTHROUGH if name in os.environ}
+    for name in list(os.environ):
+        if name.startswith(("LLAMA_", "POSTGRES_")):
+            del os.environ[name]
+    return passthrough
+
+
+def _run(args: argparse.Namespace, stack: Stack, ledger: Ledger, results: dict[str, Any]) -> None:
+    if "overhead" in args.only:
+        say("a) gateway overhead against the mock engine")
+        mock = overhead.MockSettings(delay_ms=args.mock_delay_ms)
+        results["overhead"] = overhead.run(stack, mock, args.quick, ledger)
+    if "model" not in args.only and "fairness" not in args.only:
+        return
+    keys = {name: stack.create_user(f"bench-{name}") for name in ("model", "heavy", "light")}
+    results["engines"] = []
+    for engine in [e for e in ENGINE_PREFERENCE if e in args.engines]:
+        if "model" not in args.only and "fairness" in results:
+            break
+        results["engines"].append(_engine(args, stack, engine, keys, ledger, results))
+    if "fairness" in args.only and "fairness" not in results:
+        results["fairness"] = {"error": "no engine started"}
+
+
+def _engine(
+    args: argparse.Namespace,
+    stack: Stack,
+    engine: str,
+    keys: dict[str, str],
+    ledger: Ledger,
+    results: dict[str, Any],
+) -> dict[str, Any]:
+    """Start one engine with `console.sh start`, measure it, stop it."""
+    entry: dict[str, Any] = {"engine": engine}
+    if engine == "llama-server":
+        entry["parallel"] = args.parallel
+    say(f"b) starting {engine} (console.sh start)")
+    try:
+        stack.start(engine, args.parallel)
+    except BenchError as exc:
+        entry["error"] = f"did not start: {str(exc).splitlines()[-1][:300]}"
+        say(f"   {engine} {entry['error']}")
+        return entry
+    try:
+        entry.update(threads=machine.threads(stack.settings()), build=machine.engine_build(stack))
+        model_id = stack.model_id()
+        direct = Target(stack.engine_url, stack.engine_key, model_id)
+        if "model" in args.only:
+            say(f"b) {engine}: streams at 1, 4, 8, 16 at once, direct and through the gateway")
+            gateway = Target(stack.gateway_url, keys["model"], model_id)
+            plan = model.Plan.for_run(args.quick)
+            entry["levels"] = model.run(direct, gateway, plan, engine, ledger)
+        if "fairness" in args.only and "fairness" not in results:
+            say(f"c) fairness through the gateway on {engine}")
+            heavy = Target(stack.gateway_url, keys["heavy"], model_id)
+            light = Target(stack.gateway_url, keys["light"], model_id)
+            plan_f = fairness.Plan.for_run(args.quick)
+            results["fairness"] = fairness.run(stack, heavy, light, plan_f, engine, ledger)
+        say(f"d) {engine}: looking up the request log")
+        ledger.verify(stack)
+    finally:
+        stack.stop()
+    return entry
+
+
+def _finish(args: argparse.Namespace, results: dict[str, Any], ledger: Ledger) -> None:
+    results["integrity"] = ledger.summary()
+    results["targets"] = targets.judge(results)
+    print(report.table(results))
+    stem = "bench-" + time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    written = [report.save(results, args.out, stem)]
+    if chart.available():
+        written.append(chart.draw(results, args.out / f"{stem}.png"))
+    else:
+        print(chart.INSTALL_HINT)
+    print("\nwritten: " + ", ".join(os.path.relpath(path) for path in written))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""A private Llamaserve for the benchmark, set up the way the README tells a user to.
+
+A temporary runtime directory with its own config.env (engine and gateway on loopback
+ports), the private PostgreSQL cluster (`bootstrap_user_cli.sh`, `init-db`), users made
+with `user_management_cli.sh`, and engines started with `console.sh start`. Extra
+processes (the mock engine, a gateway in front of it) are spawned with a log file each
+and always stopped. Nothing here touches the checkout's own runtime/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from llamaserve.config import Settings, load_settings
+from llamaserve.store import db
+
+ROOT = Path(__file__).resolve().parents[1]
+# The user's own choices that carry over into the benchmark's config.env.
+PASSTHROUGH = (
+    "LLAMA_MODEL",
+    "LLAMA_CHAT_FORMAT",
+    "LLAMA_N_CTX",
+    "LLAMA_N_THREADS",
+    "LLAMA_N_THREADS_BATCH",
+    "LLAMA_N_GPU_LAYERS",
+    "LLAMA_SERVER_BIN",
+)
+GENEROUS_LIMIT = "1000000"  # requests per minute: rate limiting on, never triggered
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; the message says why."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def isolated_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The environment for the stack's commands: none of the caller's Llamaserve settings."""
+    env = {k: v for k, v in environ.items() if not k.startswith(("LLAMA_", "POSTGRES_"))}
+    env.pop("LLAMASERVE_ROOT", None)
+    return env
+
+
+class Stack:
+    """One temporary installation: config, database, users, engine and gateway."""
+
+    def __init__(self, base: Path, passthrough: dict[str, str]) -> None:
+        self.base = base
+        self.runtime = base / "runtime"
+        self.engine_key = secrets.token_urlsafe(32)
+        self.engine_port, self.gateway_port = free_port(), free_port()
+        self.env = isolated_environment(dict(os.environ))
+        self.env["LLAMA_RUNTIME_DIR"] = str(self.runtime)
+        self.config = {
+            "LLAMA_SERVER_API_KEY": self.engine_key,
+            "LLAMA_SERVER_HOST": "127.0.0.1",
+            "LLAMA_SERVER_PORT": str(self.engine_port),
+            "LLAMA_PROXY_ENABLED": "1",
+            "LLAMA_PROXY_HOST": "127.0.0.1",
+            "LLAMA_PROXY_PORT": str(self.gateway_port),
+            "LLAMA_SERVER_BACKEND_URL": self.engine_url,
+            "LLAMA_PROXY_RATE_LIMIT": GENEROUS_LIMIT,
+            # The private cluster, whatever the checkout's own .env says.
+            "POSTGRES_AUTH_HOST": "",
+            "POSTGRES_AUTH_DB": "llamaserve",
+            "POSTGRES_AUTH_USER": "llamaserve",
+            **passthrough,
+        }
+
+    @classmethod
+    def create(cls, passthrough: dict[str, str]) -> Stack:
+        """A new stack with its database initialised (about two seconds)."""
+        # PostgreSQL runs as the `postgres` user when we are root: it must reach the runtime.
+        base = Path(tempfile.mkdtemp(prefix="llamaserve-bench-"))
+        base.chmod(0o755)
+        stack = cls(base, passthrough)
+        stack.write_config()
+        stack.run("bin/bootstrap_user_cli.sh")
+        stack.run("bin/user_management_cli.sh", "init-db")
+        return stack
+
+    @property
+    def engine_url(self) -> str:
+        return f"http://127.0.0.1:{self.engine_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def write_config(self, **values: str) -> None:
+        """config.env from the template, with the stack's values and these."""
+        self.config.update(values)
+        self.runtime.mkdir(parents=True, exist_ok=True)
+        template = (ROOT / "runtime" / "config.env.template").read_text().splitlines()
+        lines = [line for line in template if line.split("=", 1)[0] not in self.config]
+        lines += [f'{key}="{value}"' for key, value in self.config.items()]
+        path = self.runtime / "config.env"
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)
+
+    def settings(self) -> Settings:
+        return load_settings(ROOT, runtime=self.runtime)[0]
+
+    def run(self, script: str, *args: str, timeout: float = 600) -> str:
+        """Run one of the project's scripts; its output, or BenchError with it."""
+        result = subprocess.run(
+            [str(ROOT / script), *args],
+            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise BenchError(f"{script} {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+        return result.stdout
+
+    def create_user(self, name: str) -> str:
+        """A user with a generous rate limit; returns their key."""
+        out = self.run(
+            "bin/user_management_cli.sh", "create-user", "--username", name,
+            "--rate-limit", GENEROUS_LIMIT, "--window", "60", "--json",
+        )  # fmt: skip
+        return str(json.loads(out)["key"])
+
+    def start(self, engine: str, parallel: int) -> None:
+        """`console.sh start` of the engine, the database and the gateway."""
+        self.write_config(LLAMA_ENGINE=engine, LLAMA_PARALLEL=str(parallel))
+        self.run("console.sh", "start")
+
+    def model_id(self) -> str:
+        """The id of the model the engine serves (its file name)."""
+        headers = {"Authorization": f"Bearer {self.engine_key}"}
+        answer = httpx.get(f"{self.engine_url}/v1/models", headers=headers, timeout=30)
+        answer.raise_for_status()
+        return str(answer.json()["data"][0]["id"])
+
+    def stop(self) -> None:
+        self.run("console.sh", "stop")
+
+    def destroy(self, keep: bool) -> None:
+        try:
+            self.stop()
+        finally:
+            if not keep:
+                shutil.rmtree(self.base, ignore_errors=True)
+
+    def log_rows(self, request_ids: list[str], wait: float = 15.0) -> dict[str, dict[str, Any]]:
+        """The llama_requests rows of these requests, once the gateway has written them
+        (it writes in batches, every 0.2 s); fewer if some never come within `wait`."""
+        deadline = time.monotonic() + wait
+        while True:
+            rows = asyncio.run(self._fetch_rows(request_ids))
+            if len(rows) >= len(set(request_ids)) or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.5)
+
+    async def _fetch_rows(self, request_ids: list[str]) -> dict[str, dict[str, Any]]:
+        settings, layout = load_settings(ROOT, runtime=self.runtime)
+        conn = await db.connect(settings, layout)
+        try:
+            records = await conn.fetch(
+                "SELECT request_id, status, outcome, queue_ms, ttft_ms, completion_tokens "
+                "FROM llama_requests WHERE request_id = ANY($1::text[])",
+                request_ids,
+            )
+        finally:
+            await conn.close()
+        return {r["request_id"]: dict(r) for r in records}
+
+    @contextmanager
+    def process(self, name: str, argv: list[str], ready_url: str, **env: str) -> Iterator[None]:
+        """A process of the benchmark's own (log in runtime/logs/NAME.log), stopped on exit."""
+        log_path = self.runtime / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                argv, cwd=ROOT, env={**self.env, **env}, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            _wait_ready(ready_url, proc, log_path)
+            yield
+        finally:
+            _terminate(proc)
+
+    @contextmanager
+    def gateway_to(self, backend_url: str) -> Iterator[str]:
+        """A gateway process on the stack's database in front of `backend_url`; its URL."""
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "llamaserve", "serve-gateway"]
+        env = {"LLAMA_PROXY_PORT": str(port), "LLAMA_SERVER_BACKEND_URL": backend_url}
+        with self.process("bench-gateway", argv, url + "/ready", **env):
+            yield url
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args!r} exited while starting; see {log_path}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    _terminate(proc)
+    raise BenchError(f"{url} did not answer within 60 s; see {log_path}")
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
