@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import chart, fairness, machine, model, overhead, report, targets
 from bench.integrity import Ledger
-from bench.model import Target
+from bench.load import Target
 from bench.progress import say
 from bench.stack import PASSTHROUGH, ROOT, BenchError, Stack
 

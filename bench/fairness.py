@@ -15,8 +15,8 @@ from typing import Any
 
 from bench import load
 from bench.integrity import Ledger
-from bench.load import Batch, Client
-from bench.model import TIMEOUT, Target, body
+from bench.load import Batch, Client, Target
+from bench.model import TIMEOUT, body
 from bench.stack import Stack
 from bench.stats import ms, percentile
 

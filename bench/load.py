@@ -56,6 +56,15 @@ class Outcome:
         return self.completion_tokens / self.latency
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where to send: an engine directly or the gateway, with its key and the model's id."""
+
+    url: str
+    key: str
+    model: str
+
+
 @dataclass
 class Batch:
     """The outcomes of a closed-loop run and its wall time."""
@@ -169,9 +178,11 @@ async def closed_loop(
     total: int,
     limit: float,
     stop: asyncio.Event | None = None,
+    stagger: float = 0.0,
 ) -> Batch:
     """Keep `concurrency` requests in flight until `total` were sent, `limit` seconds have
-    passed or `stop` is set; request i is `send(i)`."""
+    passed or `stop` is set; request i is `send(i)`. The clients start evenly spread
+    over `stagger` seconds."""
     counter = itertools.count()
     outcomes: list[Outcome] = []
     began = time.perf_counter()
@@ -179,9 +190,10 @@ async def closed_loop(
     def going() -> bool:
         return time.perf_counter() - began < limit and not (stop and stop.is_set())
 
-    async def worker() -> None:
+    async def worker(n: int) -> None:
+        await asyncio.sleep(stagger * n / concurrency)
         while (i := next(counter)) < total and going():
             outcomes.append(await send(i))
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(n) for n in range(concurrency)))
     return Batch(outcomes, time.perf_counter() - began)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import cpu
 from bench.stack import ROOT, Stack
 from llamaserve.config import Settings
 
@@ -70,22 +71,7 @@ def _engine_tree(stack: Stack) -> list[int]:
         root = json.loads((stack.runtime / "run" / "engine.pid").read_text())["pid"]
     except (OSError, ValueError, KeyError):
         return []
-    parents = {pid: _ppid(pid) for pid in _pids()}
-    tree, frontier = [root], [root]
-    while frontier:
-        children = [pid for pid, ppid in parents.items() if ppid in frontier]
-        tree += children
-        frontier = children
-    return tree
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _ppid(pid: int) -> int | None:
-    stat = _read(f"/proc/{pid}/stat")
-    return int(stat[stat.rindex(")") + 2 :].split()[1]) if stat else None
+    return cpu.tree(int(root))
 
 
 def _exe(pid: int) -> str | None:

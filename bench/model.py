@@ -15,7 +15,7 @@ from typing import Any
 
 from bench import load
 from bench.integrity import Ledger
-from bench.load import Batch, Client
+from bench.load import Batch, Client, Target
 from bench.stats import stream_summary
 
 MAX_TOKENS = 128
@@ -41,15 +41,6 @@ class Plan:
     @classmethod
     def for_run(cls, quick: bool) -> Plan:
         return cls(single=3, rounds=1) if quick else cls()
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where to send: an engine directly, or the gateway, with the model's id."""
-
-    url: str
-    key: str
-    model: str
 
 
 def body(model: str, i: int) -> bytes:

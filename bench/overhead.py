@@ -10,16 +10,18 @@ for the time to first token of streams.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench import load
+from bench import cpu, load
 from bench.integrity import Ledger
-from bench.load import Batch, Client
-from bench.stack import Stack, free_port
+from bench.load import Batch, Client, Target
+from bench.mock_engine import MODEL
+from bench.stack import Running, Stack, free_port
 from bench.stats import latency_summary
 
 
@@ -37,38 +39,61 @@ class Case:
     concurrency: int
     requests: int
     warmup: int
+    # Seconds over which the clients start. Spread over one mock delay, they arrive as
+    # independent users would; started at once, the fixed delay keeps them in lockstep,
+    # and each burst of 32 queues on the gateway's single event loop.
+    stagger: float
 
     @property
     def name(self) -> str:
         return f"{'stream' if self.stream else 'chat'} c={self.concurrency}"
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, mock: MockSettings) -> list[Case]:
     scale = 1 if quick else 2.5
+    spread = mock.delay_ms / 1000
     return [
-        Case(stream=False, concurrency=1, requests=int(300 * scale), warmup=50),
-        Case(stream=False, concurrency=32, requests=int(2000 * scale), warmup=500),
-        Case(stream=True, concurrency=1, requests=int(150 * scale), warmup=30),
-        Case(stream=True, concurrency=32, requests=int(1000 * scale), warmup=300),
+        Case(stream=False, concurrency=1, requests=int(300 * scale), warmup=50, stagger=0),
+        Case(False, concurrency=32, requests=int(2000 * scale), warmup=500, stagger=spread),
+        Case(stream=True, concurrency=1, requests=int(150 * scale), warmup=30, stagger=0),
+        Case(True, concurrency=32, requests=int(1000 * scale), warmup=300, stagger=spread),
     ]
+
+
+@dataclass
+class Measured:
+    """One case, directly and through the gateway, with the CPU each used per request."""
+
+    case: Case
+    direct: Batch
+    gateway: Batch
+    direct_cpu: dict[str, float]
+    gateway_cpu: dict[str, float]
 
 
 def run(stack: Stack, mock: MockSettings, quick: bool, ledger: Ledger) -> dict[str, Any]:
     """Start the mock engine and a gateway in front of it, and measure every case."""
     key = stack.create_user("bench-overhead")
-    with running_mock(stack, mock) as mock_url, stack.gateway_to(mock_url) as gateway_url:
-        batches = load.run(_measure(mock_url, stack.engine_key, gateway_url, key, quick))
+    with running_mock(stack, mock) as engine, stack.gateway_to(engine.url) as gateway:
+        trees = {"gateway": gateway.pid, "mock engine": engine.pid}
+        postgres = stack.postgres_pid()
+        if postgres is not None:
+            trees["postgres"] = postgres
+        meter = cpu.Meter(trees, {"load generator": os.getpid()})
+        direct = Target(engine.url, stack.engine_key, MODEL)
+        via = Target(gateway.url, key, MODEL)
+        measured = load.run(_measure(direct, via, cases(quick, mock), meter))
     results = []
-    for case, direct, gateway in batches:
-        ledger.add(f"overhead {case.name} gateway", gateway, gateway=True)
-        ledger.add(f"overhead {case.name} direct", direct, gateway=False)
-        results.append(_compare(case, direct, gateway))
+    for m in measured:
+        ledger.add(f"overhead {m.case.name} gateway", m.gateway, gateway=True)
+        ledger.add(f"overhead {m.case.name} direct", m.direct, gateway=False)
+        results.append(_compare(m))
     ledger.verify(stack)
     return {"mock": asdict(mock), "cases": results}
 
 
 @contextmanager
-def running_mock(stack: Stack, mock: MockSettings) -> Iterator[str]:
+def running_mock(stack: Stack, mock: MockSettings) -> Iterator[Running]:
     port = free_port()
     argv = [
         sys.executable, "-m", "bench.mock_engine", "--port", str(port),
@@ -76,39 +101,42 @@ def running_mock(stack: Stack, mock: MockSettings) -> Iterator[str]:
         "--chunk-ms", str(mock.chunk_ms), "--slots", str(mock.slots),
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    with stack.process("bench-mock-engine", argv, url + "/health"):
-        yield url
+    with stack.process("bench-mock-engine", argv, url + "/health") as pid:
+        yield Running(url, pid)
 
 
 async def _measure(
-    mock_url: str, engine_key: str, gateway_url: str, user_key: str, quick: bool
-) -> list[tuple[Case, Batch, Batch]]:
+    direct: Target, gateway: Target, plan: list[Case], meter: cpu.Meter
+) -> list[Measured]:
     done = []
     async with (
-        Client(mock_url, engine_key, connections=64, timeout=60) as direct,
-        Client(gateway_url, user_key, connections=64, timeout=60) as gateway,
+        Client(direct.url, direct.key, connections=64, timeout=60) as d,
+        Client(gateway.url, gateway.key, connections=64, timeout=60) as g,
     ):
-        for case in cases(quick):
-            direct_batch = await _batch(direct, case)
-            gateway_batch = await _batch(gateway, case)
-            done.append((case, direct_batch, gateway_batch))
+        for case in plan:
+            d_batch, d_cpu = await _batch(d, case, meter)
+            g_batch, g_cpu = await _batch(g, case, meter)
+            done.append(Measured(case, d_batch, g_batch, d_cpu, g_cpu))
     return done
 
 
-async def _batch(client: Client, case: Case) -> Batch:
-    """A warm-up, then the measured requests, at the case's concurrency."""
+async def _batch(client: Client, case: Case, meter: cpu.Meter) -> tuple[Batch, dict[str, float]]:
+    """A warm-up, then the measured requests at the case's concurrency, and the CPU
+    milliseconds each process used per measured request."""
     body = _body(case.stream)
 
     async def send(_: int) -> load.Outcome:
         return await client.chat(body, case.stream)
 
-    await load.closed_loop(send, case.concurrency, case.warmup, limit=120)
-    return await load.closed_loop(send, case.concurrency, case.requests, limit=300)
+    await load.closed_loop(send, case.concurrency, case.warmup, 120, stagger=case.stagger)
+    meter.start()
+    batch = await load.closed_loop(send, case.concurrency, case.requests, 300, stagger=case.stagger)
+    return batch, meter.per_request_ms(len(batch.outcomes))
 
 
 def _body(stream: bool) -> bytes:
     payload: dict[str, Any] = {
-        "model": "mock",
+        "model": MODEL,
         "messages": [{"role": "user", "content": "Say hello."}],
         "max_tokens": 16,
     }
@@ -117,14 +145,15 @@ def _body(stream: bool) -> bytes:
     return json.dumps(payload).encode()
 
 
-def _compare(case: Case, direct: Batch, gateway: Batch) -> dict[str, Any]:
-    d, g = latency_summary(direct), latency_summary(gateway)
+def _compare(m: Measured) -> dict[str, Any]:
+    d, g = latency_summary(m.direct), latency_summary(m.gateway)
     return {
-        "name": case.name,
-        "stream": case.stream,
-        "concurrency": case.concurrency,
-        "direct": d,
-        "gateway": g,
+        "name": m.case.name,
+        "stream": m.case.stream,
+        "concurrency": m.case.concurrency,
+        "stagger_ms": m.case.stagger * 1000,
+        "direct": {**d, "cpu_ms_per_request": m.direct_cpu},
+        "gateway": {**g, "cpu_ms_per_request": m.gateway_cpu},
         "overhead_p50_ms": _minus(g["latency_p50_ms"], d["latency_p50_ms"]),
         "overhead_p99_ms": _minus(g["latency_p99_ms"], d["latency_p99_ms"]),
         "ttft_overhead_p50_ms": _minus(g["ttft_p50_ms"], d["ttft_p50_ms"]),

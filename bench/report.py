@@ -80,7 +80,19 @@ def _overhead(results: dict[str, Any]) -> str:
         f"a) Gateway overhead, ms (mock engine: {mock['delay_ms']:g} ms delay; streams "
         f"{mock['chunks']} chunks {mock['chunk_ms']:g} ms apart)"
     )
-    return title + "\n" + grid(headers, rows)
+    return title + "\n" + grid(headers, rows) + "\n\n" + _cpu(overhead["cases"])
+
+
+def _cpu(cases: list[dict[str, Any]]) -> str:
+    names = ["gateway", "postgres", "mock engine", "load generator"]
+    rows = []
+    for case in cases:
+        for path in ("direct", "gateway"):
+            used = case[path].get("cpu_ms_per_request") or {}
+            values = [used.get(name) for name in names]
+            rows.append([case["name"], path, *values, sum(v or 0 for v in values)])
+    title = "CPU ms per request, by process (the machine has 2 cores)"
+    return title + "\n" + grid(["case", "path", *names, "all"], rows)
 
 
 def _model(results: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,14 @@ PASSTHROUGH = (
     "LLAMA_SERVER_BIN",
 )
 GENEROUS_LIMIT = "1000000"  # requests per minute: rate limiting on, never triggered
+
+
+@dataclass(frozen=True)
+class Running:
+    """A process of the benchmark's own that answers at `url`."""
+
+    url: str
+    pid: int
 
 
 class BenchError(Exception):
@@ -184,9 +193,17 @@ class Stack:
             await conn.close()
         return {r["request_id"]: dict(r) for r in records}
 
+    def postgres_pid(self) -> int | None:
+        """The private cluster's postmaster (its first line of postmaster.pid)."""
+        try:
+            return int((self.runtime / "pgdata" / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     @contextmanager
-    def process(self, name: str, argv: list[str], ready_url: str, **env: str) -> Iterator[None]:
-        """A process of the benchmark's own (log in runtime/logs/NAME.log), stopped on exit."""
+    def process(self, name: str, argv: list[str], ready_url: str, **env: str) -> Iterator[int]:
+        """A process of the benchmark's own (log in runtime/logs/NAME.log), stopped on exit;
+        its pid."""
         log_path = self.runtime / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
@@ -196,19 +213,19 @@ class Stack:
             )  # fmt: skip
         try:
             _wait_ready(ready_url, proc, log_path)
-            yield
+            yield proc.pid
         finally:
             _terminate(proc)
 
     @contextmanager
-    def gateway_to(self, backend_url: str) -> Iterator[str]:
-        """A gateway process on the stack's database in front of `backend_url`; its URL."""
+    def gateway_to(self, backend_url: str) -> Iterator[Running]:
+        """A gateway process on the stack's database in front of `backend_url`."""
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         argv = [sys.executable, "-m", "llamaserve", "serve-gateway"]
         env = {"LLAMA_PROXY_PORT": str(port), "LLAMA_SERVER_BACKEND_URL": backend_url}
-        with self.process("bench-gateway", argv, url + "/ready", **env):
-            yield url
+        with self.process("bench-gateway", argv, url + "/ready", **env) as pid:
+            yield Running(url, pid)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
