@@ -69,7 +69,12 @@ class Gateway:
         await send({"type": "lifespan.shutdown.complete"})
 
     async def startup(self) -> None:
-        self.pool = await db.create_pool(self.settings, self.layout, min_size=2, max_size=20)
+        # Admission commits a rate-limit update per request; waiting for its WAL flush
+        # would cost milliseconds for bookkeeping that a crash may safely forget. The
+        # request log sets its own batches back to durable.
+        self.pool = await db.create_pool(
+            self.settings, self.layout, min_size=2, max_size=20, durable_commits=False
+        )
         async with self.pool.acquire() as conn:
             await migrations.check_schema(conn)
         self.auth = Authenticator(self.pool, self.settings.llama_server_api_key)

@@ -59,13 +59,24 @@ async def connect(settings: Settings, layout: Layout) -> asyncpg.Connection:
 
 
 async def create_pool(
-    settings: Settings, layout: Layout, *, min_size: int = 1, max_size: int = 10
+    settings: Settings,
+    layout: Layout,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    durable_commits: bool = True,
 ) -> asyncpg.Pool:
+    """A connection pool. With `durable_commits=False` a commit does not wait for its WAL
+    flush (PostgreSQL's synchronous_commit=off): a server crash may forget the last
+    fraction of a second of commits, but never corrupts anything."""
+    server_settings = dict(SERVER_SETTINGS)
+    if not durable_commits:
+        server_settings["synchronous_commit"] = "off"
     with map_connect_errors(settings, layout):
         return await asyncpg.create_pool(
             **connect_kwargs(settings, layout),
             timeout=CONNECT_TIMEOUT,
-            server_settings=SERVER_SETTINGS,
+            server_settings=server_settings,
             min_size=min_size,
             max_size=max_size,
         )

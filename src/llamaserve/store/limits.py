@@ -5,6 +5,10 @@ timestamp per user): a user may send `limit` requests at once, then one more eve
 `window / limit` seconds. Each user's state is one row, updated under its row lock,
 so the count is exact under concurrency and across any number of gateways sharing
 the database, and the database's clock is the only clock.
+
+The gateway runs this on connections that commit without waiting for the WAL flush
+(milliseconds per request on ordinary disks): a database crash may forget the last
+fraction of a second of bucket updates, which can only let a few requests more through.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ COLUMNS = tuple(f.name for f in fields(RequestRow))
 
 
 async def insert_requests(pool: Any, *, rows: Sequence[RequestRow]) -> None:
-    """Write a batch of rows in one COPY.
+    """Write a batch of rows in one COPY, durably even on a pool that commits lazily.
 
     A user deleted while their request was in flight is no longer there to reference:
     their rows are kept like those of any deleted user, with user_id NULL.
@@ -56,6 +56,8 @@ _EXISTING_USERS = "SELECT id FROM users WHERE id = ANY($1::bigint[])"
 
 
 async def _copy(conn: Any, rows: Sequence[RequestRow]) -> None:
-    await conn.copy_records_to_table(
-        "llama_requests", records=[astuple(row) for row in rows], columns=COLUMNS
-    )
+    async with conn.transaction():
+        await conn.execute("SET LOCAL synchronous_commit TO on")
+        await conn.copy_records_to_table(
+            "llama_requests", records=[astuple(row) for row in rows], columns=COLUMNS
+        )
