@@ -1,0 +1,73 @@
+"""The chat format the README recommends for tool calls on any model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import pytest
+from openai import OpenAI
+
+from tests.conftest import Project, default_model, make_project
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+TOOLS = [{"type": "function", "function": {"name": "record", "parameters": PERSON}}]
+ASK = [{"role": "user", "content": "Jason is 30 years old. Record him."}]
+
+
+@pytest.fixture(scope="module")
+def function_calling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenAI]:
+    runtime: Path = tmp_path_factory.mktemp("fc") / "runtime"
+    project: Project = make_project(runtime, LLAMA_CHAT_FORMAT="chatml-function-calling")
+    started = project.console("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    port = next(
+        line.split('"')[1]
+        for line in (runtime / "config.env").read_text().splitlines()
+        if line.startswith("LLAMA_SERVER_PORT=")
+    )
+    key = next(
+        line.split('"')[1]
+        for line in (runtime / "config.env").read_text().splitlines()
+        if line.startswith("LLAMA_SERVER_API_KEY=")
+    )
+    try:
+        yield OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    finally:
+        project.console("stop")
+
+
+def test_forced_tool_call_with_chatml_function_calling(function_calling: OpenAI) -> None:
+    response = function_calling.chat.completions.create(
+        model=default_model().name,
+        messages=ASK,
+        max_tokens=80,
+        temperature=0,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "record"}},
+    )
+    calls = response.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "record"
+    jsonschema.validate(json.loads(calls[0].function.arguments), PERSON)
+
+
+def test_tool_choice_auto_answers_with_a_call_or_a_message(function_calling: OpenAI) -> None:
+    response = function_calling.chat.completions.create(
+        model=default_model().name,
+        messages=ASK,
+        max_tokens=80,
+        temperature=0,
+        tools=TOOLS,
+        tool_choice="auto",
+    )
+    message = response.choices[0].message
+    if message.tool_calls:
+        jsonschema.validate(json.loads(message.tool_calls[0].function.arguments), PERSON)
+    else:
+        assert isinstance(message.content, str)
