@@ -140,14 +140,15 @@ def sse_error_event(error: APIError) -> bytes:
 def openai_error(status: int, raw: bytes) -> APIError | None:
     """The family member for an error body written in another shape (None if already fine).
 
-    FastAPI writes `{"detail": ...}`, with a list of validation errors for a 422.
+    FastAPI writes `{"detail": ...}`, with a list of validation errors for a 422;
+    llama-server writes an `error` object whose code is the HTTP status, without `param`.
     """
     try:
         body = json.loads(raw)
     except ValueError:
         return error_for_status(status, raw.decode(errors="replace").strip() or "error")
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return None
+        return _mended(status, body["error"])
     detail = body.get("detail") if isinstance(body, dict) else body
     if isinstance(detail, list) and detail and isinstance(detail[0], dict):
         first = detail[0]
@@ -156,6 +157,38 @@ def openai_error(status: int, raw: bytes) -> APIError | None:
         return InvalidRequest(f"{param or 'body'}: {first.get('msg', 'invalid')}", param=param)
     code = "invalid_api_key" if status == 401 else None
     return error_for_status(status, str(detail), code=code)
+
+
+def engine_error(status: int, raw: bytes) -> APIError:
+    """The family member for an engine's error answer, whatever shape its body has."""
+    mended = openai_error(status, raw)
+    if mended is not None:
+        return mended
+    error = json.loads(raw)["error"]  # openai_error found OpenAI's envelope
+    return error_for_status(status, error["message"], param=error["param"], code=error["code"])
+
+
+# llama-server's error types that OpenAI names by a code instead.
+_CODES_BY_TYPE = {"exceed_context_size_error": "context_length_exceeded"}
+
+
+def _mended(status: int, error: dict[str, Any]) -> APIError | None:
+    """None for an envelope in OpenAI's shape, else the family member it stands for."""
+    code, param = error.get("code"), error.get("param")
+    if set(error) == {"message", "type", "param", "code"} and (
+        code is None or isinstance(code, str)
+    ):
+        return None
+    if not isinstance(code, str):
+        code = _CODES_BY_TYPE.get(str(error.get("type"))) or (
+            "invalid_api_key" if status == 401 else None
+        )
+    return error_for_status(
+        status,
+        str(error.get("message") or "error"),
+        param=param if isinstance(param, str) else None,
+        code=code,
+    )
 
 
 async def send_error(

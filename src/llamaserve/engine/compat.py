@@ -5,6 +5,7 @@
   engine understands;
 - `stream_options.include_usage` gets its last chunk carrying usage, counted by the engine;
 - `n` > 1 and a `model` other than the served one are refused instead of silently ignored;
+- `GET /health` (no key) answers `{"status": "ok", "slots": 1}`: it runs one request at a time;
 - an exception once a stream has started ends it with an error event and `[DONE]`.
 """
 
@@ -16,18 +17,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llamaserve.errors import (
-    APIError,
-    InternalError,
-    InvalidRequest,
-    NotFound,
-    openai_error,
-    send_error,
-    sse_error_event,
+from llamaserve.engine.protocol import (
+    json_schema_of,
+    parse_request,
+    read_body,
+    send_json,
+    validate,
 )
+from llamaserve.errors import APIError, InternalError, openai_error, send_error, sse_error_event
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
@@ -57,49 +57,18 @@ def rewrite_request(
     raw: bytes, model_id: str, schema: type[BaseModel] | None = None
 ) -> tuple[bytes, bool]:
     """The body to hand to the engine, and whether the client asked for usage in the stream."""
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = body.get("model")
-    if model is not None and model != model_id:
-        raise NotFound(
-            f"The model '{model}' does not exist; this server serves '{model_id}'.",
-            param="model",
-            code="model_not_found",
-        )
-    if (body.get("n") or 1) != 1:
-        raise InvalidRequest("Only n=1 is supported.", param="n")
-    body["model"] = model_id  # else the engine names the model by its file path
+    body = parse_request(raw, model_id)
     body["response_format"] = _engine_response_format(body.get("response_format"))
     stream_options = body.pop("stream_options", None) or {}
     if schema is not None:
-        _validate(schema, body)
+        validate(schema, body)
     include_usage = bool(body.get("stream")) and bool(stream_options.get("include_usage"))
     return json.dumps(body).encode(), include_usage
 
 
-def _validate(schema: type[BaseModel], body: dict[str, Any]) -> None:
-    """Refuse a malformed request as OpenAI does (400), where the engine would answer 500."""
-    try:
-        schema.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param) from None
-
-
 def _engine_response_format(fmt: Any) -> Any:
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise InvalidRequest(
-                "response_format.json_schema.schema must be a JSON schema object.",
-                param="response_format",
-            )
-        return {"type": "json_object", "schema": schema}
+        return {"type": "json_object", "schema": json_schema_of(fmt)}
     return fmt
 
 
@@ -119,10 +88,13 @@ class CompatMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "GET" and scope["path"] == "/health":
+            await send_json(send, {"status": "ok", "slots": 1})
+            return
         include_usage = False
         if scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
             try:
-                raw = await _read_body(receive)
+                raw = await read_body(receive)
                 schema = self.schemas.get(scope["path"])
                 body, include_usage = rewrite_request(raw, self.model_id, schema)
             except APIError as error:
@@ -225,15 +197,6 @@ class ResponseMender:
             "usage": self._usage.as_dict(),
         }
         return b"data: " + json.dumps(event).encode() + b"\n\n"
-
-
-async def _read_body(receive: Receive) -> bytes:
-    body = bytearray()
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            return bytes(body)
 
 
 def _with_body(scope: Scope, body: bytes, original: Receive) -> tuple[Scope, Receive]:
