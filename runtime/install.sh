@@ -11,9 +11,12 @@ die() { echo "install.sh: error: $*" >&2; exit 1; }
 
 usage() {
   cat <<'USAGE'
-usage: ./runtime/install.sh [--dev]
+usage: ./runtime/install.sh [--dev] [--engine llama-server]
 
-  --dev    also install the test and lint tools (pytest, openai, ruff, mypy)
+  --dev                   also install the test and lint tools (pytest, openai, ruff, mypy)
+  --engine llama-server   also build llama.cpp's llama-server (from the same llama.cpp
+                          as llama-cpp-python, which is always installed); run it with
+                          LLAMA_ENGINE="llama-server" in runtime/config.env
 
 Environment: PYTHON (interpreter to use), CMAKE_ARGS (passed to the llama.cpp build,
 e.g. CMAKE_ARGS="-DGGML_CUDA=on"), LLAMASERVE_CACHE_DIR (build cache, default
@@ -22,11 +25,23 @@ USAGE
 }
 
 extras=""
-for arg in "$@"; do
-  case "$arg" in
+engines=()
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dev) extras="[dev]" ;;
+    --engine)
+      [ $# -ge 2 ] || { usage >&2; die "--engine needs a name (llama-cpp-python or llama-server)"; }
+      engines+=(--engine "$2"); shift ;;
+    --engine=*) engines+=(--engine "${1#--engine=}") ;;
     -h|--help) usage; exit 0 ;;
-    *) usage >&2; die "unknown option: $arg" ;;
+    *) usage >&2; die "unknown option: $1" ;;
+  esac
+  shift
+done
+for ((i = 1; i < ${#engines[@]}; i += 2)); do
+  case "${engines[$i]}" in
+    llama-cpp-python|llama-server) ;;
+    *) usage >&2; die "unknown engine: ${engines[$i]} (llama-cpp-python or llama-server)" ;;
   esac
 done
 
@@ -70,4 +85,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 export LLAMASERVE_ROOT="$root"
-exec .venv/bin/llamaserve install
+exec .venv/bin/llamaserve install ${engines[@]+"${engines[@]}"}

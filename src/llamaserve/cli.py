@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from llamaserve.config import ConfigError, Layout, Settings, load_settings
+from llamaserve.config import ENGINES, ConfigError, Layout, Settings, load_settings
 
 EXAMPLES = """\
 examples:
@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     setup = commands.add_parser("install", help="the Python half of runtime/install.sh")
     setup.add_argument("--skip-engine", action="store_true", help="do not install llama.cpp")
+    setup.add_argument(
+        "--engine",
+        action="append",
+        choices=ENGINES,
+        default=[],
+        help="also install this engine (llama-cpp-python is always installed)",
+    )
     # Listed for --help only: main() hands `users ...` to users_cli before parsing.
     commands.add_parser("users", help="manage users and API keys (./bin/user_management_cli.sh)")
     return parser
@@ -60,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llamaserve import console, install
+    from llamaserve import console
 
     settings, layout = load_settings()
     match args.command:
@@ -76,14 +83,24 @@ def run(args: argparse.Namespace) -> int:
         case "logs":
             return console.logs(layout, args.lines, not args.no_follow, args.service)
         case "install":
-            if not args.skip_engine:
-                install.ensure_engine(sys.stdout)
-            install.ensure_config(layout, sys.stdout)
-            settings, layout = load_settings()
-            install.ensure_model(layout, settings.llama_model, sys.stdout)
-            print("\nNext: ./console.sh start")
-            return 0
+            return run_install(args.skip_engine, args.engine, layout)
     raise AssertionError(args.command)
+
+
+def run_install(skip_engine: bool, engines: list[str], layout: Layout) -> int:
+    from llamaserve import install
+
+    if not skip_engine:
+        install.ensure_engine(sys.stdout)
+        if "llama-server" in engines:
+            install.ensure_llama_server(sys.stdout)
+    install.ensure_config(layout, sys.stdout)
+    settings, layout = load_settings()
+    install.ensure_model(layout, settings.llama_model, sys.stdout)
+    if "llama-server" in engines and settings.llama_engine != "llama-server":
+        print(f'\nTo run llama-server: LLAMA_ENGINE="llama-server" in {layout.config_file}')
+    print("\nNext: ./console.sh start")
+    return 0
 
 
 def serve(command: str, settings: Settings, layout: Layout) -> int:
@@ -92,8 +109,14 @@ def serve(command: str, settings: Settings, layout: Layout) -> int:
 
         server.serve(settings, layout)
         return 0
-    from llamaserve.engine import pyserver
     from llamaserve.engine.models import resolve_model
 
-    pyserver.serve(settings, resolve_model(settings, layout))
+    model = resolve_model(settings, layout)
+    if settings.llama_engine == "llama-server":
+        from llamaserve.engine import llama_server
+
+        return llama_server.serve(settings, layout, model)
+    from llamaserve.engine import pyserver
+
+    pyserver.serve(settings, model)
     return 0

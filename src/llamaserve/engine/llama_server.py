@@ -1,0 +1,192 @@
+"""Runs llama.cpp's `llama-server` for one model, behind the relay (LLAMA_ENGINE=llama-server).
+
+This module is the engine process itself (`llamaserve serve-engine`): our Python process
+keeps the pidfile and the public port, and runs llama-server as its child on a private
+loopback port. The key reaches llama-server in a mode-600 file, never on its command
+line (which every user of the machine can read). The child dies with us: it is stopped
+at shutdown and killed by the kernel if we are; and if it dies, we exit non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from llamaserve.config import ConfigError, Layout, Settings
+from llamaserve.install import installed_llama_server
+
+# llama-cpp-python's chat format names whose llama.cpp template has another name.
+TEMPLATE_NAMES = {
+    "llama-2": "llama2",
+    "llama-3": "llama3",
+    "mistral-instruct": "mistral-v1",
+    "chatml-function-calling": "chatml",
+    "qwen": "chatml",
+}
+# Secrets of ours that the child has no use for.
+PRIVATE_VARIABLES = ("LLAMA_SERVER_API_KEY", "LLAMA_API_KEY", "POSTGRES_AUTH_PASSWORD")
+PR_SET_PDEATHSIG = 1
+
+
+def find_binary(settings: Settings) -> Path:
+    """The llama-server to run, or a ConfigError naming the two ways to provide one."""
+    binary = Path(settings.llama_server_bin or installed_llama_server()).expanduser()
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise ConfigError(
+            f"LLAMA_ENGINE=llama-server but there is no llama-server at {binary}: "
+            "run ./runtime/install.sh --engine llama-server, or set LLAMA_SERVER_BIN "
+            "to a llama-server binary"
+        )
+    return binary
+
+
+def template_args(chat_format: str) -> list[str]:
+    """llama-server's flags for LLAMA_CHAT_FORMAT; empty = the model's own template."""
+    if not chat_format:
+        return []
+    # Without --no-jinja a template name would be read as the text of a jinja template.
+    return ["--no-jinja", "--chat-template", TEMPLATE_NAMES.get(chat_format, chat_format)]
+
+
+def build_argv(
+    settings: Settings, model: Path, *, binary: Path, port: int, key_file: Path
+) -> list[str]:
+    gpu_layers = "all" if settings.llama_n_gpu_layers < 0 else str(settings.llama_n_gpu_layers)
+    return [
+        str(binary),
+        *("--model", str(model), "--alias", model.name),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--api-key-file", str(key_file)),
+        "--no-webui",
+        *("--parallel", str(settings.llama_parallel)),
+        # -c is the context of all slots together.
+        *("--ctx-size", str(settings.llama_n_ctx * settings.llama_parallel)),
+        *("--threads", str(settings.threads()), "--threads-batch", str(settings.threads_batch())),
+        *("--n-gpu-layers", gpu_layers),
+        *template_args(settings.llama_chat_format),
+    ]
+
+
+def write_key_file(path: Path, key: str) -> Path:
+    """The key in a file only its owner can read, for --api-key-file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the file may have existed with another mode
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return path
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Run in the child before exec: the kernel kills it if the launcher dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Child:
+    """llama-server as our child process: started, watched, stopped."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in PRIVATE_VARIABLES}
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        # Its output goes to our stdout, the engine log.
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec
+        )
+
+    async def watch(self, on_exit: Callable[[int], None]) -> None:
+        """Call on_exit with the exit status if the child ends (cancel to stop watching)."""
+        assert self.proc is not None
+        while (status := self.proc.poll()) is None:
+            await asyncio.sleep(0.2)
+        on_exit(status)
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM, then SIGKILL after `timeout` seconds."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def serve(settings: Settings, layout: Layout, model: Path) -> int:
+    """Run llama-server and the relay until stopped; non-zero if llama-server died."""
+    import uvicorn
+
+    from llamaserve.engine.relay import Relay
+
+    binary = find_binary(settings)
+    port = free_loopback_port()
+    key = settings.llama_server_api_key
+    key_file = write_key_file(layout.run / "llama-server.key", key.get_secret_value())
+    child = Child(build_argv(settings, model, binary=binary, port=port, key_file=key_file))
+    failed: list[int] = []
+    watching: list[asyncio.Task[None]] = []
+
+    def on_exit(status: int) -> None:
+        print(f"llamaserve engine: llama-server exited with status {status}", flush=True)
+        failed.append(status)
+        server.should_exit = True
+
+    async def startup() -> None:
+        child.start()
+        watching.append(asyncio.create_task(child.watch(on_exit)))
+
+    async def shutdown() -> None:
+        for task in watching:
+            task.cancel()
+        child.stop(timeout=5.0)
+        with contextlib.suppress(OSError):
+            key_file.unlink()
+
+    relay = Relay(
+        upstream_url=f"http://127.0.0.1:{port}",
+        api_key=key,
+        model_id=model.name,
+        slots=settings.llama_parallel,
+        native_tools=not settings.llama_chat_format,
+        on_startup=startup,
+        on_shutdown=shutdown,
+    )
+    config = uvicorn.Config(
+        relay,
+        host=settings.llama_server_host,
+        port=settings.llama_server_port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    print(_banner(settings, model, binary, port), flush=True)
+    server.run()
+    return 1 if failed else 0
+
+
+def _banner(settings: Settings, model: Path, binary: Path, port: int) -> str:
+    template = settings.llama_chat_format or "the model's own (jinja)"
+    return (
+        f"llamaserve engine: llama-server ({binary}) on 127.0.0.1:{port}, model {model.name}, "
+        f"{settings.llama_parallel} slots of {settings.llama_n_ctx} tokens, "
+        f"threads {settings.threads()}/{settings.threads_batch()}, chat template {template}"
+    )

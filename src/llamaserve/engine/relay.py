@@ -1,0 +1,310 @@
+"""The front of the llama-server engine: an ASGI proxy that answers like our mended
+llama_cpp.server.
+
+It serves OpenAI's routes and `GET /health` on LLAMA_SERVER_HOST:LLAMA_SERVER_PORT,
+checks the key itself and relays to llama-server on a private loopback port, whose own
+routes (`/slots`, `/props`, ...) it never exposes. Requests are rewritten and answers
+translated by `translate`; every failure of llama-server or of the connection to it is
+mapped to the error family here, and nowhere else. A client that goes away closes the
+stream from llama-server, which frees the slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sys
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import aiohttp
+from pydantic import SecretStr
+from starlette.types import Receive, Scope, Send
+
+from llamaserve.engine.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_request,
+    read_body,
+    send_json,
+    validate,
+)
+from llamaserve.engine.translate import (
+    Assembler,
+    Translator,
+    chat_translator,
+    completion_translator,
+)
+from llamaserve.errors import (
+    APIError,
+    AuthenticationFailed,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+    UpstreamFailed,
+    engine_error,
+    send_error,
+    sse_error_event,
+)
+
+ROUTES = {
+    "/health": "GET",
+    "/v1/models": "GET",
+    "/v1/chat/completions": "POST",
+    "/v1/completions": "POST",
+    "/v1/embeddings": "POST",
+}
+MODEL_FIELDS = ("id", "object", "created", "owned_by")
+Hook = Callable[[], Awaitable[None]]
+
+
+class Relay:
+    """The ASGI app; `on_startup`/`on_shutdown` run in its lifespan (the launcher's child)."""
+
+    def __init__(
+        self,
+        *,
+        upstream_url: str,
+        api_key: SecretStr,
+        model_id: str,
+        slots: int,
+        native_tools: bool,
+        on_startup: Hook | None = None,
+        on_shutdown: Hook | None = None,
+    ) -> None:
+        self.upstream_url = upstream_url.rstrip("/")
+        self.model_id = model_id
+        self.slots = slots
+        self.native_tools = native_tools
+        self._key = api_key.get_secret_value().encode()
+        self._auth = {"Authorization": f"Bearer {api_key.get_secret_value()}"}
+        self._on_startup = on_startup
+        self._on_shutdown = on_shutdown
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            try:
+                await self._route(scope, receive, send)
+            except APIError as error:
+                await send_error(send, error)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._open()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _open(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        connector = aiohttp.TCPConnector(limit=0)
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        if self._on_startup is not None:
+            await self._on_startup()
+
+    async def _close(self) -> None:
+        try:
+            if self._on_shutdown is not None:
+                await self._on_shutdown()
+        finally:
+            if self._session is not None:
+                await self._session.close()
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        if path not in ROUTES:
+            raise NotFound(f"No route {path}.")
+        if method != ROUTES[path]:
+            raise MethodNotAllowed(f"{path} takes {ROUTES[path]}, not {method}.")
+        if path == "/health":
+            await self._health(send)
+            return
+        self._check_key(scope)
+        if path == "/v1/models":
+            models = await self._call("GET", path)
+            data = [{key: model.get(key) for key in MODEL_FIELDS} for model in models["data"]]
+            await send_json(send, {"object": "list", "data": data})
+        elif path == "/v1/embeddings":
+            body = parse_request(await read_body(receive), self.model_id)
+            await send_json(send, await self._call("POST", path, body))
+        else:
+            translator = self._translator(path, await read_body(receive))
+            await until_disconnected(self._generate(path, translator, send), receive)
+
+    def _check_key(self, scope: Scope) -> None:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+            raise AuthenticationFailed("Invalid API key", code="invalid_api_key")
+
+    async def _health(self, send: Send) -> None:
+        async with self._request("GET", "/health") as response:
+            raw = await response.read()
+        if response.status != 200:
+            raise engine_error(response.status, raw)
+        await send_json(send, {"status": "ok", "slots": self.slots})
+
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A request that does not generate: llama-server's JSON answer."""
+        async with self._request(method, path, body) as response:
+            raw = await response.read()
+        if response.status != 200:
+            raise engine_error(response.status, raw)
+        answer: dict[str, Any] = json.loads(raw)
+        return answer
+
+    def _translator(self, path: str, raw: bytes) -> Translator:
+        body = parse_request(raw, self.model_id)
+        if path == "/v1/chat/completions":
+            validate(ChatCompletionRequest, body)
+            return chat_translator(body, native_tools=self.native_tools)
+        validate(CompletionRequest, body)
+        return completion_translator(body)
+
+    async def _generate(self, path: str, translator: Translator, send: Send) -> None:
+        reply = Reply(send, translator)
+        try:
+            async with self._request("POST", path, translator.body) as response:
+                if response.status != 200:
+                    raise engine_error(response.status, await response.read())
+                async for chunk in events(response):
+                    translated = translator.chunk(chunk)
+                    if translated is not None:
+                        await reply.chunk(translated)
+            await reply.finish()
+        except APIError as error:
+            await reply.fail(error)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            await reply.fail(InternalError(f"The relay failed: {type(exc).__name__}."))
+
+    @asynccontextmanager
+    async def _request(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A request to llama-server; an unfinished answer drops the connection on exit."""
+        assert self._session is not None, "the relay's lifespan has not started"
+        url = self.upstream_url + path
+        with map_errors():
+            response = await self._session.request(method, url, json=body, headers=self._auth)
+        try:
+            with map_errors():
+                yield response
+        finally:
+            if response.content.at_eof():
+                response.release()
+            else:
+                response.close()  # llama-server sees the client go and stops generating
+
+
+class Reply:
+    """The client's answer: relayed chunk by chunk, or assembled when it did not stream."""
+
+    def __init__(self, send: Send, translator: Translator) -> None:
+        self._send = send
+        self._translator = translator
+        self._assembler = None if translator.stream else Assembler(translator.kind)
+        self.started = False
+
+    async def chunk(self, chunk: dict[str, Any]) -> None:
+        if self._assembler is not None:
+            self._assembler.add(chunk)
+        else:
+            await self._event(chunk)
+
+    async def finish(self) -> None:
+        if self._assembler is not None:
+            await send_json(self._send, self._assembler.result(self._translator.usage))
+            return
+        usage = self._translator.usage_chunk()
+        if usage is not None:
+            await self._event(usage)
+        await self._body(b"data: [DONE]\n\n", more=False)
+
+    async def fail(self, error: APIError) -> None:
+        if self.started:
+            await self._body(sse_error_event(error), more=False)
+        else:
+            await send_error(self._send, error)
+
+    async def _event(self, chunk: dict[str, Any]) -> None:
+        await self._body(b"data: " + json.dumps(chunk).encode() + b"\n\n", more=True)
+
+    async def _body(self, data: bytes, *, more: bool) -> None:
+        if not self.started:
+            self.started = True
+            headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+            await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+
+
+async def events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of llama-server's stream, up to `[DONE]`; an error event raises it."""
+    async for line in _lines(response):
+        field, _, value = line.partition(b":")
+        value = value.strip()
+        if field == b"data" and value == b"[DONE]":
+            return
+        if field not in (b"data", b"error"):
+            continue  # blank lines between events, and comments such as pings
+        payload = json.loads(value)
+        error = payload.get("error", payload) if field == b"error" else payload.get("error")
+        if isinstance(error, dict):
+            code = error.get("code")
+            status = code if isinstance(code, int) else 500
+            raise engine_error(status, json.dumps({"error": error}).encode())
+        yield payload
+    raise UpstreamFailed("llama-server ended the stream before it was complete.")
+
+
+async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    pending = b""
+    async for data in response.content.iter_any():
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+
+
+@contextmanager
+def map_errors() -> Iterator[None]:
+    try:
+        yield
+    except aiohttp.ClientConnectorError as exc:
+        raise ServiceUnavailable("llama-server is not reachable (starting or stopped).") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamFailed(f"llama-server failed: {type(exc).__name__}.") from exc
+
+
+async def until_disconnected(work: Coroutine[Any, Any, None], receive: Receive) -> None:
+    """Run `work` until it ends or the client goes away, whichever comes first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
