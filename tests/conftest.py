@@ -76,12 +76,16 @@ def project(tmp_path: Path) -> Project:
     return make_project(tmp_path / "runtime")
 
 
+ENGINES = ("llama-cpp-python", "llama-server")
+
+
 @dataclass
 class Engine:
     base_url: str
     api_key: str
     model: str
     project: Project
+    name: str
 
     def client(self, api_key: str | None = None) -> OpenAI:
         return OpenAI(
@@ -92,24 +96,32 @@ class Engine:
         )
 
 
-@pytest.fixture(scope="session")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    """The real default model behind `console.sh start`, for the whole session."""
+@pytest.fixture(scope="session", params=ENGINES)
+def engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engine]:
+    """The real default model behind `console.sh start`, once per engine for the session.
+
+    pytest groups the tests by engine, so only one runs at a time.
+    """
+    name: str = request.param
     port = free_port()
     key = secrets.token_urlsafe(32)
     project = make_project(
-        tmp_path_factory.mktemp("engine") / "runtime",
+        tmp_path_factory.mktemp(name) / "runtime",
         LLAMA_SERVER_API_KEY=key,
         LLAMA_SERVER_PORT=str(port),
+        LLAMA_ENGINE=name,
     )
     started = project.console("start")
     assert started.returncode == 0, started.stdout + started.stderr
     try:
-        yield Engine(f"http://127.0.0.1:{port}", key, default_model().name, project)
+        yield Engine(f"http://127.0.0.1:{port}", key, default_model().name, project, name)
     finally:
         project.console("stop")
 
 
 @pytest.fixture
-def client(engine: Engine) -> OpenAI:
-    return engine.client()
+def client(engine: Engine) -> Iterator[OpenAI]:
+    with engine.client() as client:
+        yield client

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llamaserve.engine.process import start_ticks
-from tests.conftest import Engine, Project, make_project
+from tests.conftest import ENGINES, Engine, Project, make_project
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -72,10 +72,23 @@ def test_port_already_taken(tmp_path: Path) -> None:
     assert not (project.runtime / "run" / "engine.pid").exists()
 
 
-def test_engine_dying_while_starting_shows_its_log(tmp_path: Path) -> None:
+def test_llama_server_missing_is_one_line(tmp_path: Path) -> None:
+    project = make_project(
+        tmp_path / "rt", LLAMA_ENGINE="llama-server", LLAMA_SERVER_BIN=str(tmp_path / "none")
+    )
+    one_line_error(
+        project.console("start"),
+        "no llama-server",
+        "./runtime/install.sh --engine llama-server",
+        "LLAMA_SERVER_BIN",
+    )
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_engine_dying_while_starting_shows_its_log(tmp_path: Path, engine_name: str) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + os.urandom(4096))  # right magic, unloadable
-    project = make_project(tmp_path / "rt", LLAMA_MODEL=str(broken))
+    project = make_project(tmp_path / "rt", LLAMA_MODEL=str(broken), LLAMA_ENGINE=engine_name)
     result = project.console("start", timeout=120)
     assert result.returncode != 0
     assert "exited" in result.stdout and "engine.log" in result.stdout
@@ -123,8 +136,9 @@ def test_stale_pidfile_with_a_reused_pid_is_never_signalled(project: Project) ->
         stranger.wait()
 
 
-def test_start_stop_restart_cycle(tmp_path: Path) -> None:
-    project = make_project(tmp_path / "rt")
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_start_stop_restart_cycle(tmp_path: Path, engine_name: str) -> None:
+    project = make_project(tmp_path / "rt", LLAMA_ENGINE=engine_name)
     try:
         assert project.console("start").returncode == 0
         first = json.loads((project.runtime / "run" / "engine.pid").read_text())["pid"]

@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,23 @@ def test_install_writes_a_private_config_once_and_keeps_it(tmp_path: Path) -> No
     assert config.read_bytes() == before
     assert "already installed" in second.stdout and "keeping" in second.stdout
     assert "building" not in second.stdout.lower()
+
+
+def test_install_reuses_the_llama_server_build(tmp_path: Path) -> None:
+    """bin/test.sh built it (or found it) already: a run takes seconds and builds nothing."""
+    env = clean_env(LLAMA_RUNTIME_DIR=str(tmp_path / "rt"))
+    began = time.monotonic()
+    result = run([str(INSTALL), "--engine", "llama-server"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - began < 60
+    assert "reusing the llama-server build" in result.stdout
+    assert "building" not in result.stdout.lower()
+    assert 'LLAMA_ENGINE="llama-server"' in result.stdout  # how to run it
+
+
+def test_install_refuses_an_unknown_engine(tmp_path: Path) -> None:
+    result = run([str(INSTALL), "--engine", "vllm"], clean_env(LLAMA_RUNTIME_DIR=str(tmp_path)))
+    assert result.returncode == 1 and "unknown engine: vllm" in result.stderr
 
 
 def test_install_provides_the_default_model_with_checksum(tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ from openai import OpenAI
 from tests.conftest import Engine, default_model
 
 CHAT = [{"role": "user", "content": "Write a list of fruits."}]
-PERSON_PROMPT = "Give a JSON object with the name and age of Jason, who is 30."
+# A prompt after which the 270M model closes its JSON object within 300 tokens with both
+# engines, whatever request came before (llama-cpp-python reuses the previous prompt's cache).
+JSON_PROMPT = "Reply with a JSON object."
 REPETITIVE = "the the the the the the the the"
 PERSON = {
     "type": "object",
@@ -97,6 +99,7 @@ def test_sampling_controls_reduce_to_greedy(
     client: OpenAI, engine: Engine, sampling: dict[str, float]
 ) -> None:
     greedy = chat_text(client, engine, temperature=0)
+    sampling = dict(sampling)  # the parameter is shared by both engines' runs: never mutate it
     top_p = sampling.pop("top_p", None)
     params: dict[str, object] = {"temperature": 1.0, "seed": 7, "extra_body": sampling}
     if top_p is not None:
@@ -124,6 +127,7 @@ def test_penalties_change_a_repetitive_continuation(
 ) -> None:
     baseline = complete_text(client, engine, temperature=0, extra_body={"repeat_penalty": 1.0})
     assert baseline.split() == ["the"] * len(baseline.split())  # the model repeats itself
+    penalty = dict(penalty)  # the parameter is shared by both engines' runs: never mutate it
     extra = {"repeat_penalty": 1.0, **penalty.pop("extra_body", {})}  # type: ignore[dict-item]
     assert complete_text(client, engine, temperature=0, extra_body=extra, **penalty) != baseline
 
@@ -187,7 +191,7 @@ def test_completion_logprobs_have_the_requested_count(client: OpenAI, engine: En
 def test_response_format_json_object(client: OpenAI, engine: Engine) -> None:
     response = client.chat.completions.create(
         model=engine.model,
-        messages=[{"role": "user", "content": PERSON_PROMPT}],
+        messages=[{"role": "user", "content": JSON_PROMPT}],
         max_tokens=300,
         temperature=0,
         # The 270M base model rambles inside JSON strings; a penalty lets it close the object.
@@ -299,3 +303,22 @@ def test_n_above_one_is_refused_not_ignored(client: OpenAI, engine: Engine) -> N
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=engine.model, messages=CHAT, max_tokens=1, n=2)
     assert info.value.body["param"] == "n"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [(b"{not json", None), (b"[1, 2]", None), (b'{"messages": "not a list"}', "messages")],
+    ids=["malformed", "not-an-object", "wrong-type"],
+)
+def test_bad_requests_are_400_envelopes(engine: Engine, body: bytes, param: str | None) -> None:
+    import httpx
+
+    response = httpx.post(
+        f"{engine.base_url}/v1/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {engine.api_key}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["type"] == "invalid_request_error"

@@ -1,0 +1,184 @@
+"""The llama-server launcher: its child process, its key, cancellation, and `/health`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llamaserve.engine.process import start_ticks
+from tests.conftest import ROOT, Engine, Project, make_project
+
+LLAMA_SERVER = pytest.mark.parametrize("engine", ["llama-server"], indirect=True)
+# A continuation the model never ends by itself: slots stay busy until cancelled.
+ENDLESS = {"prompt": "the the the the", "max_tokens": 3000, "temperature": 0}
+
+
+def launcher_pid(project: Project) -> int:
+    return int(json.loads((project.runtime / "run" / "engine.pid").read_text())["pid"])
+
+
+def llama_server_pid(project: Project) -> int:
+    pid = launcher_pid(project)
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def private_url(project: Project) -> str:
+    argv = cmdline(llama_server_pid(project))
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    return f"http://127.0.0.1:{argv[argv.index('--port') + 1]}"
+
+
+def busy_slots(engine: Engine) -> int:
+    """How many of llama-server's slots are generating, from its own /slots."""
+    slots = httpx.get(
+        f"{private_url(engine.project)}/slots",
+        headers={"Authorization": f"Bearer {engine.api_key}"},
+    ).json()
+    return sum(1 for slot in slots if slot["is_processing"])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> float:
+    """Seconds until condition() held; fails after timeout."""
+    began = time.monotonic()
+    while not condition():
+        assert time.monotonic() - began < timeout, f"not within {timeout}s"
+        time.sleep(0.02)
+    return time.monotonic() - began
+
+
+def test_health_answers_the_number_of_slots(engine: Engine) -> None:
+    response = httpx.get(f"{engine.base_url}/health")  # no key
+    assert response.status_code == 200
+    slots = 4 if engine.name == "llama-server" else 1
+    assert response.json() == {"status": "ok", "slots": slots}
+
+
+@LLAMA_SERVER
+def test_the_key_is_never_on_the_command_line(engine: Engine) -> None:
+    argv = cmdline(llama_server_pid(engine.project))
+    assert not any(engine.api_key in arg for arg in argv)
+    key_file = Path(argv[argv.index("--api-key-file") + 1])
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert "--alias" in argv and engine.model in argv
+
+
+@LLAMA_SERVER
+def test_engine_routes_are_not_served(engine: Engine) -> None:
+    headers = {"Authorization": f"Bearer {engine.api_key}"}
+    for path in ("/slots", "/props", "/metrics"):
+        response = httpx.get(f"{engine.base_url}{path}", headers=headers)
+        assert response.status_code == 404
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@LLAMA_SERVER
+def test_a_stream_whose_client_goes_away_frees_its_slot(engine: Engine) -> None:
+    stream = engine.client().completions.create(  # type: ignore[call-overload]
+        model=engine.model, stream=True, extra_body={"ignore_eos": True}, **ENDLESS
+    )
+    next(iter(stream))
+    assert busy_slots(engine) == 1
+    stream.close()
+    assert wait_until(lambda: busy_slots(engine) == 0, timeout=1.0) < 1.0
+
+
+@LLAMA_SERVER
+def test_a_plain_request_whose_client_goes_away_frees_its_slot(engine: Engine) -> None:
+    body = json.dumps({"model": engine.model, **ENDLESS, "ignore_eos": True}).encode()
+    port = int(engine.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+            + f"Authorization: Bearer {engine.api_key}\r\n".encode()
+            + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        wait_until(lambda: busy_slots(engine) == 1, timeout=30.0)
+        time.sleep(0.3)  # generating, with nothing sent to the client yet
+    assert wait_until(lambda: busy_slots(engine) == 0, timeout=1.0) < 1.0
+
+
+def gone(pid: int, ticks: int | None) -> bool:
+    return start_ticks(pid) != ticks  # None for a zombie: it has ended
+
+
+def started_llama_server(tmp_path: Path) -> tuple[Project, int, int]:
+    project = make_project(tmp_path / "rt", LLAMA_ENGINE="llama-server")
+    started = project.console("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    return project, launcher_pid(project), llama_server_pid(project)
+
+
+def test_llama_server_stops_with_the_launcher(tmp_path: Path) -> None:
+    project, launcher, child = started_llama_server(tmp_path)
+    launcher_ticks, child_ticks = start_ticks(launcher), start_ticks(child)
+    try:
+        assert project.console("stop").returncode == 0
+        assert gone(launcher, launcher_ticks) and gone(child, child_ticks)
+        assert not list((project.runtime / "run").glob("*.key"))
+    finally:
+        project.console("stop")
+
+
+def test_llama_server_dies_with_a_killed_launcher(tmp_path: Path) -> None:
+    project, launcher, child = started_llama_server(tmp_path)
+    ticks = start_ticks(child)
+    try:
+        os.kill(launcher, signal.SIGKILL)
+        wait_until(lambda: gone(child, ticks), timeout=5.0)
+    finally:
+        project.console("stop")
+
+
+def test_the_launcher_exits_non_zero_when_llama_server_dies(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "rt", LLAMA_ENGINE="llama-server")
+    port = read_port(project)
+    env = {**project.env, "LLAMASERVE_ROOT": str(ROOT)}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "llamaserve", "serve-engine"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/health"), timeout=60.0)
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGKILL)
+        assert launcher.wait(timeout=10) == 1
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+
+def read_port(project: Project) -> str:
+    config = (project.runtime / "config.env").read_text()
+    return next(
+        line.split("=", 1)[1].strip('"')
+        for line in config.splitlines()
+        if line.startswith("LLAMA_SERVER_PORT=")
+    )
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
