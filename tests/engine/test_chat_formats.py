@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Project, default_model, make_project
+from tests.conftest import ENGINES, Project, default_model, make_project
 
 PERSON = {
     "type": "object",
@@ -21,10 +21,15 @@ TOOLS = [{"type": "function", "function": {"name": "record", "parameters": PERSO
 ASK = [{"role": "user", "content": "Jason is 30 years old. Record him."}]
 
 
-@pytest.fixture(scope="module")
-def function_calling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenAI]:
+@pytest.fixture(scope="module", params=ENGINES)
+def function_calling(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OpenAI]:
+    """With llama-server the format is llama.cpp's chatml template; the relay forces calls."""
     runtime: Path = tmp_path_factory.mktemp("fc") / "runtime"
-    project: Project = make_project(runtime, LLAMA_CHAT_FORMAT="chatml-function-calling")
+    project: Project = make_project(
+        runtime, LLAMA_CHAT_FORMAT="chatml-function-calling", LLAMA_ENGINE=request.param
+    )
     started = project.console("start")
     assert started.returncode == 0, started.stdout + started.stderr
     port = next(
@@ -38,7 +43,8 @@ def function_calling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenA
         if line.startswith("LLAMA_SERVER_API_KEY=")
     )
     try:
-        yield OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        with OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as client:
+            yield client
     finally:
         project.console("stop")
 
