@@ -58,7 +58,7 @@ def plan_engine(settings: Settings, layout: Layout) -> Plan:
     if problem:
         raise ConfigError(f"{problem}: set it in {layout.config_file} (install.sh generates one)")
     if settings.llama_engine == "llama-server":
-        llama_server.find_binary(settings)
+        llama_server.find_binary(settings, layout.root)
     env = _child_env(layout, LLAMA_MODEL=str(model))
     host, port = settings.llama_server_host, settings.llama_server_port
     return Plan(

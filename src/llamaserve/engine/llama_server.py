@@ -19,9 +19,13 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from llamaserve.config import ConfigError, Layout, Settings
 from llamaserve.install import installed_llama_server
+
+if TYPE_CHECKING:
+    from llamaserve.engine.relay import Relay
 
 # llama-cpp-python's chat format names whose llama.cpp template has another name.
 TEMPLATE_NAMES = {
@@ -36,9 +40,9 @@ PRIVATE_VARIABLES = ("LLAMA_SERVER_API_KEY", "LLAMA_API_KEY", "POSTGRES_AUTH_PAS
 PR_SET_PDEATHSIG = 1
 
 
-def find_binary(settings: Settings) -> Path:
+def find_binary(settings: Settings, root: Path) -> Path:
     """The llama-server to run, or a ConfigError naming the two ways to provide one."""
-    binary = Path(settings.llama_server_bin or installed_llama_server()).expanduser()
+    binary = root / Path(settings.llama_server_bin or installed_llama_server()).expanduser()
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         raise ConfigError(
             f"LLAMA_ENGINE=llama-server but there is no llama-server at {binary}: "
@@ -131,56 +135,77 @@ class Child:
             self.proc.wait()
 
 
+class Launcher:
+    """llama-server as our child, and the relay in front of it, until one of them stops."""
+
+    def __init__(self, settings: Settings, layout: Layout, model: Path) -> None:
+        self.settings = settings
+        self.model = model
+        self.binary = find_binary(settings, layout.root)
+        self.port = free_loopback_port()
+        key = settings.llama_server_api_key.get_secret_value()
+        self.key_file = write_key_file(layout.run / "llama-server.key", key)
+        argv = build_argv(
+            settings, model, binary=self.binary, port=self.port, key_file=self.key_file
+        )
+        self.child = Child(argv)
+        self.failed = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._server: Any = None
+
+    def run(self) -> int:
+        """Serve until stopped; 1 if llama-server died."""
+        import uvicorn
+
+        config = uvicorn.Config(
+            self.relay(),
+            host=self.settings.llama_server_host,
+            port=self.settings.llama_server_port,
+            log_level="info",
+            timeout_graceful_shutdown=5,
+        )
+        self._server = uvicorn.Server(config)
+        print(_banner(self.settings, self.model, self.binary, self.port), flush=True)
+        self._server.run()
+        return 1 if self.failed else 0
+
+    def relay(self) -> Relay:
+        from llamaserve.engine.relay import Relay
+
+        return Relay(
+            upstream_url=f"http://127.0.0.1:{self.port}",
+            api_key=self.settings.llama_server_api_key,
+            model_id=self.model.name,
+            slots=self.settings.llama_parallel,
+            native_tools=not self.settings.llama_chat_format,
+            on_startup=self.startup,
+            on_shutdown=self.shutdown,
+        )
+
+    async def startup(self) -> None:
+        try:
+            self.child.start()
+        except OSError:
+            self.failed = True  # uvicorn reports the failed startup, then returns
+            raise
+        self._watcher = asyncio.create_task(self.child.watch(self._child_exited))
+
+    async def shutdown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self.child.stop(timeout=5.0)
+        with contextlib.suppress(OSError):
+            self.key_file.unlink()
+
+    def _child_exited(self, status: int) -> None:
+        print(f"llamaserve engine: llama-server exited with status {status}", flush=True)
+        self.failed = True
+        self._server.should_exit = True
+
+
 def serve(settings: Settings, layout: Layout, model: Path) -> int:
     """Run llama-server and the relay until stopped; non-zero if llama-server died."""
-    import uvicorn
-
-    from llamaserve.engine.relay import Relay
-
-    binary = find_binary(settings)
-    port = free_loopback_port()
-    key = settings.llama_server_api_key
-    key_file = write_key_file(layout.run / "llama-server.key", key.get_secret_value())
-    child = Child(build_argv(settings, model, binary=binary, port=port, key_file=key_file))
-    failed: list[int] = []
-    watching: list[asyncio.Task[None]] = []
-
-    def on_exit(status: int) -> None:
-        print(f"llamaserve engine: llama-server exited with status {status}", flush=True)
-        failed.append(status)
-        server.should_exit = True
-
-    async def startup() -> None:
-        child.start()
-        watching.append(asyncio.create_task(child.watch(on_exit)))
-
-    async def shutdown() -> None:
-        for task in watching:
-            task.cancel()
-        child.stop(timeout=5.0)
-        with contextlib.suppress(OSError):
-            key_file.unlink()
-
-    relay = Relay(
-        upstream_url=f"http://127.0.0.1:{port}",
-        api_key=key,
-        model_id=model.name,
-        slots=settings.llama_parallel,
-        native_tools=not settings.llama_chat_format,
-        on_startup=startup,
-        on_shutdown=shutdown,
-    )
-    config = uvicorn.Config(
-        relay,
-        host=settings.llama_server_host,
-        port=settings.llama_server_port,
-        log_level="info",
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
-    print(_banner(settings, model, binary, port), flush=True)
-    server.run()
-    return 1 if failed else 0
+    return Launcher(settings, layout, model).run()
 
 
 def _banner(settings: Settings, model: Path, binary: Path, port: int) -> str:

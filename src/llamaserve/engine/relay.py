@@ -111,11 +111,11 @@ class Relay:
                 return
 
     async def _open(self) -> None:
+        if self._on_startup is not None:
+            await self._on_startup()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         connector = aiohttp.TCPConnector(limit=0)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
-        if self._on_startup is not None:
-            await self._on_startup()
 
     async def _close(self) -> None:
         try:
