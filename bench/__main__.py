@@ -29,7 +29,7 @@ ENGINE_PREFERENCE = ("llama-server", "llama-cpp-python")
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer requests (about 6 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer requests (about 8 minutes)")
     parser.add_argument(
         "--only",
         type=_names(SCENARIOS),
@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     passthrough = _take_environment()
     mode = "quick" if args.quick else "full"
+    stem = "bench-" + time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     results: dict[str, Any] = {"meta": {**machine.machine(), "mode": mode, "argv": sys.argv}}
     ledger = Ledger()
     say(f"setting up a private stack ({mode} run)")
@@ -88,14 +89,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _run(args, stack, ledger, results)
         finally:
-            say("stopping the stack")
-            stack.destroy(keep=args.keep)
+            say(f"stopping the stack; its logs go to {args.out / (stem + '-logs')}")
+            stack.destroy(keep=args.keep, logs_to=args.out / f"{stem}-logs")
             if args.keep:
                 say(f"kept {stack.base}")
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
-    _finish(args, results, ledger)
+    results["meta"]["load_average_end"] = list(os.getloadavg())
+    _finish(args, results, ledger, stem)
     return 0
 
 
@@ -167,12 +169,11 @@ def _engine(
     return entry
 
 
-def _finish(args: argparse.Namespace, results: dict[str, Any], ledger: Ledger) -> None:
+def _finish(args: argparse.Namespace, results: dict[str, Any], ledger: Ledger, stem: str) -> None:
     results["integrity"] = ledger.summary()
     results["targets"] = targets.judge(results)
     print(report.table(results))
-    stem = "bench-" + time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
-    written = [report.save(results, args.out, stem)]
+    written = [report.save(results, args.out, stem), args.out / f"{stem}-logs"]
     if chart.available():
         written.append(chart.draw(results, args.out / f"{stem}.png"))
     else:

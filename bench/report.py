@@ -57,7 +57,8 @@ def _header(results: dict[str, Any]) -> str:
     return (
         f"Llamaserve benchmark, {meta['mode']} run, {meta['timestamp']}\n"
         f"machine: {meta['cores']} cores ({meta['cpu_model']}), {meta['memory_gib']} GiB; "
-        f"load average at start {meta['load_average'][0]:.2f}; commit {meta['commit']}"
+        f"load average {meta['load_average'][0]:.2f} at start, "
+        f"{meta.get('load_average_end', [0.0])[0]:.2f} at the end; commit {meta['commit']}"
         f"{' (modified tree)' if meta['tree_modified'] else ''}"
     )
 

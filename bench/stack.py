@@ -163,10 +163,12 @@ class Stack:
     def stop(self) -> None:
         self.run("console.sh", "stop")
 
-    def destroy(self, keep: bool) -> None:
+    def destroy(self, keep: bool, logs_to: Path) -> None:
+        """Stop everything, keep a copy of the logs, and remove the directory unless `keep`."""
         try:
             self.stop()
         finally:
+            shutil.copytree(self.runtime / "logs", logs_to, dirs_exist_ok=True)
             if not keep:
                 shutil.rmtree(self.base, ignore_errors=True)
 
