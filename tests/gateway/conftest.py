@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 from openai import OpenAI
 
-from tests.conftest import ROOT, Project, free_port, make_project, run
+from tests.conftest import ENGINES, ROOT, Project, free_port, make_project, run
 
 
 @dataclass
@@ -102,14 +102,15 @@ def start_stack(runtime: Path, **config: str) -> Stack:
     )
 
 
-@pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
+@pytest.fixture(scope="session", params=ENGINES)
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The whole stack, once per engine: every gateway test runs against both."""
     # PostgreSQL runs as an unprivileged user: the runtime must be reachable for it.
     base = Path(tempfile.mkdtemp(prefix="llamaserve-stack-"))
     base.chmod(0o755)
     runtime = base / "runtime"
     # A generous default limit: the rate-limit tests give their users limits of their own.
-    built = start_stack(runtime, LLAMA_PROXY_RATE_LIMIT="100000")
+    built = start_stack(runtime, LLAMA_PROXY_RATE_LIMIT="100000", LLAMA_ENGINE=request.param)
     try:
         yield built
     finally:
