@@ -28,6 +28,7 @@ class Stack:
     engine_url: str
     engine_key: str
     model: str
+    engine: str
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run([str(ROOT / "bin" / "user_management_cli.sh"), *args], self.project.env)
@@ -99,6 +100,7 @@ def start_stack(runtime: Path, **config: str) -> Stack:
         f"http://127.0.0.1:{engine_port}",
         key,
         default_model().name,
+        config.get("LLAMA_ENGINE", "llama-cpp-python"),
     )
 
 

@@ -1,0 +1,60 @@
+"""A client that leaves through the gateway frees the engine's slot, as the engine's own
+slot state shows (llama-server's /slots; llama-cpp-python has one slot and no /slots)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.engine.test_launcher import private_url, wait_until
+from tests.gateway.conftest import Stack
+
+ENDLESS = {"prompt": "the the the the", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+
+
+def busy_slots(stack: Stack) -> int:
+    slots = httpx.get(
+        f"{private_url(stack.project)}/slots",
+        headers={"Authorization": f"Bearer {stack.engine_key}"},
+    ).json()
+    return sum(1 for slot in slots if slot["is_processing"])
+
+
+@pytest.fixture
+def llama_server(stack: Stack) -> Stack:
+    if stack.engine != "llama-server":
+        pytest.skip("llama-cpp-python has no slot state to read (test_request_log covers it)")
+    return stack
+
+
+def test_a_stream_left_through_the_gateway_frees_the_slot(llama_server: Stack, alice: str) -> None:
+    body = {"model": llama_server.model, **ENDLESS, "stream": True}
+    with httpx.stream(
+        "POST", f"{llama_server.gateway_url}/v1/completions", json=body,
+        headers={"Authorization": f"Bearer {alice}"}, timeout=60,
+    ) as response:  # fmt: skip
+        lines = response.iter_lines()  # kept: dropping it would close the stream
+        assert next(lines).startswith("data: {")
+        wait_until(lambda: busy_slots(llama_server) == 1, timeout=5.0)
+    assert wait_until(lambda: busy_slots(llama_server) == 0, timeout=1.0) < 1.0
+
+
+def test_a_plain_request_left_through_the_gateway_frees_the_slot(
+    llama_server: Stack, alice: str
+) -> None:
+    raw = json.dumps({"model": llama_server.model, **ENDLESS}).encode()
+    port = int(llama_server.gateway_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+            + f"Authorization: Bearer {alice}\r\n".encode()
+            + f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+            + raw
+        )
+        wait_until(lambda: busy_slots(llama_server) == 1, timeout=30.0)
+        time.sleep(0.3)  # generating, nothing sent to the client yet
+    assert wait_until(lambda: busy_slots(llama_server) == 0, timeout=1.0) < 1.0
