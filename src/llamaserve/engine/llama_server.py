@@ -89,10 +89,14 @@ def write_key_file(path: Path, key: str) -> Path:
     return path
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_loopback_port(avoid: int) -> int:
+    """A port for llama-server; never the launcher's own, which is not bound yet."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port != avoid:
+            return port
 
 
 def _die_with_parent() -> None:
@@ -142,7 +146,7 @@ class Launcher:
         self.settings = settings
         self.model = model
         self.binary = find_binary(settings, layout.root)
-        self.port = free_loopback_port()
+        self.port = free_loopback_port(avoid=settings.llama_server_port)
         key = settings.llama_server_api_key.get_secret_value()
         self.key_file = write_key_file(layout.run / "llama-server.key", key)
         argv = build_argv(

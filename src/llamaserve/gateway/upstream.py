@@ -13,6 +13,11 @@ from pydantic import SecretStr
 
 from llamaserve.errors import APIError, ServiceUnavailable, UpstreamFailed, UpstreamTimeout
 
+# Idle connections are dropped before the server's own keep-alive timeout (5 s for
+# uvicorn and llama-server), so that a request never goes out on a connection the
+# server is closing (aiohttp's default, 15 s, races with it: ServerDisconnectedError).
+KEEPALIVE_SECONDS = 3.0
+
 
 @dataclass
 class Reply:
@@ -53,7 +58,9 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=KEEPALIVE_SECONDS, ttl_dns_cache=300
+        )
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=False
         )
