@@ -172,8 +172,9 @@ def _engine(
 def _finish(args: argparse.Namespace, results: dict[str, Any], ledger: Ledger, stem: str) -> None:
     results["integrity"] = ledger.summary()
     results["targets"] = targets.judge(results)
-    print(report.table(results))
+    # Saved first: the figures outlive any mistake in presenting them.
     written = [report.save(results, args.out, stem), args.out / f"{stem}-logs"]
+    print(report.table(results))
     if chart.available():
         written.append(chart.draw(results, args.out / f"{stem}.png"))
     else:

@@ -1,15 +1,20 @@
 """Scenario c: a heavy user and a light user through the gateway's fair queue.
 
-The heavy user keeps 16 streams in flight (a new one as soon as one ends). A little
-later, once the heavy user's backlog waits in the queue, the light user sends one
-request, waits for its answer and a pause, and does so `light_requests` times; then
-the heavy user stops sending and its streams drain. Queue waits are the gateway's own
-(`llama_requests.queue_ms`); times to first token are the client's.
+The heavy user keeps 16 streams in flight (a new one as soon as one ends), of lengths
+that differ as real requests do (`max_tokens` 64 to 192, 128 on average): with equal
+lengths, streams that start together end together, slots free in bursts, and any
+late request waits for the whole burst, however fair the queue. A little later,
+once the heavy user's backlog waits in the queue, the light user sends one request
+(`max_tokens` 128), waits for its answer and a pause of 0.5 to 2.5 s (random, seeded),
+and does so `light_requests` times; then the heavy user stops sending and its
+streams drain. Queue waits are the gateway's own (`llama_requests.queue_ms`); times
+to first token are the client's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,21 +23,23 @@ from bench.integrity import Ledger
 from bench.load import Batch, Client, Target
 from bench.model import TIMEOUT, body
 from bench.stack import Stack
-from bench.stats import ms, percentile
+from bench.stats import ms, percentile, samples
 
 HEAVY_LIMIT = 300  # requests at most, whatever happens
+HEAVY_LENGTHS = (64, 160, 96, 192, 128)  # max_tokens of the heavy user's requests, in turn
+SEED = 4
 
 
 @dataclass(frozen=True)
 class Plan:
     heavy_streams: int = 16
-    light_requests: int = 5
+    light_requests: int = 8
     light_delay: float = 3.0  # seconds after the heavy user's first requests
-    light_pause: float = 1.0  # seconds between the light user's requests
+    light_pause: tuple[float, float] = (0.5, 2.5)  # seconds between the light user's requests
 
     @classmethod
     def for_run(cls, quick: bool) -> Plan:
-        return cls(light_requests=3) if quick else cls()
+        return cls(light_requests=4) if quick else cls()
 
 
 def run(
@@ -64,17 +71,19 @@ async def _measure(heavy: Target, light: Target, plan: Plan) -> tuple[Batch, Bat
     ):
 
         async def send_heavy(i: int) -> load.Outcome:
-            return await h.chat(body(heavy.model, i), stream=True)
+            length = HEAVY_LENGTHS[i % len(HEAVY_LENGTHS)]
+            return await h.chat(body(heavy.model, i, length), stream=True)
 
         heavy_run = asyncio.ensure_future(
             load.closed_loop(send_heavy, plan.heavy_streams, HEAVY_LIMIT, TIMEOUT, stop)
         )
+        pauses = random.Random(SEED)
         try:
             await asyncio.sleep(plan.light_delay)
             light_outcomes = []
             for i in range(plan.light_requests):
                 light_outcomes.append(await li.chat(body(light.model, i), stream=True))
-                await asyncio.sleep(plan.light_pause)
+                await asyncio.sleep(pauses.uniform(*plan.light_pause))
         finally:
             stop.set()
         heavy_batch = await heavy_run
@@ -88,8 +97,12 @@ def _user(batch: Batch, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if (row := rows.get(o.request_id or "")) and row["queue_ms"] is not None
     ]
     ttfts = [o.ttft for o in batch.outcomes if o.ttft is not None]
+    listed = samples(batch)
+    for sample, outcome in zip(listed, batch.outcomes, strict=True):
+        sample["queue_ms"] = (rows.get(outcome.request_id or "") or {}).get("queue_ms")
     return {
         "requests": len(batch.outcomes),
+        "samples": listed,
         "queue_p50_ms": percentile(waits, 50),
         "queue_max_ms": max(waits, default=None),
         "ttft_p50_ms": ms(ttfts, 50),

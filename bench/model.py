@@ -16,7 +16,7 @@ from typing import Any
 from bench import load
 from bench.integrity import Ledger
 from bench.load import Batch, Client, Target
-from bench.stats import stream_summary
+from bench.stats import samples, stream_summary
 
 MAX_TOKENS = 128
 TIMEOUT = 900.0  # seconds for one stream, queueing included
@@ -43,11 +43,11 @@ class Plan:
         return cls(single=3, rounds=1) if quick else cls()
 
 
-def body(model: str, i: int) -> bytes:
+def body(model: str, i: int, max_tokens: int = MAX_TOKENS) -> bytes:
     payload = {
         "model": model,
         "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -63,7 +63,12 @@ def run(direct: Target, gateway: Target, plan: Plan, engine: str, ledger: Ledger
         ledger.add(f"{engine} c={concurrency} direct", d, gateway=False)
         ledger.add(f"{engine} c={concurrency} gateway", g, gateway=True)
         results.append(
-            {"concurrency": concurrency, "direct": stream_summary(d), "gateway": stream_summary(g)}
+            {
+                "concurrency": concurrency,
+                "direct": stream_summary(d),
+                "gateway": stream_summary(g),
+                "samples": {"direct": samples(d), "gateway": samples(g)},
+            }
         )
     return results
 

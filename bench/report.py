@@ -97,7 +97,7 @@ def _cpu(cases: list[dict[str, Any]]) -> str:
 
 
 def _model(results: dict[str, Any]) -> str:
-    engines = results.get("engines")
+    engines = [e for e in results.get("engines", []) if "levels" in e or "error" in e]
     if not engines:
         return ""
     rows: list[Row] = []
@@ -106,7 +106,7 @@ def _model(results: dict[str, Any]) -> str:
         if "error" in engine:
             rows.append([name, "-", "error", engine["error"][:60]])
             continue
-        for level in engine["levels"]:
+        for level in engine.get("levels", []):
             for path in ("direct", "gateway"):
                 s = level[path]
                 ok = f"{s['ok']}/{s['requests']}"

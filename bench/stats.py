@@ -66,3 +66,19 @@ def stream_summary(batch: Batch) -> dict[str, Any]:
         "itl_p50_ms": ms(gaps, 50),
         "itl_p99_ms": ms(gaps, 99),
     }
+
+
+def samples(batch: Batch) -> list[dict[str, Any]]:
+    """Each request of a batch, for a closer look: when it was sent (s after the first),
+    its time to first token and latency (ms), tokens and outcome."""
+    first = min((o.started for o in batch.outcomes), default=0.0)
+    return [
+        {
+            "sent_s": round(o.started - first, 3),
+            "ttft_ms": None if o.ttft is None else round(o.ttft * 1000, 1),
+            "latency_ms": round(o.latency * 1000, 1),
+            "tokens": o.completion_tokens,
+            "kind": o.kind,
+        }
+        for o in batch.outcomes
+    ]
