@@ -29,7 +29,7 @@ ENGINE_PREFERENCE = ("llama-server", "llama-cpp-python")
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer requests (about 8 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer requests (about 10 minutes)")
     parser.add_argument(
         "--only",
         type=_names(SCENARIOS),
@@ -149,24 +149,35 @@ def _engine(
         return entry
     try:
         entry.update(threads=machine.threads(stack.settings()), build=machine.engine_build(stack))
-        model_id = stack.model_id()
-        direct = Target(stack.engine_url, stack.engine_key, model_id)
-        if "model" in args.only:
-            say(f"b) {engine}: streams at 1, 4, 8, 16 at once, direct and through the gateway")
-            gateway = Target(stack.gateway_url, keys["model"], model_id)
-            plan = model.Plan.for_run(args.quick)
-            entry["levels"] = model.run(direct, gateway, plan, engine, ledger)
-        if "fairness" in args.only and "fairness" not in results:
-            say(f"c) fairness through the gateway on {engine}")
-            heavy = Target(stack.gateway_url, keys["heavy"], model_id)
-            light = Target(stack.gateway_url, keys["light"], model_id)
-            plan_f = fairness.Plan.for_run(args.quick)
-            results["fairness"] = fairness.run(stack, heavy, light, plan_f, engine, ledger)
+        _measure_engine(args, stack, engine, keys, ledger, results, entry)
         say(f"d) {engine}: looking up the request log")
         ledger.verify(stack)
     finally:
         stack.stop()
     return entry
+
+
+def _measure_engine(
+    args: argparse.Namespace,
+    stack: Stack,
+    engine: str,
+    keys: dict[str, str],
+    ledger: Ledger,
+    results: dict[str, Any],
+    entry: dict[str, Any],
+) -> None:
+    model_id = stack.model_id()
+    if "model" in args.only:
+        say(f"b) {engine}: streams at 1, 4, 8, 16 at once, direct and through the gateway")
+        direct = Target(stack.engine_url, stack.engine_key, model_id)
+        gateway = Target(stack.gateway_url, keys["model"], model_id)
+        entry["levels"] = model.run(direct, gateway, model.Plan.for_run(args.quick), engine, ledger)
+    if "fairness" in args.only and "fairness" not in results:
+        say(f"c) fairness through the gateway on {engine}")
+        heavy = Target(stack.gateway_url, keys["heavy"], model_id)
+        light = Target(stack.gateway_url, keys["light"], model_id)
+        plan = fairness.Plan.for_run(args.quick)
+        results["fairness"] = fairness.run(stack, heavy, light, plan, engine, ledger)
 
 
 def _finish(args: argparse.Namespace, results: dict[str, Any], ledger: Ledger, stem: str) -> None:
