@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"setting up a private stack ({mode} run)")
     try:
         stack = Stack.create(passthrough)
+        results["meta"]["config"] = stack.public_config()
         try:
             _run(args, stack, ledger, results)
         finally:

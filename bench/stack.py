@@ -127,6 +127,10 @@ class Stack:
         path.write_text("\n".join(lines) + "\n")
         path.chmod(0o600)
 
+    def public_config(self) -> dict[str, str]:
+        """The config.env values the stack set, without the engine key."""
+        return {k: v for k, v in self.config.items() if k != "LLAMA_SERVER_API_KEY"}
+
     def settings(self) -> Settings:
         return load_settings(ROOT, runtime=self.runtime)[0]
 
