@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     llama_proxy_user_concurrency: int = Field(
         0, ge=0, description="Requests one user may have generating at once (0 = no limit)."
     )
+    llama_proxy_reserved_slots: int = Field(
+        1,
+        ge=0,
+        description="Engine slots kept free for users with nothing generating, so that they "
+        "start at once (0 = none; not applied when the engines have no more slots than this).",
+    )
     llama_proxy_queue_size: int = Field(
         1000, ge=0, description="Requests waiting for an engine, all users together (503 above)."
     )

@@ -129,3 +129,51 @@ def test_no_healthy_engine_is_503_at_once() -> None:
             await scheduler.acquire("a")
 
     asyncio.run(scenario())
+
+
+def test_a_reserved_slot_lets_a_newcomer_start_at_once() -> None:
+    async def scenario() -> tuple[int, bool]:
+        engine = Engine("e", capacity=4)
+        scheduler = Scheduler([engine], Limits(reserved=1))
+        heavy = [asyncio.create_task(scheduler.acquire("heavy")) for _ in range(10)]
+        await asyncio.sleep(0)
+        generating = engine.in_flight  # the heavy user alone leaves one slot free
+        light = await asyncio.wait_for(scheduler.acquire("light"), 1)
+        for task in heavy:
+            task.cancel()
+        return generating, light.waited < 0.5
+
+    assert asyncio.run(scenario()) == (3, True)
+
+
+def test_the_fewest_generating_are_served_first() -> None:
+    async def scenario() -> list[str]:
+        engine = Engine("e", capacity=3)
+        scheduler = Scheduler([engine], Limits(reserved=0))
+        for _ in range(3):
+            await scheduler.acquire("a")  # a fills the engine
+        order: list[str] = []
+
+        async def wait(user: str) -> None:
+            await scheduler.acquire(user)
+            order.append(user)
+
+        tasks = [asyncio.create_task(wait(u)) for u in ("a", "b")]
+        await asyncio.sleep(0)
+        scheduler.release("a", engine)  # one slot frees: b (nothing generating) gets it
+        await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        return order
+
+    assert asyncio.run(scenario()) == ["b"]
+
+
+def test_no_reserve_on_an_engine_too_small_for_one() -> None:
+    async def scenario() -> int:
+        engine = Engine("e", capacity=1)
+        scheduler = Scheduler([engine], Limits(reserved=1))
+        await asyncio.wait_for(scheduler.acquire("a"), 1)
+        return engine.in_flight
+
+    assert asyncio.run(scenario()) == 1

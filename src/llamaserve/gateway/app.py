@@ -35,6 +35,7 @@ class Gateway:
                 queue_size=settings.llama_proxy_queue_size,
                 user_queue_size=settings.llama_proxy_user_queue_size,
                 max_wait=settings.llama_proxy_queue_timeout,
+                reserved=settings.llama_proxy_reserved_slots,
             ),
         )
         self.watch = EngineWatch(

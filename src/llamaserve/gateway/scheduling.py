@@ -1,9 +1,12 @@
 """Fair admission to the engines' slots: a queue per user, served round-robin.
 
 Requests in flight to an engine are capped at its slots. The others wait here, each
-user in a queue of their own; when a slot frees, the next user in the ring is served
-and goes to the back of it. A user with one request therefore waits for at most one
-request of each other waiting user, never behind another user's whole backlog.
+user in a queue of their own; when a slot frees, the waiting user with the fewest
+requests generating is served (round-robin among equals) and goes to the back of the
+ring. A user with one request therefore waits for at most one request of each other
+waiting user, never behind another user's whole backlog. And `reserved` slots are
+kept for users who have nothing generating: someone arriving while another user's
+backlog fills the engines starts at once instead of waiting for a generation to end.
 
 The queue is the gateway's own: several gateways in front of the same engines each
 cap what *they* send; the engines queue whatever exceeds their slots, first come,
@@ -42,6 +45,7 @@ class Limits:
     queue_size: int = 1000  # waiting, all users
     user_queue_size: int = 100  # waiting, one user
     max_wait: float = 300.0  # seconds
+    reserved: int = 1  # free slots kept for users with nothing generating; 0 = none
 
 
 @dataclass(eq=False)
@@ -121,16 +125,21 @@ class Scheduler:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Grant free slots to waiting users, round-robin. Call when capacity appears."""
-        progress = True
-        while self._ring and progress:
-            progress = False
-            for _ in range(len(self._ring)):
-                user = self._ring[0]
-                self._ring.rotate(-1)
-                if self._may_run(user) and self._serve_first(user):
-                    progress = True
-                    break
+        """Grant free slots to waiting users: the one with the fewest requests generating
+        first, round-robin among equals. Call when capacity appears."""
+        while self._ring:
+            user = self._next_user()
+            if user is None or not self._serve_first(user):
+                return
+
+    def _next_user(self) -> Hashable | None:
+        eligible = [u for u in self._ring if self._may_run(u)]
+        if not eligible:
+            return None
+        user = min(eligible, key=lambda u: self._running[u])  # the first in the ring on ties
+        self._ring.remove(user)
+        self._ring.append(user)
+        return user
 
     @property
     def waiting(self) -> int:
@@ -186,7 +195,18 @@ class Scheduler:
                 self._ring.remove(waiter.user)
 
     def _may_run(self, user: Hashable) -> bool:
-        return not self.limits.per_user or self._running[user] < self.limits.per_user
+        """Under the user's cap; and a user already generating leaves the reserved slots
+        to users who are not, so that a newcomer starts at once."""
+        running = self._running[user]
+        if self.limits.per_user and running >= self.limits.per_user:
+            return False
+        reserved = self.limits.reserved
+        if running == 0 or not reserved:
+            return True
+        healthy = [e for e in self.engines if e.healthy]
+        if sum(e.capacity for e in healthy) <= reserved:
+            return True  # too small to keep slots aside
+        return sum(e.free for e in healthy) > reserved
 
     def _pick(self, exclude: Engine | None) -> Engine | None:
         """The healthy engine with the most free slots."""
