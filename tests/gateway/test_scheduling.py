@@ -177,3 +177,22 @@ def test_no_reserve_on_an_engine_too_small_for_one() -> None:
         return engine.in_flight
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_looking_at_the_queue_while_no_slot_is_free_costs_no_one_their_turn() -> None:
+    async def scenario() -> str:
+        engine = Engine("e", capacity=1)
+        scheduler = Scheduler([engine], Limits())
+        await scheduler.acquire("a")  # a generates
+        waiting = [asyncio.create_task(scheduler.acquire(u)) for u in ("b", "a")]
+        await asyncio.sleep(0)  # ring: b, then a
+        waiting.append(asyncio.create_task(scheduler.acquire("a")))  # looks, finds no slot
+        await asyncio.sleep(0)
+        scheduler.release("a", engine)
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        served = waiting.index(done.pop())
+        for task in waiting:
+            task.cancel()
+        return ["b", "a", "a"][served]
+
+    assert asyncio.run(scenario()) == "b"

@@ -136,10 +136,7 @@ class Scheduler:
         eligible = [u for u in self._ring if self._may_run(u)]
         if not eligible:
             return None
-        user = min(eligible, key=lambda u: self._running[u])  # the first in the ring on ties
-        self._ring.remove(user)
-        self._ring.append(user)
-        return user
+        return min(eligible, key=lambda u: self._running[u])  # the first in the ring on ties
 
     @property
     def waiting(self) -> int:
@@ -152,9 +149,11 @@ class Scheduler:
             return False
         waiter = queue.popleft()
         self._waiting -= 1
-        if not queue:
+        self._ring.remove(user)
+        if queue:
+            self._ring.append(user)  # served: to the back of the ring
+        else:
             del self._queues[user]
-            self._ring.remove(user)
         self._take(user, engine)
         waiter.future.set_result(engine)
         return True
