@@ -46,10 +46,13 @@ def private_url(project: Project) -> str:
 
 
 def busy_slots(engine: Engine) -> int:
+    return generating(engine.project, engine.api_key)
+
+
+def generating(project: Project, api_key: str) -> int:
     """How many of llama-server's slots are generating, from its own /slots."""
     slots = httpx.get(
-        f"{private_url(engine.project)}/slots",
-        headers={"Authorization": f"Bearer {engine.api_key}"},
+        f"{private_url(project)}/slots", headers={"Authorization": f"Bearer {api_key}"}
     ).json()
     return sum(1 for slot in slots if slot["is_processing"])
 

@@ -10,18 +10,14 @@ import time
 import httpx
 import pytest
 
-from tests.engine.test_launcher import private_url, wait_until
+from tests.engine.test_launcher import generating, wait_until
 from tests.gateway.conftest import Stack
 
 ENDLESS = {"prompt": "the the the the", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
 
 
 def busy_slots(stack: Stack) -> int:
-    slots = httpx.get(
-        f"{private_url(stack.project)}/slots",
-        headers={"Authorization": f"Bearer {stack.engine_key}"},
-    ).json()
-    return sum(1 for slot in slots if slot["is_processing"])
+    return generating(stack.project, stack.engine_key)
 
 
 @pytest.fixture
