@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import chart, fairness, machine, model, overhead, report, targets
+from bench import chart, cpu, fairness, machine, model, overhead, report, targets
 from bench.integrity import Ledger
 from bench.load import Target
 from bench.progress import say
@@ -150,7 +150,10 @@ def _engine(
         return entry
     try:
         entry.update(threads=machine.threads(stack.settings()), build=machine.engine_build(stack))
+        census = cpu.Census(stack.pids)
+        census.start()
         _measure_engine(args, stack, engine, keys, ledger, results, entry)
+        entry["machine"] = census.result()
         say(f"d) {engine}: looking up the request log")
         ledger.verify(stack)
     finally:

@@ -8,7 +8,7 @@ PostgreSQL, the mock engine, the load generator).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -67,4 +67,39 @@ class Meter:
         return {
             name: (seconds(*root) - self._start[name]) * 1000 / max(1, requests)
             for name, root in self.roots.items()
+        }
+
+
+def machine_seconds() -> tuple[float, float]:
+    """Busy and total CPU seconds of the whole machine since boot, all cores together."""
+    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    fields = [int(value) for value in first[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / TICKS, sum(fields) / TICKS
+
+
+class Census:
+    """How busy the machine was during a scenario, and how much of it was other programs':
+    everything but the benchmark's own process trees (`roots()`, read at both ends)."""
+
+    def __init__(self, roots: Callable[[], list[int]]) -> None:
+        self._roots = roots
+        self._start = (0.0, 0.0, 0.0)
+
+    def _reading(self) -> tuple[float, float, float]:
+        busy, total = machine_seconds()
+        return busy, total, sum(seconds(pid) for pid in set(self._roots()))
+
+    def start(self) -> None:
+        self._start = self._reading()
+
+    def result(self) -> dict[str, float]:
+        """Cores busy on average: all programs, and all but the benchmark's."""
+        end = self._reading()
+        busy, total, ours = (e - b for e, b in zip(end, self._start, strict=True))
+        wall = total / max(1, os.cpu_count() or 1)
+        return {
+            "seconds": round(wall, 1),
+            "cores_busy": round(busy / wall, 2) if wall else 0.0,
+            "cores_busy_elsewhere": round(max(0.0, busy - ours) / wall, 2) if wall else 0.0,
         }

@@ -82,14 +82,17 @@ def run(stack: Stack, mock: MockSettings, quick: bool, ledger: Ledger) -> dict[s
         meter = cpu.Meter(trees, {"load generator": os.getpid()})
         direct = Target(engine.url, stack.engine_key, MODEL)
         via = Target(gateway.url, key, MODEL)
+        census = cpu.Census(stack.pids)
+        census.start()
         measured = load.run(_measure(direct, via, cases(quick, mock), meter))
+        machine = census.result()
     results = []
     for m in measured:
         ledger.add(f"overhead {m.case.name} gateway", m.gateway, gateway=True)
         ledger.add(f"overhead {m.case.name} direct", m.direct, gateway=False)
         results.append(_compare(m))
     ledger.verify(stack)
-    return {"mock": asdict(mock), "cases": results}
+    return {"mock": asdict(mock), "cases": results, "machine": machine}
 
 
 @contextmanager

@@ -81,7 +81,18 @@ def _overhead(results: dict[str, Any]) -> str:
         f"a) Gateway overhead, ms (mock engine: {mock['delay_ms']:g} ms delay; streams "
         f"{mock['chunks']} chunks {mock['chunk_ms']:g} ms apart)"
     )
-    return title + "\n" + grid(headers, rows) + "\n\n" + _cpu(overhead["cases"])
+    note = _machine_note(overhead.get("machine"), "the machine")
+    return title + "\n" + grid(headers, rows) + note + "\n\n" + _cpu(overhead["cases"])
+
+
+def _machine_note(machine: dict[str, float] | None, label: str) -> str:
+    """How busy the machine was while a scenario ran: the figures' noise."""
+    if not machine:
+        return ""
+    return (
+        f"\n{label}, {machine['seconds']:.0f} s: {machine['cores_busy']:.2f} cores "
+        f"busy on average, {machine['cores_busy_elsewhere']:.2f} of them other programs'"
+    )
 
 
 def _cpu(cases: list[dict[str, Any]]) -> str:
@@ -115,7 +126,8 @@ def _model(results: dict[str, Any]) -> str:
                              s["itl_p50_ms"], s["itl_p99_ms"], ok])  # fmt: skip
     headers = ["engine", "c", "path", "total tok/s", "stream tok/s", "ttft p50", "ttft p99",
                "itl p50", "itl p99", "ok"]  # fmt: skip
-    return "b) The model (max_tokens 128, temperature 0; ms)\n" + grid(headers, rows)
+    notes = "".join(_machine_note(engine.get("machine"), engine["engine"]) for engine in engines)
+    return "b) The model (max_tokens 128, temperature 0; ms)\n" + grid(headers, rows) + notes
 
 
 def _fairness(results: dict[str, Any]) -> str:

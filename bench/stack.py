@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,16 @@ class Stack:
         finally:
             await conn.close()
         return {r["request_id"]: dict(r) for r in records}
+
+    def pids(self) -> list[int]:
+        """The roots of the benchmark's own processes: itself (and what it spawned), and
+        the engine, gateway and database that console.sh started."""
+        found = [os.getpid()]
+        for name in ("engine", "gateway"):
+            with suppress(OSError, ValueError, KeyError):
+                found.append(json.loads((self.runtime / "run" / f"{name}.pid").read_text())["pid"])
+        postgres = self.postgres_pid()
+        return found if postgres is None else [*found, postgres]
 
     def postgres_pid(self) -> int | None:
         """The private cluster's postmaster (its first line of postmaster.pid)."""
