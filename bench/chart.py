@@ -46,21 +46,18 @@ def _overhead(results: dict[str, Any], ax: Any) -> bool:
     cases = (results.get("overhead") or {}).get("cases")
     if not cases or ax is None:
         return bool(cases)
-    width = 0.2
-    bars = [
-        ("direct", "latency_p50_ms", "p50 direct"),
-        ("gateway", "latency_p50_ms", "p50 gw"),
-        ("direct", "latency_p99_ms", "p99 direct"),
-        ("gateway", "latency_p99_ms", "p99 gw"),
-    ]
-    for n, (path, key, label) in enumerate(bars):
-        values = [case[path][key] or 0 for case in cases]
-        ax.bar([i + (n - 1.5) * width for i in range(len(cases))], values, width, label=label)
+    width = 0.35
+    for n, (key, label) in enumerate((("overhead_p50_ms", "p50"), ("overhead_p99_ms", "p99"))):
+        values = [case[key] or 0 for case in cases]
+        where = [i + (n - 0.5) * width for i in range(len(cases))]
+        bars = ax.bar(where, values, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.axhline(1, color="tab:blue", linestyle=":", linewidth=1, label="target p50 (c=32)")
+    ax.axhline(5, color="tab:orange", linestyle=":", linewidth=1, label="target p99 (c=32)")
     ax.set_xticks(range(len(cases)), [case["name"] for case in cases])
-    ax.set_ylabel("latency, ms")
-    ax.set_title(
-        f"a) gateway vs direct, mock engine ({results['overhead']['mock']['delay_ms']:g} ms)"
-    )
+    ax.set_ylabel("gateway minus direct, ms")
+    delay = results["overhead"]["mock"]["delay_ms"]
+    ax.set_title(f"a) gateway overhead, mock engine ({delay:g} ms)")
     ax.legend(fontsize=8)
     return True
 
@@ -94,7 +91,8 @@ def _fairness(results: dict[str, Any], ax: Any) -> bool:
     for n, (key, label) in enumerate((("queue_p50_ms", "queue wait p50"),
                                       ("ttft_p50_ms", "time to first token p50"))):  # fmt: skip
         values = [(fairness[user][key] or 0) / 1000 for user in users]
-        ax.bar([i + (n - 0.5) * 0.35 for i in range(2)], values, 0.35, label=label)
+        bars = ax.bar([i + (n - 0.5) * 0.35 for i in range(2)], values, 0.35, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(range(2), ["heavy user (16 streams)", "light user (1)"])
     ax.set_ylabel("seconds")
     ax.set_title(f"c) fairness through the gateway ({fairness['engine']})")
