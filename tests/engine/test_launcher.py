@@ -185,3 +185,15 @@ def answers(url: str) -> bool:
         return httpx.get(url).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@LLAMA_SERVER
+def test_back_to_back_streams_all_succeed(engine: Engine) -> None:
+    client = engine.client()
+    for _ in range(12):
+        chunks = list(
+            client.completions.create(
+                model=engine.model, prompt="Once upon", max_tokens=2, stream=True
+            )
+        )
+        assert chunks[-1].choices[0].finish_reason == "length"

@@ -62,12 +62,6 @@ MODEL_FIELDS = ("id", "object", "created", "owned_by")
 Hook = Callable[[], Awaitable[None]]
 
 
-# Idle connections are dropped before the server's own keep-alive timeout (5 s for
-# uvicorn and llama-server), so that a request never goes out on a connection the
-# server is closing (aiohttp's default, 15 s, races with it: ServerDisconnectedError).
-KEEPALIVE_SECONDS = 3.0
-
-
 class Relay:
     """The ASGI app; `on_startup`/`on_shutdown` run in its lifespan (the launcher's child)."""
 
@@ -120,7 +114,9 @@ class Relay:
         if self._on_startup is not None:
             await self._on_startup()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS)
+        # llama-server closes the connection after each streamed answer without saying so:
+        # a pooled connection would fail the next request. Loopback connects are cheap.
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
 
     async def _close(self) -> None:
