@@ -2,9 +2,10 @@
 
 Requests in flight to an engine are capped at its slots. The others wait here, each
 user in a queue of their own; when a slot frees, the waiting user with the fewest
-requests generating is served (round-robin among equals) and goes to the back of the
-ring. A user with one request therefore waits for at most one request of each other
-waiting user, never behind another user's whole backlog. And `reserved` slots are
+requests generating is served, and among equals the one served least recently (a
+user who has not been served yet comes first). A user with one request therefore
+waits for at most one request of each other waiting user, never behind another
+user's whole backlog; a newcomer waits only for the slot to free. And `reserved` slots are
 kept for users who have nothing generating: someone arriving while another user's
 backlog fills the engines starts at once instead of waiting for a generation to end.
 
@@ -16,6 +17,7 @@ first served.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Hashable
@@ -70,8 +72,11 @@ class Scheduler:
         self.engines = engines
         self.limits = limits
         self._queues: dict[Hashable, deque[_Waiter]] = {}
-        self._ring: deque[Hashable] = deque()  # users with waiters, in serving order
+        self._ring: deque[Hashable] = deque()  # users with waiters, in arrival order
         self._running: Counter[Hashable] = Counter()
+        # When each user with requests waiting or generating was last served.
+        self._served: dict[Hashable, int] = {}
+        self._clock = itertools.count()
         self._waiting = 0
 
     @asynccontextmanager
@@ -122,11 +127,12 @@ class Scheduler:
         self._running[user] -= 1
         if self._running[user] <= 0:
             del self._running[user]
+            self._forget_if_idle(user)
         self.dispatch()
 
     def dispatch(self) -> None:
         """Grant free slots to waiting users: the one with the fewest requests generating
-        first, round-robin among equals. Call when capacity appears."""
+        first, the least recently served among equals. Call when capacity appears."""
         while self._ring:
             user = self._next_user()
             if user is None or not self._serve_first(user):
@@ -136,7 +142,8 @@ class Scheduler:
         eligible = [u for u in self._ring if self._may_run(u)]
         if not eligible:
             return None
-        return min(eligible, key=lambda u: self._running[u])  # the first in the ring on ties
+        # Never served counts as longest ago; arrival order breaks the remaining ties.
+        return min(eligible, key=lambda u: (self._running[u], self._served.get(u, -1)))
 
     @property
     def waiting(self) -> int:
@@ -149,11 +156,9 @@ class Scheduler:
             return False
         waiter = queue.popleft()
         self._waiting -= 1
-        self._ring.remove(user)
-        if queue:
-            self._ring.append(user)  # served: to the back of the ring
-        else:
+        if not queue:
             del self._queues[user]
+            self._ring.remove(user)
         self._take(user, engine)
         waiter.future.set_result(engine)
         return True
@@ -192,6 +197,7 @@ class Scheduler:
             if not queue:
                 del self._queues[waiter.user]
                 self._ring.remove(waiter.user)
+                self._forget_if_idle(waiter.user)
 
     def _may_run(self, user: Hashable) -> bool:
         """Under the user's cap; and a user already generating leaves the reserved slots
@@ -215,3 +221,9 @@ class Scheduler:
     def _take(self, user: Hashable, engine: Engine) -> None:
         engine.in_flight += 1
         self._running[user] += 1
+        self._served[user] = next(self._clock)
+
+    def _forget_if_idle(self, user: Hashable) -> None:
+        """A user with nothing waiting or generating starts afresh next time."""
+        if user not in self._running and user not in self._queues:
+            self._served.pop(user, None)
