@@ -48,7 +48,11 @@ class Settings(BaseSettings):
         "so the gateway and the database keep a core.",
     )
     llama_n_threads_batch: int = Field(
-        0, ge=0, description="Threads for prompt processing; 0 = all cores."
+        0,
+        ge=0,
+        description="Threads for prompts and batches of several tokens; 0 = all cores with "
+        "llama-cpp-python, LLAMA_N_THREADS' count with llama-server (it decodes its slots' "
+        "tokens as one batch, so this is its generation under load too).",
     )
     llama_n_gpu_layers: int = Field(0, description="Layers offloaded to the GPU (-1 = all).")
     llama_chat_format: str = Field(
@@ -153,7 +157,11 @@ class Settings(BaseSettings):
         return self.llama_n_threads or max(1, (os.cpu_count() or 1) - 1)
 
     def threads_batch(self) -> int:
-        return self.llama_n_threads_batch or max(1, os.cpu_count() or 1)
+        if self.llama_n_threads_batch:
+            return self.llama_n_threads_batch
+        if self.llama_engine == "llama-server":
+            return self.threads()
+        return max(1, os.cpu_count() or 1)
 
     def api_key_problem(self) -> str | None:
         """Why the engine key is unusable, or None when it is fine."""

@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llamaserve.config import Settings
+from llamaserve.engine.llama_server import build_argv
 from llamaserve.engine.process import start_ticks
 from tests.conftest import ROOT, Engine, Project, make_project
 
@@ -197,3 +199,21 @@ def test_back_to_back_streams_all_succeed(engine: Engine) -> None:
             )
         )
         assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_llama_server_batches_with_its_generation_threads(tmp_path: Path) -> None:
+    """llama.cpp runs a batch of several slots' tokens with the batch threads: under load
+    that is generation, so it gets the generation threads unless set otherwise."""
+
+    def threads(**values: object) -> tuple[str, str]:
+        settings = Settings(llama_engine="llama-server", **values)
+        argv = build_argv(
+            settings, tmp_path / "m.gguf", binary=tmp_path / "bin", port=1, key_file=tmp_path
+        )
+        return argv[argv.index("--threads") + 1], argv[argv.index("--threads-batch") + 1]
+
+    assert threads(llama_n_threads=3) == ("3", "3")
+    assert threads(llama_n_threads=1, llama_n_threads_batch=2) == ("1", "2")
+    generating = str(max(1, (os.cpu_count() or 1) - 1))
+    assert threads() == (generating, generating)
+    assert Settings(llama_engine="llama-cpp-python").threads_batch() == os.cpu_count()
