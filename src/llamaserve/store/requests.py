@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 import asyncpg
@@ -35,6 +36,7 @@ class RequestRow:
 
 
 COLUMNS = tuple(f.name for f in fields(RequestRow))
+_record = attrgetter(*COLUMNS)  # a row's values in COLUMNS order (astuple deep-copies)
 
 
 async def insert_requests(pool: Any, *, rows: Sequence[RequestRow]) -> None:
@@ -59,5 +61,5 @@ async def _copy(conn: Any, rows: Sequence[RequestRow]) -> None:
     async with conn.transaction():
         await conn.execute("SET LOCAL synchronous_commit TO on")
         await conn.copy_records_to_table(
-            "llama_requests", records=[astuple(row) for row in rows], columns=COLUMNS
+            "llama_requests", records=[_record(row) for row in rows], columns=COLUMNS
         )
