@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -179,10 +180,11 @@ async def closed_loop(
     limit: float,
     stop: asyncio.Event | None = None,
     stagger: float = 0.0,
+    pause: float = 0.0,
 ) -> Batch:
     """Keep `concurrency` requests in flight until `total` were sent, `limit` seconds have
     passed or `stop` is set; request i is `send(i)`. The clients start evenly spread
-    over `stagger` seconds."""
+    over `stagger` seconds, and wait a random 0 to `pause` seconds between requests."""
     counter = itertools.count()
     outcomes: list[Outcome] = []
     began = time.perf_counter()
@@ -194,6 +196,8 @@ async def closed_loop(
         await asyncio.sleep(stagger * n / concurrency)
         while (i := next(counter)) < total and going():
             outcomes.append(await send(i))
+            if pause:
+                await asyncio.sleep(random.uniform(0, pause))
 
     await asyncio.gather(*(worker(n) for n in range(concurrency)))
     return Batch(outcomes, time.perf_counter() - began)

@@ -43,10 +43,15 @@ class Case:
     # independent users would; started at once, the fixed delay keeps them in lockstep,
     # and each burst of 32 queues on the gateway's single event loop.
     stagger: float
+    # Up to this many seconds (uniformly random) between a client's answer and its next
+    # request. With none, clients of equal requests drift into lockstep even when
+    # staggered: the variant with pauses tells that queueing from the gateway's own cost.
+    pause: float = 0.0
 
     @property
     def name(self) -> str:
-        return f"{'stream' if self.stream else 'chat'} c={self.concurrency}"
+        paused = " paused" if self.pause else ""
+        return f"{'stream' if self.stream else 'chat'} c={self.concurrency}{paused}"
 
 
 def cases(quick: bool, mock: MockSettings) -> list[Case]:
@@ -55,6 +60,7 @@ def cases(quick: bool, mock: MockSettings) -> list[Case]:
     return [
         Case(stream=False, concurrency=1, requests=int(300 * scale), warmup=50, stagger=0),
         Case(False, concurrency=32, requests=int(2000 * scale), warmup=500, stagger=spread),
+        Case(False, 32, int(2000 * scale), warmup=500, stagger=spread, pause=spread / 5),
         Case(stream=True, concurrency=1, requests=int(150 * scale), warmup=30, stagger=0),
         Case(True, concurrency=32, requests=int(1000 * scale), warmup=300, stagger=spread),
     ]
@@ -131,9 +137,10 @@ async def _batch(client: Client, case: Case, meter: cpu.Meter) -> tuple[Batch, d
     async def send(_: int) -> load.Outcome:
         return await client.chat(body, case.stream)
 
-    await load.closed_loop(send, case.concurrency, case.warmup, 120, stagger=case.stagger)
+    c, stagger, pause = case.concurrency, case.stagger, case.pause
+    await load.closed_loop(send, c, case.warmup, 120, stagger=stagger, pause=pause)
     meter.start()
-    batch = await load.closed_loop(send, case.concurrency, case.requests, 300, stagger=case.stagger)
+    batch = await load.closed_loop(send, c, case.requests, 300, stagger=stagger, pause=pause)
     return batch, meter.per_request_ms(len(batch.outcomes))
 
 
@@ -155,6 +162,7 @@ def _compare(m: Measured) -> dict[str, Any]:
         "stream": m.case.stream,
         "concurrency": m.case.concurrency,
         "stagger_ms": m.case.stagger * 1000,
+        "pause_max_ms": m.case.pause * 1000,
         "direct": {**d, "cpu_ms_per_request": m.direct_cpu},
         "gateway": {**g, "cpu_ms_per_request": m.gateway_cpu},
         "overhead_p50_ms": _minus(g["latency_p50_ms"], d["latency_p50_ms"]),
