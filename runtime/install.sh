@@ -11,12 +11,13 @@ die() { echo "install.sh: error: $*" >&2; exit 1; }
 
 usage() {
   cat <<'USAGE'
-usage: ./runtime/install.sh [--dev] [--engine llama-server]
+usage: ./runtime/install.sh [--dev] [--engine llama-server|llama-cpp-python]
 
-  --dev                   also install the test and lint tools (pytest, openai, ruff, mypy)
-  --engine llama-server   also build llama.cpp's llama-server (from the same llama.cpp
-                          as llama-cpp-python, which is always installed); run it with
-                          LLAMA_ENGINE="llama-server" in runtime/config.env
+  --dev           also install the test and lint tools (pytest, openai, ruff, mypy)
+  --engine NAME   the engine to install (repeatable); a new runtime/config.env runs it.
+                  Default: the LLAMA_ENGINE of runtime/config.env, llama-server for a new
+                  one. llama-server is built from the same llama.cpp as llama-cpp-python,
+                  which is always installed.
 
 Environment: PYTHON (interpreter to use), CMAKE_ARGS (passed to the llama.cpp build,
 e.g. CMAKE_ARGS="-DGGML_CUDA=on"), LLAMASERVE_CACHE_DIR (build cache, default

@@ -61,7 +61,28 @@ def test_install_reuses_the_llama_server_build(tmp_path: Path) -> None:
     assert time.monotonic() - began < 60
     assert "reusing the llama-server build" in result.stdout
     assert "building" not in result.stdout.lower()
-    assert 'LLAMA_ENGINE="llama-server"' in result.stdout  # how to run it
+    assert 'LLAMA_ENGINE="llama-server"' in config_text(tmp_path / "rt")
+
+
+def test_llama_server_is_the_default_engine_and_llama_cpp_python_the_other(
+    tmp_path: Path,
+) -> None:
+    default = run([str(INSTALL)], clean_env(LLAMA_RUNTIME_DIR=str(tmp_path / "a")))
+    assert default.returncode == 0, default.stdout + default.stderr
+    assert 'LLAMA_ENGINE="llama-server"' in config_text(tmp_path / "a")
+    assert "reusing the llama-server build" in default.stdout
+
+    env = clean_env(LLAMA_RUNTIME_DIR=str(tmp_path / "b"))
+    other = run([str(INSTALL), "--engine", "llama-cpp-python"], env)
+    assert other.returncode == 0, other.stdout + other.stderr
+    assert 'LLAMA_ENGINE="llama-cpp-python"' in config_text(tmp_path / "b")
+    assert "llama-server" not in other.stdout  # neither built nor reused
+
+    # An existing config is kept; naming another engine says how to switch to it.
+    switch = run([str(INSTALL), "--engine", "llama-server"], env)
+    assert switch.returncode == 0, switch.stdout + switch.stderr
+    assert 'LLAMA_ENGINE="llama-cpp-python"' in config_text(tmp_path / "b")
+    assert 'To run llama-server: LLAMA_ENGINE="llama-server"' in switch.stdout
 
 
 def test_install_refuses_an_unknown_engine(tmp_path: Path) -> None:

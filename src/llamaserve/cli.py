@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         choices=ENGINES,
         default=[],
-        help="also install this engine (llama-cpp-python is always installed)",
+        help="the engine to install and, in a new config.env, to run (default: the "
+        "config's LLAMA_ENGINE, llama-server for a new one; llama-cpp-python is always "
+        "installed)",
     )
     # Listed for --help only: main() hands `users ...` to users_cli before parsing.
     commands.add_parser("users", help="manage users and API keys (./bin/user_management_cli.sh)")
@@ -92,13 +94,16 @@ def run_install(skip_engine: bool, engines: list[str], layout: Layout) -> int:
 
     if not skip_engine:
         install.ensure_engine(sys.stdout)
-        if "llama-server" in engines:
-            install.ensure_llama_server(sys.stdout)
-    install.ensure_config(layout, sys.stdout)
+    named = list(dict.fromkeys(engines))
+    install.ensure_config(layout, sys.stdout, engine=named[0] if len(named) == 1 else None)
     settings, layout = load_settings()
+    wanted = named or [settings.llama_engine]
+    if not skip_engine and "llama-server" in wanted and not settings.llama_server_bin:
+        install.ensure_llama_server(sys.stdout)
     install.ensure_model(layout, settings.llama_model, sys.stdout)
-    if "llama-server" in engines and settings.llama_engine != "llama-server":
-        print(f'\nTo run llama-server: LLAMA_ENGINE="llama-server" in {layout.config_file}')
+    for engine in wanted:
+        if engine != settings.llama_engine:
+            print(f'\nTo run {engine}: LLAMA_ENGINE="{engine}" in {layout.config_file}')
     print("\nNext: ./console.sh start")
     return 0
 

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         "chatml-function-calling); empty = the model's own template.",
     )
     llama_engine: Literal["llama-cpp-python", "llama-server"] = Field(
-        "llama-cpp-python", description="Which llama.cpp server runs the model."
+        "llama-server", description="Which llama.cpp server runs the model."
     )
     llama_parallel: int = Field(
         4,
@@ -71,8 +71,7 @@ class Settings(BaseSettings):
     )
     llama_server_bin: str = Field(
         "",
-        description="Path to a llama-server binary of your own; empty = the one "
-        "`install.sh --engine llama-server` built.",
+        description="Path to a llama-server binary of your own; empty = the one install.sh built.",
     )
     llama_start_timeout: float = Field(
         300.0, gt=0, description="Seconds `console.sh start` waits for the model to load."

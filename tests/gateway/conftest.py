@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 from openai import OpenAI
 
+from llamaserve.config import Settings
 from tests.conftest import ENGINES, ROOT, Project, free_port, make_project, run
 
 
@@ -100,7 +101,7 @@ def start_stack(runtime: Path, **config: str) -> Stack:
         f"http://127.0.0.1:{engine_port}",
         key,
         default_model().name,
-        config.get("LLAMA_ENGINE", "llama-cpp-python"),
+        config.get("LLAMA_ENGINE", Settings.model_fields["llama_engine"].default),
     )
 
 
