@@ -3,11 +3,13 @@ the way a user starts it (`console.sh start`), on a free port."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def raw_post(base_url: str, key: str, path: str, payload: dict[str, object]) -> Iterator[None]:
+    """A plain (unstreamed) POST over a bare socket, whose client goes away when the block
+    ends, without reading anything: no HTTP library decides when the connection closes."""
+    body = json.dumps(payload).encode()
+    port = int(base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        yield
 
 
 def default_model() -> Path:

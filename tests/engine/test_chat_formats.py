@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessage
 
 from tests.conftest import ENGINES, Project, default_model, make_project
 
@@ -32,16 +34,12 @@ def function_calling(
     )
     started = project.console("start")
     assert started.returncode == 0, started.stdout + started.stderr
-    port = next(
-        line.split('"')[1]
+    config = dict(
+        line.replace('"', "").split("=", 1)
         for line in (runtime / "config.env").read_text().splitlines()
-        if line.startswith("LLAMA_SERVER_PORT=")
+        if line.startswith("LLAMA_SERVER_")
     )
-    key = next(
-        line.split('"')[1]
-        for line in (runtime / "config.env").read_text().splitlines()
-        if line.startswith("LLAMA_SERVER_API_KEY=")
-    )
+    port, key = config["LLAMA_SERVER_PORT"], config["LLAMA_SERVER_API_KEY"]
     try:
         with OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as client:
             yield client
@@ -49,30 +47,26 @@ def function_calling(
         project.console("stop")
 
 
-def test_forced_tool_call_with_chatml_function_calling(function_calling: OpenAI) -> None:
-    response = function_calling.chat.completions.create(
+def ask(client: OpenAI, tool_choice: Any) -> ChatCompletionMessage:
+    response = client.chat.completions.create(
         model=default_model().name,
         messages=ASK,
         max_tokens=80,
         temperature=0,
         tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "record"}},
+        tool_choice=tool_choice,
     )
-    calls = response.choices[0].message.tool_calls
+    return response.choices[0].message
+
+
+def test_forced_tool_call_with_chatml_function_calling(function_calling: OpenAI) -> None:
+    calls = ask(function_calling, {"type": "function", "function": {"name": "record"}}).tool_calls
     assert calls and calls[0].function.name == "record"
     jsonschema.validate(json.loads(calls[0].function.arguments), PERSON)
 
 
 def test_tool_choice_auto_answers_with_a_call_or_a_message(function_calling: OpenAI) -> None:
-    response = function_calling.chat.completions.create(
-        model=default_model().name,
-        messages=ASK,
-        max_tokens=80,
-        temperature=0,
-        tools=TOOLS,
-        tool_choice="auto",
-    )
-    message = response.choices[0].message
+    message = ask(function_calling, "auto")
     if message.tool_calls:
         jsonschema.validate(json.loads(message.tool_calls[0].function.arguments), PERSON)
     else:

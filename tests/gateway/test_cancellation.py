@@ -3,17 +3,17 @@ slot state shows (llama-server's /slots; llama-cpp-python has one slot and no /s
 
 from __future__ import annotations
 
-import json
-import socket
 import time
 
 import httpx
 import pytest
 
+from tests.conftest import raw_post
+from tests.engine.test_launcher import ENDLESS as ENDLESS_PROMPT
 from tests.engine.test_launcher import generating, wait_until
 from tests.gateway.conftest import Stack
 
-ENDLESS = {"prompt": "the the the the", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+ENDLESS = {**ENDLESS_PROMPT, "ignore_eos": True}
 
 
 def busy_slots(stack: Stack) -> int:
@@ -42,15 +42,8 @@ def test_a_stream_left_through_the_gateway_frees_the_slot(llama_server: Stack, a
 def test_a_plain_request_left_through_the_gateway_frees_the_slot(
     llama_server: Stack, alice: str
 ) -> None:
-    raw = json.dumps({"model": llama_server.model, **ENDLESS}).encode()
-    port = int(llama_server.gateway_url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as client:
-        client.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
-            + f"Authorization: Bearer {alice}\r\n".encode()
-            + f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
-            + raw
-        )
+    payload = {"model": llama_server.model, **ENDLESS}
+    with raw_post(llama_server.gateway_url, alice, "/v1/completions", payload):
         wait_until(lambda: busy_slots(llama_server) == 1, timeout=30.0)
         time.sleep(0.3)  # generating, nothing sent to the client yet
     assert wait_until(lambda: busy_slots(llama_server) == 0, timeout=1.0) < 1.0
