@@ -48,6 +48,7 @@ def threads(settings: Settings) -> dict[str, Any]:
         "LLAMA_N_THREADS_BATCH": settings.llama_n_threads_batch,
         "LLAMA_PARALLEL": getattr(settings, "llama_parallel", None),
         "LLAMA_N_CTX": settings.llama_n_ctx,
+        "LLAMA_PROXY_RESERVED_SLOTS": settings.llama_proxy_reserved_slots,
         "generation_threads": settings.threads(),
         "batch_threads": settings.threads_batch(),
     }

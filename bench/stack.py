@@ -41,6 +41,7 @@ PASSTHROUGH = (
     "LLAMA_N_THREADS_BATCH",
     "LLAMA_N_GPU_LAYERS",
     "LLAMA_SERVER_BIN",
+    "LLAMA_PROXY_RESERVED_SLOTS",
 )
 GENEROUS_LIMIT = "1000000"  # requests per minute: rate limiting on, never triggered
 

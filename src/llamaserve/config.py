@@ -50,9 +50,8 @@ class Settings(BaseSettings):
     llama_n_threads_batch: int = Field(
         0,
         ge=0,
-        description="Threads for prompts and batches of several tokens; 0 = all cores with "
-        "llama-cpp-python, LLAMA_N_THREADS' count with llama-server (it decodes its slots' "
-        "tokens as one batch, so this is its generation under load too).",
+        description="Threads for prompts and batches of several tokens (with llama-server, "
+        "its busy slots' tokens are decoded as one batch); 0 = all cores.",
     )
     llama_n_gpu_layers: int = Field(0, description="Layers offloaded to the GPU (-1 = all).")
     llama_chat_format: str = Field(
@@ -112,10 +111,11 @@ class Settings(BaseSettings):
         0, ge=0, description="Requests one user may have generating at once (0 = no limit)."
     )
     llama_proxy_reserved_slots: int = Field(
-        1,
+        0,
         ge=0,
         description="Engine slots kept free for users with nothing generating, so that they "
-        "start at once (0 = none; not applied when the engines have no more slots than this).",
+        "start at once; a user alone never gets them (0 = none; not applied when the "
+        "engines have no more slots than this).",
     )
     llama_proxy_queue_size: int = Field(
         1000, ge=0, description="Requests waiting for an engine, all users together (503 above)."
@@ -156,11 +156,7 @@ class Settings(BaseSettings):
         return self.llama_n_threads or max(1, (os.cpu_count() or 1) - 1)
 
     def threads_batch(self) -> int:
-        if self.llama_n_threads_batch:
-            return self.llama_n_threads_batch
-        if self.llama_engine == "llama-server":
-            return self.threads()
-        return max(1, os.cpu_count() or 1)
+        return self.llama_n_threads_batch or max(1, os.cpu_count() or 1)
 
     def api_key_problem(self) -> str | None:
         """Why the engine key is unusable, or None when it is fine."""

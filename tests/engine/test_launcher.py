@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 from llamaserve.config import Settings
 from llamaserve.engine.llama_server import build_argv
 from llamaserve.engine.process import start_ticks
-from tests.conftest import ROOT, Engine, Project, make_project
+from tests.conftest import ROOT, Engine, Project, make_project, raw_post
 
 LLAMA_SERVER = pytest.mark.parametrize("engine", ["llama-server"], indirect=True)
 # A continuation the model never ends by itself: slots stay busy until cancelled.
@@ -106,15 +105,8 @@ def test_a_stream_whose_client_goes_away_frees_its_slot(engine: Engine) -> None:
 
 @LLAMA_SERVER
 def test_a_plain_request_whose_client_goes_away_frees_its_slot(engine: Engine) -> None:
-    body = json.dumps({"model": engine.model, **ENDLESS, "ignore_eos": True}).encode()
-    port = int(engine.base_url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as client:
-        client.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
-            + f"Authorization: Bearer {engine.api_key}\r\n".encode()
-            + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
+    payload = {"model": engine.model, **ENDLESS, "ignore_eos": True}
+    with raw_post(engine.base_url, engine.api_key, "/v1/completions", payload):
         wait_until(lambda: busy_slots(engine) == 1, timeout=30.0)
         time.sleep(0.3)  # generating, with nothing sent to the client yet
     assert wait_until(lambda: busy_slots(engine) == 0, timeout=1.0) < 1.0
@@ -201,9 +193,9 @@ def test_back_to_back_streams_all_succeed(engine: Engine) -> None:
         assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_llama_server_batches_with_its_generation_threads(tmp_path: Path) -> None:
-    """llama.cpp runs a batch of several slots' tokens with the batch threads: under load
-    that is generation, so it gets the generation threads unless set otherwise."""
+def test_llama_server_gets_the_thread_settings(tmp_path: Path) -> None:
+    """Generation threads leave a core to the rest; batches (prompts, and the tokens of
+    several busy slots) get all cores unless set otherwise."""
 
     def threads(**values: object) -> tuple[str, str]:
         settings = Settings(llama_engine="llama-server", **values)
@@ -212,8 +204,6 @@ def test_llama_server_batches_with_its_generation_threads(tmp_path: Path) -> Non
         )
         return argv[argv.index("--threads") + 1], argv[argv.index("--threads-batch") + 1]
 
-    assert threads(llama_n_threads=3) == ("3", "3")
-    assert threads(llama_n_threads=1, llama_n_threads_batch=2) == ("1", "2")
-    generating = str(max(1, (os.cpu_count() or 1) - 1))
-    assert threads() == (generating, generating)
-    assert Settings(llama_engine="llama-cpp-python").threads_batch() == os.cpu_count()
+    assert threads(llama_n_threads=3) == ("3", str(os.cpu_count()))
+    assert threads(llama_n_threads=1, llama_n_threads_batch=5) == ("1", "5")
+    assert threads() == (str(max(1, (os.cpu_count() or 1) - 1)), str(os.cpu_count()))

@@ -5,9 +5,9 @@ user in a queue of their own; when a slot frees, the waiting user with the fewes
 requests generating is served, and among equals the one served least recently (a
 user who has not been served yet comes first). A user with one request therefore
 waits for at most one request of each other waiting user, never behind another
-user's whole backlog; a newcomer waits only for the slot to free. And `reserved` slots are
-kept for users who have nothing generating: someone arriving while another user's
-backlog fills the engines starts at once instead of waiting for a generation to end.
+user's whole backlog; a newcomer waits only for the next slot to free. Optionally,
+`reserved` slots are kept for users who have nothing generating, so that a newcomer
+starts at once, at the price of those slots for a user alone with a backlog.
 
 The queue is the gateway's own: several gateways in front of the same engines each
 cap what *they* send; the engines queue whatever exceeds their slots, first come,
@@ -47,7 +47,7 @@ class Limits:
     queue_size: int = 1000  # waiting, all users
     user_queue_size: int = 100  # waiting, one user
     max_wait: float = 300.0  # seconds
-    reserved: int = 1  # free slots kept for users with nothing generating; 0 = none
+    reserved: int = 0  # free slots kept for users with nothing generating; 0 = none
 
 
 @dataclass(eq=False)
