@@ -54,6 +54,15 @@ def wait_for(url: str, proc: subprocess.Popen[bytes] | None = None) -> None:
     raise AssertionError(f"{url} never answered")
 
 
+async def read_body(receive: Receive) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 async def mock_engine(scope: Scope, receive: Receive, send: Send) -> None:
     """An OpenAI-ish engine whose `model` field picks a fault: hang, cut, or none."""
     if scope["type"] != "http":
@@ -62,12 +71,7 @@ async def mock_engine(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b'{"status": "ok", "slots": 1}'})
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     model = json.loads(body).get("model") if body else None
     if model == "hang":
         await asyncio.sleep(3)  # longer than the gateway's timeout in the test
@@ -122,13 +126,7 @@ class MockEngine:
         elif scope["path"] == "/v1/models":
             body = b'{"object": "list", "data": [{"id": "mock", "object": "model"}]}'
         else:
-            raw = b""
-            while True:
-                message = await receive()
-                raw += message.get("body", b"")
-                if not message.get("more_body"):
-                    break
-            request = json.loads(raw)
+            request = json.loads(await read_body(receive))
             self.arrivals.append(request["messages"][0]["content"])
             await asyncio.sleep(request.get("mock_delay", 0))
             usage = {"prompt_tokens": 1, "completion_tokens": 1}
