@@ -186,7 +186,7 @@ def test_looking_at_the_queue_while_no_slot_is_free_costs_no_one_their_turn() ->
         scheduler = Scheduler([engine], Limits())
         await scheduler.acquire("a")  # a generates
         waiting = [asyncio.create_task(scheduler.acquire(u)) for u in ("b", "a")]
-        await asyncio.sleep(0)  # ring: b, then a
+        await asyncio.sleep(0)  # queued: b, then a
         waiting.append(asyncio.create_task(scheduler.acquire("a")))  # looks, finds no slot
         await asyncio.sleep(0)
         scheduler.release("a", engine)

@@ -72,7 +72,7 @@ class Scheduler:
         self.engines = engines
         self.limits = limits
         self._queues: dict[Hashable, deque[_Waiter]] = {}
-        self._ring: deque[Hashable] = deque()  # users with waiters, in arrival order
+        self._queued: deque[Hashable] = deque()  # users with requests waiting, in arrival order
         self._running: Counter[Hashable] = Counter()
         # When each user with requests waiting or generating was last served.
         self._served: dict[Hashable, int] = {}
@@ -93,7 +93,7 @@ class Scheduler:
         if not any(e.healthy for e in self.engines if e is not exclude):
             raise ServiceUnavailable("No engine is available.", code="engine_unavailable")
         engine = self._pick(exclude)
-        if not self._ring and engine is not None and self._may_run(user):
+        if not self._queued and engine is not None and self._may_run(user):
             self._take(user, engine)
             return Grant(engine, 0.0)
         waiter = self._enqueue(user, exclude)
@@ -133,13 +133,13 @@ class Scheduler:
     def dispatch(self) -> None:
         """Grant free slots to waiting users: the one with the fewest requests generating
         first, the least recently served among equals. Call when capacity appears."""
-        while self._ring:
+        while self._queued:
             user = self._next_user()
             if user is None or not self._serve_first(user):
                 return
 
     def _next_user(self) -> Hashable | None:
-        eligible = [u for u in self._ring if self._may_run(u)]
+        eligible = [u for u in self._queued if self._may_run(u)]
         if not eligible:
             return None
         # Never served counts as longest ago; arrival order breaks the remaining ties.
@@ -158,7 +158,7 @@ class Scheduler:
         self._waiting -= 1
         if not queue:
             del self._queues[user]
-            self._ring.remove(user)
+            self._queued.remove(user)
         self._take(user, engine)
         waiter.future.set_result(engine)
         return True
@@ -180,7 +180,7 @@ class Scheduler:
         waiter = _Waiter(user, exclude)
         if queue is None:
             queue = self._queues[user] = deque()
-            self._ring.append(user)
+            self._queued.append(user)
         queue.append(waiter)
         self._waiting += 1
         return waiter
@@ -196,7 +196,7 @@ class Scheduler:
             self._waiting -= 1
             if not queue:
                 del self._queues[waiter.user]
-                self._ring.remove(waiter.user)
+                self._queued.remove(waiter.user)
                 self._forget_if_idle(waiter.user)
 
     def _may_run(self, user: Hashable) -> bool:
