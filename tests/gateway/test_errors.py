@@ -20,6 +20,7 @@ def assert_envelope(
 ) -> dict[str, object]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
+    assert int(response.headers["content-length"]) == len(response.content)
     error = response.json()["error"]
     assert set(error) == ENVELOPE and isinstance(error["message"], str) and error["message"]
     assert not proxied or response.headers["x-request-id"]

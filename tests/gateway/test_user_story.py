@@ -41,6 +41,22 @@ def test_health_needs_no_key_and_ready_checks_both(stack: Stack) -> None:
     assert httpx.get(f"{stack.gateway_url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{stack.gateway_url}/ready")
     assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    assert_whole(ready)
+
+
+def assert_whole(response: httpx.Response) -> None:
+    """A whole answer says its length, rather than arriving in chunks."""
+    assert "transfer-encoding" not in response.headers
+    assert int(response.headers["content-length"]) == len(response.content)
+
+
+def test_whole_answers_say_their_length(stack: Stack, alice: str) -> None:
+    headers = {"Authorization": f"Bearer {alice}"}
+    chat = {"model": stack.model, "messages": CHAT, "max_tokens": 4}
+    answer = httpx.post(f"{stack.gateway_url}/v1/chat/completions", json=chat, headers=headers)
+    assert answer.status_code == 200 and answer.json()["choices"]
+    assert_whole(answer)
+    assert_whole(httpx.get(f"{stack.gateway_url}/v1/models", headers=headers))
 
 
 def test_the_engine_listens_on_loopback_only(stack: Stack) -> None:

@@ -13,7 +13,7 @@ from llamaserve.config import Layout, Settings
 from llamaserve.errors import ServiceUnavailable, send_error
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.engines import EngineWatch
-from llamaserve.gateway.exchange import JSON_HEADERS, Exchange
+from llamaserve.gateway.exchange import Exchange
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.scheduling import Engine, Limits, Scheduler
 from llamaserve.gateway.upstream import Upstream
@@ -114,5 +114,6 @@ class Gateway:
 
 async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

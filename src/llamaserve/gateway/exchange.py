@@ -56,7 +56,6 @@ ROUTES = {
     "/v1/completions": "POST",
     "/v1/embeddings": "POST",
 }
-JSON_HEADERS = [(b"content-type", b"application/json")]
 RETRYABLE = frozenset({502, 503, 504})  # the engine could not take the request
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -233,16 +232,14 @@ class Exchange:
             with contextlib.suppress(ValueError, AttributeError):
                 self._count_usage(json.loads(raw).get("usage"))
         content_type = reply.content_type.encode() or b"application/octet-stream"
-        await self._start(reply.status, [(b"content-type", content_type)])
-        await self._body(raw, more=False)
+        await self._whole(reply.status, content_type, raw)
 
     async def _relay_error(self, reply: Reply) -> None:
         raw = await reply.read()
         error = openai_error(reply.status, raw)
         if error is None:  # the engine's answer is an envelope already
             self.row.error = _error_message(raw)
-            await self._start(reply.status, JSON_HEADERS)
-            await self._body(raw, more=False)
+            await self._whole(reply.status, b"application/json", raw)
         else:
             await self._fail(error, status=reply.status)
 
@@ -291,6 +288,12 @@ class Exchange:
         await self._send(
             {"type": "http.response.start", "status": status, "headers": headers + self.headers}
         )
+
+    async def _whole(self, status: int, content_type: bytes, body: bytes) -> None:
+        """A whole answer, with its length (no chunked encoding)."""
+        length = b"%d" % len(body)
+        await self._start(status, [(b"content-type", content_type), (b"content-length", length)])
+        await self._body(body, more=False)
 
     async def _body(self, data: bytes, more: bool = True) -> None:
         self.row.bytes_out += len(data)
