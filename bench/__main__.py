@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,17 @@ def _take_environment() -> dict[str, str]:
     return passthrough
 
 
+@dataclass
+class Run:
+    """One run's options, stack, ledger, results so far, and the users' keys."""
+
+    args: argparse.Namespace
+    stack: Stack
+    ledger: Ledger
+    results: dict[str, Any]
+    keys: dict[str, str] = field(default_factory=dict)
+
+
 def _run(args: argparse.Namespace, stack: Stack, ledger: Ledger, results: dict[str, Any]) -> None:
     if "overhead" in args.only:
         say("a) gateway overhead against the mock engine")
@@ -120,30 +132,25 @@ def _run(args: argparse.Namespace, stack: Stack, ledger: Ledger, results: dict[s
     if "model" not in args.only and "fairness" not in args.only:
         return
     keys = {name: stack.create_user(f"bench-{name}") for name in ("model", "heavy", "light")}
+    run = Run(args, stack, ledger, results, keys)
     results["engines"] = []
     for engine in [e for e in ENGINE_PREFERENCE if e in args.engines]:
         if "model" not in args.only and "fairness" in results:
             break
-        results["engines"].append(_engine(args, stack, engine, keys, ledger, results))
+        results["engines"].append(_engine(run, engine))
     if "fairness" in args.only and "fairness" not in results:
         results["fairness"] = {"error": "no engine started"}
 
 
-def _engine(
-    args: argparse.Namespace,
-    stack: Stack,
-    engine: str,
-    keys: dict[str, str],
-    ledger: Ledger,
-    results: dict[str, Any],
-) -> dict[str, Any]:
+def _engine(run: Run, engine: str) -> dict[str, Any]:
     """Start one engine with `console.sh start`, measure it, stop it."""
+    stack = run.stack
     entry: dict[str, Any] = {"engine": engine}
     if engine == "llama-server":
-        entry["parallel"] = args.parallel
+        entry["parallel"] = run.args.parallel
     say(f"b) starting {engine} (console.sh start)")
     try:
-        stack.start(engine, args.parallel)
+        stack.start(engine, run.args.parallel)
     except BenchError as exc:
         entry["error"] = f"did not start: {str(exc).splitlines()[-1][:300]}"
         say(f"   {engine} {entry['error']}")
@@ -152,36 +159,30 @@ def _engine(
         entry.update(threads=machine.threads(stack.settings()), build=machine.engine_build(stack))
         census = cpu.Census(stack.pids)
         census.start()
-        _measure_engine(args, stack, engine, keys, ledger, results, entry)
+        _measure_engine(run, engine, entry)
         entry["machine"] = census.result()
         say(f"d) {engine}: looking up the request log")
-        ledger.verify(stack)
+        run.ledger.verify(stack)
     finally:
         stack.stop()
     return entry
 
 
-def _measure_engine(
-    args: argparse.Namespace,
-    stack: Stack,
-    engine: str,
-    keys: dict[str, str],
-    ledger: Ledger,
-    results: dict[str, Any],
-    entry: dict[str, Any],
-) -> None:
+def _measure_engine(run: Run, engine: str, entry: dict[str, Any]) -> None:
+    args, stack, keys = run.args, run.stack, run.keys
     model_id = stack.model_id()
     if "model" in args.only:
         say(f"b) {engine}: streams at 1, 4, 8, 16 at once, direct and through the gateway")
         direct = Target(stack.engine_url, stack.engine_key, model_id)
         gateway = Target(stack.gateway_url, keys["model"], model_id)
-        entry["levels"] = model.run(direct, gateway, model.Plan.for_run(args.quick), engine, ledger)
-    if "fairness" in args.only and "fairness" not in results:
+        plan = model.Plan.for_run(args.quick)
+        entry["levels"] = model.run(direct, gateway, plan, engine, run.ledger)
+    if "fairness" in args.only and "fairness" not in run.results:
         say(f"c) fairness through the gateway on {engine}")
         heavy = Target(stack.gateway_url, keys["heavy"], model_id)
         light = Target(stack.gateway_url, keys["light"], model_id)
-        plan = fairness.Plan.for_run(args.quick)
-        results["fairness"] = fairness.run(stack, heavy, light, plan, engine, ledger)
+        plan_f = fairness.Plan.for_run(args.quick)
+        run.results["fairness"] = fairness.run(stack, heavy, light, plan_f, engine, run.ledger)
 
 
 def _finish(args: argparse.Namespace, results: dict[str, Any], ledger: Ledger, stem: str) -> None:
