@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from llamaserve.config import Settings, load_settings
+from llamaserve.readiness import Start, wait_until_ready
 from llamaserve.store import db
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,18 +247,12 @@ class Stack:
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"{proc.args!r} exited while starting; see {log_path}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    _terminate(proc)
-    raise BenchError(f"{url} did not answer within 60 s; see {log_path}")
+    start = wait_until_ready(url, proc, 60)
+    if start is Start.EXITED:
+        raise BenchError(f"{proc.args!r} exited while starting; see {log_path}")
+    if start is Start.TIMED_OUT:
+        _terminate(proc)
+        raise BenchError(f"{url} did not answer within 60 s; see {log_path}")
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:

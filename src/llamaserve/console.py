@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import httpx
-
 from llamaserve.config import ConfigError, Layout, Settings
 from llamaserve.engine import llama_server
 from llamaserve.engine.models import resolve_model
 from llamaserve.engine.process import ProcessRecord, Service
+from llamaserve.readiness import Start, wait_until_ready
 from llamaserve.store import cluster
 
 EXIT_STOPPED = 3
@@ -147,31 +146,20 @@ def launch(plan: Plan, timeout: float, stop_timeout: float, out: TextIO) -> bool
     print(f"llamaserve: starting {service.name} (log: {service.logfile})", file=out, flush=True)
     began = time.monotonic()
     proc = service.spawn(plan.argv, env=plan.env, info=plan.info)
-    while time.monotonic() - began < timeout:
-        if proc.poll() is not None:
-            service.pidfile.unlink(missing_ok=True)
-            _fail(
-                out, f"{service.name} exited with status {proc.returncode} while starting", service
-            )
-            return False
-        if _answers(plan):
-            print(
-                f"llamaserve: {service.name} ready in {time.monotonic() - began:.1f}s "
-                f"(pid {proc.pid})",
-                file=out,
-            )
-            return True
-        time.sleep(0.25)
+    start = wait_until_ready(plan.ready_url, proc, timeout, headers=plan.headers, interval=0.25)
+    if start is Start.READY:
+        print(
+            f"llamaserve: {service.name} ready in {time.monotonic() - began:.1f}s (pid {proc.pid})",
+            file=out,
+        )
+        return True
+    if start is Start.EXITED:
+        service.pidfile.unlink(missing_ok=True)
+        _fail(out, f"{service.name} exited with status {proc.returncode} while starting", service)
+        return False
     service.stop(stop_timeout)
     _fail(out, f"{service.name} did not become ready within {timeout:.0f}s", service)
     return False
-
-
-def _answers(plan: Plan) -> bool:
-    try:
-        return httpx.get(plan.ready_url, headers=plan.headers, timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _fail(out: TextIO, message: str, service: Service) -> None:

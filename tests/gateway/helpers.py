@@ -11,10 +11,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import httpx
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
+from llamaserve.readiness import Start, wait_until_ready
 from tests.conftest import ROOT, free_port
 from tests.gateway.conftest import Stack
 
@@ -41,17 +41,11 @@ def extra_gateway(stack: Stack, **env: str) -> Iterator[str]:
         proc.stderr.close()
 
 
-def wait_for(url: str, proc: subprocess.Popen[bytes] | None = None) -> None:
-    for _ in range(300):
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"gateway exited: {proc.stderr.read() if proc.stderr else ''!r}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never answered")
+def wait_for(url: str, proc: subprocess.Popen[bytes]) -> None:
+    start = wait_until_ready(url, proc, 30)
+    if start is Start.EXITED:
+        raise AssertionError(f"gateway exited: {proc.stderr.read() if proc.stderr else ''!r}")
+    assert start is Start.READY, f"{url} never answered"
 
 
 async def read_body(receive: Receive) -> bytes:
