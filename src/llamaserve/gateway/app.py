@@ -14,6 +14,7 @@ from llamaserve.errors import ServiceUnavailable, send_error
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.engines import EngineWatch
 from llamaserve.gateway.exchange import Exchange
+from llamaserve.gateway.limits import Admissions
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.scheduling import Engine, Limits, Scheduler
 from llamaserve.gateway.upstream import Upstream
@@ -44,6 +45,7 @@ class Gateway:
         )
         self.pool: Any = None
         self.auth: Authenticator
+        self.admissions: Admissions
         self.requests: RequestLog
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,6 +82,11 @@ class Gateway:
         async with self.pool.acquire() as conn:
             await migrations.check_schema(conn)
         self.auth = Authenticator(self.pool, self.settings.llama_server_api_key)
+        self.admissions = Admissions(
+            self.pool,
+            self.settings.llama_proxy_rate_limit,
+            self.settings.llama_proxy_rate_window_seconds,
+        )
         self.requests = RequestLog(self.pool)
         self.requests.start()
         await self.upstream.open()

@@ -41,7 +41,6 @@ from llamaserve.gateway.streaming import (
     parse_chunk,
 )
 from llamaserve.gateway.upstream import Reply
-from llamaserve.store import limits
 from llamaserve.store.requests import RequestRow
 
 if TYPE_CHECKING:
@@ -127,12 +126,7 @@ class Exchange:
     async def _admit(self, authorization: bytes | None) -> None:
         gateway = self.gateway
         self.row.key_id = await gateway.auth.authenticate(authorization)
-        admission = await limits.admit(
-            gateway.pool,
-            key_id=self.row.key_id,
-            default_limit=gateway.settings.llama_proxy_rate_limit,
-            default_window=gateway.settings.llama_proxy_rate_window_seconds,
-        )
+        admission = await gateway.admissions.admit(self.row.key_id)
         if admission is None:  # the key was deleted with its user
             raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
         self.row.user_id, self.row.username = admission.user_id, admission.username

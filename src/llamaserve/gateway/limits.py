@@ -1,9 +1,66 @@
-"""Turning the store's admission of a request into a refusal or OpenAI's rate-limit headers."""
+"""Admission of requests in batches, and turning an admission into a refusal or
+OpenAI's rate-limit headers."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from llamaserve.errors import AuthenticationFailed, PermissionDenied
+from llamaserve.store import limits
 from llamaserve.store.limits import Admission
+
+
+class Admissions:
+    """Admits requests the way a database commits in groups: a request that comes while
+    no admission is under way goes to the database at once; those that come meanwhile
+    wait for it, and go together in the next round trip (at most `max_batch`).
+
+    A lone request waits for nothing, and under load the database sees a few statements
+    instead of one per request: at 32 requests at once, a fraction of the gateway's and
+    the database's work per request. Tokens are taken exactly as if one by one.
+    """
+
+    def __init__(
+        self, pool: Any, default_limit: int, default_window: int, max_batch: int = 256
+    ) -> None:
+        self._pool = pool
+        self._defaults = {"default_limit": default_limit, "default_window": default_window}
+        self._max_batch = max_batch
+        self._waiting: list[tuple[str, asyncio.Future[Admission | None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def admit(self, key_id: str) -> Admission | None:
+        """This request's admission, or None when the key does not exist."""
+        future: asyncio.Future[Admission | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((key_id, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="admissions")
+        return await future
+
+    async def _run(self) -> None:
+        # Not cancelled with any one request: a client that leaves only drops its future.
+        try:
+            while self._waiting:
+                batch = self._waiting[: self._max_batch]
+                del self._waiting[: self._max_batch]
+                await self._admit(batch)
+        finally:
+            self._task = None
+
+    async def _admit(self, batch: list[tuple[str, asyncio.Future[Admission | None]]]) -> None:
+        try:
+            found = await limits.admit(
+                self._pool, key_ids=[key_id for key_id, _ in batch], **self._defaults
+            )
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), admission in zip(batch, found, strict=True):
+            if not future.done():  # done: cancelled, its client went away
+                future.set_result(admission)
 
 
 def refuse_unless_admitted(admission: Admission) -> None:

@@ -1,0 +1,103 @@
+"""The gateway's admissions in batches, on a real database: requests that come together
+share round trips, a client that leaves drops only its own answer, and a failed round
+trip fails each of its requests (none waits forever)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from llamaserve.gateway.limits import Admissions
+from llamaserve.store import db, users
+from tests.pgfixtures import PgDatabase
+
+pytestmark = pytest.mark.anyio
+
+
+class CountingPool:
+    """The real pool, counting the statements sent through it."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.statements = 0
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        self.statements += 1
+        return await self.pool.fetch(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        self.statements += 1
+        return await self.pool.execute(sql, *args)
+
+
+@pytest.fixture
+async def pool(pg_database: PgDatabase) -> AsyncIterator[CountingPool]:
+    real = await db.create_pool(pg_database.settings, pg_database.layout, durable_commits=False)
+    try:
+        yield CountingPool(real)
+    finally:
+        await real.close()
+
+
+async def key_of(pool: CountingPool, username: str, rate_limit: int) -> str:
+    async with pool.pool.acquire() as conn:
+        await users.create_user(
+            conn, username=username, rate_limit=rate_limit, rate_window_seconds=600
+        )
+        return (await users.create_key(conn, username=username)).key_id
+
+
+async def test_requests_that_come_together_share_round_trips(pool: CountingPool) -> None:
+    key = await key_of(pool, "alice", rate_limit=30)
+    admissions = Admissions(pool, default_limit=60, default_window=60)
+    await admissions.admit(key)  # the first request ever makes the bucket
+    pool.statements = 0
+
+    found = await asyncio.gather(*(admissions.admit(key) for _ in range(50)))
+
+    assert sum(a is not None and a.allowed for a in found) == 29
+    # All 50 are waiting before the round trip starts: one statement takes them all.
+    assert pool.statements == 1
+    assert sorted(a.remaining for a in found if a and a.allowed) == list(range(29))
+
+
+async def test_a_lone_request_is_sent_at_once(pool: CountingPool) -> None:
+    key = await key_of(pool, "bob", rate_limit=10)
+    admissions = Admissions(pool, default_limit=60, default_window=60)
+    for expected in range(9, 4, -1):
+        admission = await admissions.admit(key)
+        assert admission is not None and admission.remaining == expected
+    assert await admissions.admit("lsk_no_such_key") is None
+
+
+async def test_a_client_that_leaves_drops_only_its_own_answer(pool: CountingPool) -> None:
+    key = await key_of(pool, "carol", rate_limit=100)
+    admissions = Admissions(pool, default_limit=60, default_window=60)
+    waiting = [asyncio.ensure_future(admissions.admit(key)) for _ in range(20)]
+    await asyncio.sleep(0)  # all are queued
+    for task in waiting[::2]:
+        task.cancel()
+    done = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
+
+    kept = done[1::2]
+    assert all(not isinstance(a, BaseException) and a is not None and a.allowed for a in kept)
+    assert all(isinstance(a, asyncio.CancelledError) for a in done[::2])
+    # Later requests are admitted as usual.
+    assert (await admissions.admit(key)) is not None
+
+
+async def test_a_failed_round_trip_fails_each_of_its_requests(pg_database: PgDatabase) -> None:
+    real = await db.create_pool(pg_database.settings, pg_database.layout)
+    await real.close()  # every statement now fails
+    admissions = Admissions(real, default_limit=60, default_window=60)
+
+    found = await asyncio.wait_for(
+        asyncio.gather(*(admissions.admit("lsk_any") for _ in range(5)), return_exceptions=True),
+        timeout=10,
+    )
+
+    assert all(isinstance(f, asyncpg.InterfaceError) for f in found)
