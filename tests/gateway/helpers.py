@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,30 +23,34 @@ from tests.gateway.conftest import Stack
 @contextmanager
 def extra_gateway(stack: Stack, **env: str) -> Iterator[str]:
     """Another gateway process on the same database, with settings overridden by env."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llamaserve", "serve-gateway"],
-        cwd=ROOT,
-        env={**stack.project.env, "LLAMA_PROXY_PORT": str(port), **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(url + "/health", proc)
+    with gateway_process(stack.project.env, **env) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        assert proc.stderr is not None
-        proc.stderr.close()
 
 
-def wait_for(url: str, proc: subprocess.Popen[bytes]) -> None:
-    start = wait_until_ready(url, proc, 30)
-    if start is Start.EXITED:
-        raise AssertionError(f"gateway exited: {proc.stderr.read() if proc.stderr else ''!r}")
-    assert start is Start.READY, f"{url} never answered"
+@contextmanager
+def gateway_process(project_env: dict[str, str], **env: str) -> Iterator[str]:
+    """A gateway process of a project (its environment), on a port of its own. Its log
+    goes to a file, not a pipe: a pipe nobody reads stalls the gateway once full."""
+    port = free_port()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llamaserve", "serve-gateway"],
+            cwd=ROOT,
+            env={**project_env, "LLAMA_PROXY_PORT": str(port), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            start = wait_until_ready(url + "/health", proc, 30)
+            if start is Start.EXITED:
+                log.seek(0)
+                raise AssertionError(f"gateway exited: {log.read().decode(errors='replace')}")
+            assert start is Start.READY, f"{url} never answered"
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 async def read_body(receive: Receive) -> bytes:

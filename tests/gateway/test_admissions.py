@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from llamaserve.errors import ServiceUnavailable
 from llamaserve.gateway.limits import Admissions
 from llamaserve.store import db, users
 from tests.pgfixtures import PgDatabase
@@ -100,4 +101,5 @@ async def test_a_failed_round_trip_fails_each_of_its_requests(pg_database: PgDat
         timeout=10,
     )
 
-    assert all(isinstance(f, asyncpg.InterfaceError) for f in found)
+    assert all(isinstance(f, ServiceUnavailable) for f in found)
+    assert {f.code for f in found if isinstance(f, ServiceUnavailable)} == {"database_unavailable"}

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from llamaserve.errors import AuthenticationFailed
+from llamaserve.gateway.limits import database_errors
 from llamaserve.store import keys, limits
 
 _DUMMY_HASH = keys.hash_key("lsk_0000000000_" + "0" * 43)
@@ -51,7 +52,8 @@ class Authenticator:
         if key_id in self._hashes:
             self._hashes.move_to_end(key_id)
             return self._hashes[key_id]
-        stored = await limits.key_hash(self._pool, key_id=key_id)
+        with database_errors():
+            stored = await limits.key_hash(self._pool, key_id=key_id)
         if stored is not None:  # unknown ids are not cached: the key may be created soon
             self._hashes[key_id] = stored
             if len(self._hashes) > self._cache_size:

@@ -1,14 +1,35 @@
-"""Admission of requests in batches, and turning an admission into a refusal or
-OpenAI's rate-limit headers."""
+"""Admission of requests in batches, turning an admission into a refusal or OpenAI's
+rate-limit headers, and the one place where the database failing a request is mapped."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from llamaserve.errors import AuthenticationFailed, PermissionDenied
+import asyncpg
+
+from llamaserve.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
 from llamaserve.store import limits
 from llamaserve.store.limits import Admission
+
+log = logging.getLogger("llamaserve.gateway")
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """A database that cannot answer makes the request a 503 to retry, not a 500."""
+    try:
+        yield
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("database: %s: %s", type(exc).__name__, exc)
+        raise ServiceUnavailable(
+            "The gateway cannot reach its user database; try again shortly.",
+            code="database_unavailable",
+            headers={"Retry-After": "5"},
+        ) from exc
 
 
 class Admissions:
@@ -50,9 +71,10 @@ class Admissions:
 
     async def _admit(self, batch: list[tuple[str, asyncio.Future[Admission | None]]]) -> None:
         try:
-            found = await limits.admit(
-                self._pool, key_ids=[key_id for key_id, _ in batch], **self._defaults
-            )
+            with database_errors():
+                found = await limits.admit(
+                    self._pool, key_ids=[key_id for key_id, _ in batch], **self._defaults
+                )
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
