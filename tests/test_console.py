@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from llamaserve.config import Settings
+from llamaserve.console import unused_engine_warning
 from llamaserve.engine.process import start_ticks
 from tests.conftest import ENGINES, Engine, Project, make_project
 
@@ -70,6 +72,38 @@ def test_port_already_taken(tmp_path: Path) -> None:
         project = make_project(tmp_path / "rt", LLAMA_SERVER_PORT=str(port))
         one_line_error(project.console("start"), f"port {port}", "already in use")
     assert not (project.runtime / "run" / "engine.pid").exists()
+
+
+def test_the_gateway_refuses_an_engine_users_could_reach_around_it(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "rt", LLAMA_PROXY_ENABLED="1", LLAMA_SERVER_HOST="0.0.0.0")
+    one_line_error(project.console("start"), "bypass the gateway", 'LLAMA_SERVER_HOST="127.0.0.1"')
+    assert not (project.runtime / "run" / "engine.pid").exists()
+
+
+@pytest.mark.parametrize(
+    ("host", "backends", "warned"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000", False),
+        ("127.0.0.1", "http://localhost:8000/", False),
+        ("127.0.0.1", "http://10.0.0.5:8000,http://127.0.0.1:8000", False),
+        ("127.0.0.1", "http://127.0.0.1:18000", True),  # the engine's port changed alone
+        ("127.0.0.1", "http://10.0.0.5:8000", True),
+        ("10.0.0.7", "http://10.0.0.7:8000", False),
+    ],
+)
+def test_a_backend_list_without_the_engine_started_here_is_named(
+    host: str, backends: str, warned: bool
+) -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        llama_server_host=host,
+        llama_server_port=8000,
+        llama_server_backend_url=backends,
+    )
+    warning = unused_engine_warning(settings)
+    assert (warning is not None) == warned
+    if warning:
+        assert "http://" + ("127.0.0.1" if host == "127.0.0.1" else host) + ":8000" in warning
 
 
 def test_llama_server_missing_is_one_line(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import urlsplit
 
 from llamaserve.config import ConfigError, Layout, Settings
 from llamaserve.engine import llama_server
@@ -93,6 +94,25 @@ def plan_gateway(settings: Settings, layout: Layout) -> Plan:
     )
 
 
+def unused_engine_warning(settings: Settings) -> str | None:
+    """A warning when the gateway would not forward to the engine this console starts:
+    most often LLAMA_SERVER_PORT changed and LLAMA_SERVER_BACKEND_URL did not."""
+    host, port = settings.llama_server_host, settings.llama_server_port
+    names = {host}
+    if host in (*LOOPBACK, "0.0.0.0", "::", ""):
+        names.update(LOOPBACK)  # the engine answers on loopback under any of its names
+    for url in settings.backend_urls():
+        parsed = urlsplit(url)
+        if parsed.hostname in names and (parsed.port or 80) == port:
+            return None
+    return (
+        f"LLAMA_SERVER_BACKEND_URL ({settings.llama_server_backend_url}) does not include the "
+        f"engine this console starts ({connect_host(host)}:{port}): the gateway will not use "
+        f'it. Set LLAMA_SERVER_BACKEND_URL="http://{connect_host(host)}:{port}" in '
+        "runtime/config.env unless that is what you want."
+    )
+
+
 def _child_env(layout: Layout, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
@@ -121,6 +141,9 @@ def start(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
     plans = [plan_engine(settings, layout)]
     if settings.llama_proxy_enabled:
         plans.append(plan_gateway(settings, layout))
+        warning = unused_engine_warning(settings)
+        if warning:
+            print(f"llamaserve: warning: {warning}", file=out)
     pending = [plan for plan in plans if not _already_running(plan, out)]
     for plan in pending:
         check_port_free(plan.host, plan.port)
