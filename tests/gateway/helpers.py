@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
@@ -148,3 +149,25 @@ class MockEngine:
         assert self._server is not None and self._thread is not None
         self._server.should_exit = True
         self._thread.join(timeout=10)
+
+
+ENVELOPE = {"message", "type", "param", "code"}
+
+
+def assert_envelope(
+    response: httpx.Response, status: int, proxied: bool = True
+) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert int(response.headers["content-length"]) == len(response.content)
+    error = response.json()["error"]
+    assert set(error) == ENVELOPE and isinstance(error["message"], str) and error["message"]
+    assert not proxied or response.headers["x-request-id"]
+    return error  # type: ignore[no-any-return]
+
+
+def post(
+    url: str, key: str, content: bytes | str, path: str = "/v1/chat/completions"
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    return httpx.post(url + path, content=content, headers=headers, timeout=60)

@@ -19,8 +19,7 @@ import pytest
 from llamaserve.config import load_settings
 from llamaserve.store import cluster, db
 from tests.conftest import ROOT, Project, make_project, run
-from tests.gateway.helpers import gateway_process, running_mock_engine
-from tests.gateway.test_errors import assert_envelope, post
+from tests.gateway.helpers import assert_envelope, gateway_process, post, running_mock_engine
 
 
 @pytest.fixture

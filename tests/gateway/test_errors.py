@@ -10,34 +10,19 @@ import pytest
 
 from tests.conftest import free_port
 from tests.gateway.conftest import Stack
-from tests.gateway.helpers import extra_gateway, running_mock_engine
-
-ENVELOPE = {"message", "type", "param", "code"}
-
-
-def assert_envelope(
-    response: httpx.Response, status: int, proxied: bool = True
-) -> dict[str, object]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    assert int(response.headers["content-length"]) == len(response.content)
-    error = response.json()["error"]
-    assert set(error) == ENVELOPE and isinstance(error["message"], str) and error["message"]
-    assert not proxied or response.headers["x-request-id"]
-    return error  # type: ignore[no-any-return]
+from tests.gateway.helpers import (
+    ENVELOPE,
+    assert_envelope,
+    extra_gateway,
+    post,
+    running_mock_engine,
+)
 
 
 @pytest.fixture(scope="module")
 def mock_url() -> Iterator[str]:
     with running_mock_engine() as url:
         yield url
-
-
-def post(
-    url: str, key: str, content: bytes | str, path: str = "/v1/chat/completions"
-) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    return httpx.post(url + path, content=content, headers=headers, timeout=60)
 
 
 def test_malformed_json_is_400(stack: Stack, alice: str) -> None:
