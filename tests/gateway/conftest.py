@@ -44,7 +44,22 @@ class Stack:
         return OpenAI(base_url=f"{self.gateway_url}/v1", api_key=key, max_retries=0, timeout=300)
 
     def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        return asyncio.run(_query(self.project, sql, *args))
+        return asyncio.run(self._query(sql, *args))
+
+    async def _query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await self.connect()
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    async def connect(self) -> asyncpg.Connection:
+        """A connection of our own to the stack's user database."""
+        from llamaserve.config import load_settings
+        from llamaserve.store import db
+
+        settings, layout = load_settings(ROOT, runtime=self.project.runtime)
+        return await db.connect(settings, layout)
 
     def row(self, request_id: str) -> asyncpg.Record:
         """The llama_requests row of a request, once the background writer has written it."""
@@ -54,18 +69,6 @@ class Stack:
                 return rows[0]
             subprocess.run(["sleep", "0.1"], check=True)
         raise AssertionError(f"no llama_requests row for {request_id}")
-
-
-async def _query(project: Project, sql: str, *args: Any) -> list[asyncpg.Record]:
-    from llamaserve.config import load_settings
-    from llamaserve.store import db
-
-    settings, layout = load_settings(ROOT, runtime=project.runtime)
-    conn = await asyncpg.connect(**db.connect_kwargs(settings, layout))
-    try:
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
 
 
 def start_stack(runtime: Path, **config: str) -> Stack:

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import uvicorn
@@ -106,13 +107,16 @@ def running_mock_engine() -> Iterator[str]:
 class MockEngine:
     """A fast fake engine with `slots`, that records what reaches it and can be killed.
 
-    A request's `mock_delay` (seconds) is how long it 'generates'; its first message
-    is its tag in `arrivals`.
+    A request's `mock_delay` (seconds) is how long it 'generates'; its first message is
+    its tag in `arrivals`, then in `finished` once answered, or in `abandoned` if its
+    client (the gateway) went away first. A stream's status line goes out at once.
     """
 
     def __init__(self, slots: int = 1) -> None:
         self.slots = slots
         self.arrivals: list[str] = []
+        self.finished: list[str] = []
+        self.abandoned: list[str] = []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server: uvicorn.Server | None = None
@@ -122,19 +126,34 @@ class MockEngine:
         if scope["type"] != "http":
             return
         if scope["path"] == "/health":
-            body = json.dumps({"status": "ok", "slots": self.slots}).encode()
+            await _send_json(send, {"status": "ok", "slots": self.slots})
         elif scope["path"] == "/v1/models":
-            body = b'{"object": "list", "data": [{"id": "mock", "object": "model"}]}'
+            await _send_json(send, {"object": "list", "data": [{"id": "mock", "object": "model"}]})
         else:
-            request = json.loads(await read_body(receive))
-            self.arrivals.append(request["messages"][0]["content"])
-            await asyncio.sleep(request.get("mock_delay", 0))
-            usage = {"prompt_tokens": 1, "completion_tokens": 1}
-            answer = {"id": "m", "object": "chat.completion", "choices": [], "usage": usage}
-            body = json.dumps(answer).encode()
-        headers = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+            await self._generate(json.loads(await read_body(receive)), receive, send)
+
+    async def _generate(self, request: dict[str, Any], receive: Receive, send: Send) -> None:
+        tag = request["messages"][0]["content"]
+        self.arrivals.append(tag)
+        if request.get("stream"):
+            headers = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+        gone = asyncio.ensure_future(_disconnected(receive))
+        await asyncio.wait({gone}, timeout=request.get("mock_delay", 0))
+        if gone.done():
+            self.abandoned.append(tag)
+            return
+        gone.cancel()
+        self.finished.append(tag)
+        usage = {"prompt_tokens": 1, "completion_tokens": 1}
+        if not request.get("stream"):
+            await _send_json(send, {"id": "m", "object": "chat.completion", "choices": [],
+                                    "usage": usage})  # fmt: skip
+            return
+        choice = {"index": 0, "delta": {"content": tag}, "finish_reason": "stop"}
+        chunk = {"id": "m", "object": "chat.completion.chunk", "choices": [choice]}
+        events = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+        await send({"type": "http.response.body", "body": events, "more_body": False})
 
     def start(self) -> MockEngine:
         config = uvicorn.Config(self, port=self.port, log_level="critical")
@@ -149,6 +168,17 @@ class MockEngine:
         assert self._server is not None and self._thread is not None
         self._server.should_exit = True
         self._thread.join(timeout=10)
+
+
+async def _send_json(send: Send, payload: dict[str, Any]) -> None:
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 ENVELOPE = {"message", "type", "param", "code"}

@@ -103,3 +103,52 @@ async def test_a_failed_round_trip_fails_each_of_its_requests(pg_database: PgDat
 
     assert all(isinstance(f, ServiceUnavailable) for f in found)
     assert {f.code for f in found if isinstance(f, ServiceUnavailable)} == {"database_unavailable"}
+
+
+async def test_a_request_is_expected_to_pass_only_with_tokens_to_spare(
+    pool: CountingPool,
+) -> None:
+    key = await key_of(pool, "dave", rate_limit=20)  # a tenth of the limit: 2 to spare
+    async with pool.pool.acquire() as conn:
+        other = (await users.create_key(conn, username="dave")).key_id
+    admissions = Admissions(pool, default_limit=60, default_window=60)
+    first = admissions.submit(key)
+    assert first.expected is None  # a key not seen yet: wait for the database
+    await first.future
+    for _ in range(15):
+        await admissions.admit(key)  # 4 tokens left
+
+    pending = [admissions.submit(other)] + [admissions.submit(key) for _ in range(3)]
+
+    # 4 left, minus those under way (the other key's counts: its user is not known yet),
+    # must leave 2 to spare: the last waits for the database.
+    assert [p.expected is not None for p in pending] == [False, True, True, False]
+    assert pending[1].expected is not None and pending[1].expected.username == "dave"
+    found = [await p.future for p in pending]
+    assert [a is not None and a.allowed for a in found] == [True] * 4
+    later = [admissions.submit(key), admissions.submit("lsk_no_such_key")]
+    assert [p.expected for p in later] == [None, None]  # none left; an unknown key
+    refused, unknown = [await p.future for p in later]
+    assert refused is not None and not refused.allowed and unknown is None
+
+
+async def test_after_a_failed_round_trip_every_request_waits_for_the_database(
+    pg_database: PgDatabase,
+) -> None:
+    real = await db.create_pool(pg_database.settings, pg_database.layout)
+    counting = CountingPool(real)
+    key = await key_of(counting, "erin", rate_limit=100)
+    admissions = Admissions(real, default_limit=60, default_window=60)
+    await admissions.admit(key)
+    before = admissions.submit(key)
+    assert before.expected is not None
+    await before.future
+    await real.close()  # every statement now fails
+
+    with pytest.raises(ServiceUnavailable):
+        await admissions.admit(key)
+
+    after = admissions.submit(key)
+    assert after.expected is None
+    with pytest.raises(ServiceUnavailable):
+        await after.future

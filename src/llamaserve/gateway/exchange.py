@@ -1,5 +1,10 @@
 """The life of one proxied request: route, body, key, rate limit, a fair slot of an
-engine, the relay of its answer, and the request's row in `llama_requests`."""
+engine, the relay of its answer, and the request's row in `llama_requests`.
+
+A request whose admission the gateway expects to pass (see `Admissions`) goes to the
+engine while the database decides; the answer's first byte waits for the decision,
+and a refusal cancels the engine's work at once.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from llamaserve.gateway.streaming import (
     parse_chunk,
 )
 from llamaserve.gateway.upstream import Reply
+from llamaserve.store.limits import Admission
 from llamaserve.store.requests import RequestRow
 
 if TYPE_CHECKING:
@@ -83,6 +89,8 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = [(b"x-request-id", self.row.request_id.encode())]
         self.started = False  # the response's status line has gone out
         self.streaming = False
+        self._admission: asyncio.Future[Admission | None] | None = None  # until settled
+        self._cleared = asyncio.Event()  # admitted: the answer may go out
 
     async def run(self) -> None:
         try:
@@ -124,9 +132,27 @@ class Exchange:
                 return bytes(body)
 
     async def _admit(self, authorization: bytes | None) -> None:
+        """Authenticate, and submit the admission: wait for it, unless it is expected to
+        pass (then `_forward` settles it while the engine works)."""
         gateway = self.gateway
         self.row.key_id = await gateway.auth.authenticate(authorization)
-        admission = await gateway.admissions.admit(self.row.key_id)
+        pending = gateway.admissions.submit(self.row.key_id)
+        self._admission = pending.future
+        if pending.expected is None:
+            await self._admitted()
+        else:
+            self.row.user_id = pending.expected.user_id
+            self.row.username = pending.expected.username
+
+    async def _admitted(self) -> None:
+        """Settle the admission (only ever in the request's own task, never in the relay's),
+        raising its refusal; once admitted, the relay may answer."""
+        if self._admission is not None:
+            admission, self._admission = self._admission, None
+            self._settle(await admission)
+            self._cleared.set()
+
+    def _settle(self, admission: Admission | None) -> None:
         if admission is None:  # the key was deleted with its user
             raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
         self.row.user_id, self.row.username = admission.user_id, admission.username
@@ -163,17 +189,26 @@ class Exchange:
         return json.dumps(payload).encode(), True, False
 
     async def _forward(self, body: bytes, stream: bool, wants_usage: bool) -> None:
-        """Relay the engine's answer; a client that goes away cancels the engine's work."""
+        """Relay the engine's answer. A client that goes away cancels the engine's work, and
+        so does the refusal of a request that went ahead of its admission."""
         relay = asyncio.ensure_future(self._relay(body, stream, wants_usage))
         gone = asyncio.ensure_future(_disconnected(self.receive))
-        await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if relay.done():
+        try:
+            if self._admission is not None:
+                watched: set[asyncio.Future[Any]] = {relay, gone, self._admission}
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                if not (relay.done() or gone.done()):
+                    await self._admitted()
+            await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if relay.done():
+                relay.result()
+                return
+        finally:
             gone.cancel()
-            relay.result()
-            return
-        relay.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay
+            if not relay.done():
+                relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
         self.row.outcome = "cancelled"
         if not self.started:
             self.row.status = 499  # nginx's "client closed request"
@@ -235,11 +270,12 @@ class Exchange:
             self.row.error = _error_message(raw)
             await self._whole(reply.status, b"application/json", raw)
         else:
+            await self._cleared.wait()
             await self._fail(error, status=reply.status)
 
     async def _relay_stream(self, reply: Reply, wants_usage: bool) -> None:
-        self.streaming = True
         await self._start(200, STREAM_HEADERS)
+        self.streaming = True
         events = EventSplitter()
         done = False
         async for chunk in reply.chunks():
@@ -277,6 +313,7 @@ class Exchange:
             self.row.completion_tokens = usage.get("completion_tokens")
 
     async def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        await self._cleared.wait()
         self.row.status = status
         self.started = True
         await self._send(
@@ -294,6 +331,11 @@ class Exchange:
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def _fail(self, error: APIError, status: int | None = None) -> None:
+        if self._admission is not None:  # a refusal comes before what went wrong meanwhile
+            try:
+                await self._admitted()
+            except APIError as refusal:
+                error, status = refusal, None
         self.row.error = error.message
         if self.row.outcome != "cancelled":
             self.row.outcome = "error"
@@ -307,6 +349,8 @@ class Exchange:
             self.row.bytes_out += wire.count
 
     def _finish(self) -> None:
+        if self._admission is not None:  # never settled: the client went away first
+            _discard(self._admission)
         row = self.row
         row.latency_ms = self._elapsed_ms()
         if row.outcome == "error" and 400 <= row.status < 500:
@@ -334,6 +378,13 @@ class _CountingSend:
     async def __call__(self, message: Message) -> None:
         self.count += len(message.get("body", b""))
         await self._send(message)
+
+
+def _discard(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()  # retrieved: asyncio would log it as never retrieved
 
 
 async def _disconnected(receive: Receive) -> None:
