@@ -104,6 +104,12 @@ def running_mock_engine() -> Iterator[str]:
         thread.join(timeout=10)
 
 
+def mock_request(tag: str, delay: float = 0.0, stream: bool = False) -> dict[str, object]:
+    """A chat request for MockEngine: tagged by its message, 'generating' for `delay` s."""
+    messages = [{"role": "user", "content": tag}]
+    return {"model": "mock", "messages": messages, "mock_delay": delay, "stream": stream}
+
+
 class MockEngine:
     """A fast fake engine with `slots`, that records what reaches it and can be killed.
 

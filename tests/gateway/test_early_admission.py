@@ -16,17 +16,12 @@ import httpx
 import pytest
 
 from tests.gateway.conftest import Stack
-from tests.gateway.helpers import MockEngine, assert_envelope, extra_gateway
-
-
-def body(tag: str, delay: float = 0.0, stream: bool = False) -> dict[str, object]:
-    messages = [{"role": "user", "content": tag}]
-    return {"model": "mock", "messages": messages, "mock_delay": delay, "stream": stream}
+from tests.gateway.helpers import MockEngine, assert_envelope, extra_gateway, post
+from tests.gateway.helpers import mock_request as body
 
 
 def chat(url: str, key: str, payload: dict[str, object]) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"}
-    return httpx.post(f"{url}/v1/chat/completions", json=payload, headers=headers, timeout=60)
+    return post(url, key, json.dumps(payload))
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10) -> None:

@@ -13,10 +13,7 @@ import pytest
 
 from tests.gateway.conftest import Stack
 from tests.gateway.helpers import MockEngine, extra_gateway
-
-
-def body(tag: str, delay: float = 0.0) -> dict[str, object]:
-    return {"model": "mock", "messages": [{"role": "user", "content": tag}], "mock_delay": delay}
+from tests.gateway.helpers import mock_request as body
 
 
 async def send_all(url: str, calls: list[tuple[str, dict[str, object]]]) -> list[httpx.Response]:
