@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from llamaserve.config import Settings
 from llamaserve.console import unused_engine_warning
-from llamaserve.engine.process import start_ticks
+from llamaserve.engine.process import Service, start_ticks
 from tests.conftest import ENGINES, Engine, Project, make_project
 
 
@@ -168,6 +169,31 @@ def test_stale_pidfile_with_a_reused_pid_is_never_signalled(project: Project) ->
     finally:
         stranger.send_signal(signal.SIGKILL)
         stranger.wait()
+
+
+def test_a_process_that_ignores_sigterm_is_killed_with_its_children(tmp_path: Path) -> None:
+    # Like the gateway's supervisor and its worker: the child must not outlive the kill.
+    service = Service("stubborn", tmp_path / "run", tmp_path / "log")
+    pidfile = tmp_path / "child.pid"
+    script = (
+        "import pathlib, signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "child = subprocess.Popen(['sleep', '60'])\n"
+        "pathlib.Path(sys.argv[1]).write_text(str(child.pid))\n"
+        "time.sleep(60)\n"
+    )
+    proc = service.spawn([sys.executable, "-c", script, str(pidfile)], env={}, info={})
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline, service.tail()
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    assert service.stop(timeout=0.5)
+    assert proc.wait(timeout=5) == -signal.SIGKILL
+    deadline = time.monotonic() + 5
+    while start_ticks(child) is not None:
+        assert time.monotonic() < deadline, "the child outlived its parent's SIGKILL"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("engine_name", ENGINES)

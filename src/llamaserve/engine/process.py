@@ -97,7 +97,7 @@ class Service:
             return False
         _signal(record, signal.SIGTERM)
         if not self._wait_gone(record, timeout):
-            _signal(record, signal.SIGKILL)
+            _signal(record, signal.SIGKILL, group=True)
             self._wait_gone(record, 5.0)
         self.pidfile.unlink(missing_ok=True)
         return True
@@ -119,8 +119,14 @@ class Service:
         return False
 
 
-def _signal(record: ProcessRecord, sig: signal.Signals) -> None:
+def _signal(record: ProcessRecord, sig: signal.Signals, group: bool = False) -> None:
+    """Signal our process, or with `group` its whole process group (`spawn` makes it the
+    leader of a session of its own): a child it started, such as the gateway's worker,
+    must not outlive a SIGKILL of its parent."""
     # Re-check identity right before signalling: the pid may have been reused meanwhile.
     if start_ticks(record.pid) == record.start_ticks:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(record.pid, sig)
+            if group and os.getpgid(record.pid) == record.pid:
+                os.killpg(record.pid, sig)
+            else:
+                os.kill(record.pid, sig)
