@@ -112,7 +112,7 @@ def serve(command: str, settings: Settings, layout: Layout) -> int:
     if command == "serve-gateway":
         from llamaserve.gateway import server
 
-        server.serve(settings, layout)
+        server.serve(settings)
         return 0
     from llamaserve.engine.models import resolve_model
 

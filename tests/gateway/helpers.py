@@ -31,8 +31,17 @@ def extra_gateway(stack: Stack, **env: str) -> Iterator[str]:
 
 @contextmanager
 def gateway_process(project_env: dict[str, str], **env: str) -> Iterator[str]:
-    """A gateway process of a project (its environment), on a port of its own. Its log
-    goes to a file, not a pipe: a pipe nobody reads stalls the gateway once full."""
+    """A gateway process of a project (its environment), on a port of its own."""
+    with running_gateway(project_env, **env) as (url, _):
+        yield url
+
+
+@contextmanager
+def running_gateway(
+    project_env: dict[str, str], **env: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A gateway process and its URL, stopped (SIGTERM) at the end if still running. Its
+    log goes to a file, not a pipe: a pipe nobody reads stalls the gateway once full."""
     port = free_port()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
@@ -49,7 +58,7 @@ def gateway_process(project_env: dict[str, str], **env: str) -> Iterator[str]:
                 log.seek(0)
                 raise AssertionError(f"gateway exited: {log.read().decode(errors='replace')}")
             assert start is Start.READY, f"{url} never answered"
-            yield url
+            yield url, proc
         finally:
             proc.terminate()
             proc.wait(timeout=30)
