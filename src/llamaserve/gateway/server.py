@@ -1,12 +1,13 @@
 """Runs the gateway under granian (`llamaserve serve-gateway`).
 
-granian parses HTTP and writes answers on a Rust thread of its own, beside the Python
-event loop that runs the gateway; each answer leaves in one write, status line and body
-together. On two cores shared with the engine and PostgreSQL, that took a third to a
-half off the gateway's added latency under load, measured against uvicorn.
+granian parses HTTP and writes the answers on a Rust thread of its own, beside the
+Python event loop that runs the gateway, and sends a whole answer in one write (status
+line, headers and body). At 32 clients on two shared cores that lowered the gateway's
+added latency against uvicorn, for more CPU per request (the hand-offs between the
+two threads); figures in the README's "Process".
 
-One worker process (forked by a supervisor that forwards signals and exits with it):
-the fair queue and the engines' slots are one process's state.
+One worker process, forked by a supervisor that forwards signals to it and exits with
+it: the fair queue and the engines' slots are one process's state.
 """
 
 from __future__ import annotations
@@ -48,5 +49,4 @@ def serve(settings: Settings) -> None:
 def worker_app() -> Gateway:
     """The gateway of the worker process: settings read as the supervisor read them."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("_granian").setLevel(logging.WARNING)
     return Gateway(*load_settings())
