@@ -10,7 +10,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -103,14 +103,26 @@ class Engine:
     model: str
     project: Project
     name: str
+    clients: list[OpenAI] = field(default_factory=list)
 
     def client(self, api_key: str | None = None) -> OpenAI:
-        return OpenAI(
+        """A client of the engine, closed with it (see `close_clients`)."""
+        client = OpenAI(
             base_url=f"{self.base_url}/v1",
             api_key=api_key or self.api_key,
             max_retries=0,
             timeout=300,
         )
+        self.clients.append(client)
+        return client
+
+
+def close_clients(clients: list[OpenAI]) -> None:
+    """Close the clients a test left open: else the garbage collector finds their sockets
+    open whenever it runs (a client that raised sits in a reference cycle), and the
+    ResourceWarning fails whatever is running then."""
+    while clients:
+        clients.pop().close()
 
 
 @pytest.fixture(scope="session", params=ENGINES)
@@ -132,9 +144,11 @@ def engine(
     )
     started = project.console("start")
     assert started.returncode == 0, started.stdout + started.stderr
+    engine = Engine(f"http://127.0.0.1:{port}", key, default_model().name, project, name)
     try:
-        yield Engine(f"http://127.0.0.1:{port}", key, default_model().name, project, name)
+        yield engine
     finally:
+        close_clients(engine.clients)
         project.console("stop")
 
 

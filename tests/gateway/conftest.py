@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytest
 from openai import OpenAI
 
 from llamaserve.config import Settings
-from tests.conftest import ENGINES, ROOT, Project, free_port, make_project, run
+from tests.conftest import ENGINES, ROOT, Project, close_clients, free_port, make_project, run
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Stack:
     engine_key: str
     model: str
     engine: str
+    clients: list[OpenAI] = field(default_factory=list)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run([str(ROOT / "bin" / "user_management_cli.sh"), *args], self.project.env)
@@ -41,7 +42,10 @@ class Stack:
         return str(json.loads(result.stdout)["key"])
 
     def client(self, key: str) -> OpenAI:
-        return OpenAI(base_url=f"{self.gateway_url}/v1", api_key=key, max_retries=0, timeout=300)
+        """A client of the gateway with a user's key, closed with the stack."""
+        client = OpenAI(base_url=f"{self.gateway_url}/v1", api_key=key, max_retries=0, timeout=300)
+        self.clients.append(client)
+        return client
 
     def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         return asyncio.run(self._query(sql, *args))
@@ -120,6 +124,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     try:
         yield built
     finally:
+        close_clients(built.clients)
         built.project.console("stop")
         if not os.environ.get("KEEP_STACK"):  # KEEP_STACK=1 keeps logs for a post-mortem
             shutil.rmtree(base, ignore_errors=True)
