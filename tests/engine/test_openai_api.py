@@ -49,6 +49,17 @@ def test_models_lists_exactly_the_model_file(client: OpenAI, engine: Engine) -> 
     assert [m.id for m in client.models.list().data] == [engine.model]
 
 
+def test_retrieve_model_answers_for_the_served_model_only(client: OpenAI, engine: Engine) -> None:
+    model = client.models.retrieve(engine.model)
+    assert (model.id, model.object) == (engine.model, "model")
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4o")
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert set(info.value.body) == {"message", "type", "param", "code"}  # type: ignore[arg-type]
+    with pytest.raises(openai.AuthenticationError):
+        engine.client(api_key="wrong-key").models.retrieve(engine.model)
+
+
 @pytest.mark.parametrize("max_tokens", [1, 7])
 def test_max_tokens_bounds_length_and_reports_length(
     client: OpenAI, engine: Engine, max_tokens: int

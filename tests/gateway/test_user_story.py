@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import httpx
+import openai
+import pytest
 
 from tests.gateway.conftest import Stack
 
@@ -48,6 +50,16 @@ def assert_whole(response: httpx.Response) -> None:
     """A whole answer says its length, rather than arriving in chunks."""
     assert "transfer-encoding" not in response.headers
     assert int(response.headers["content-length"]) == len(response.content)
+
+
+def test_retrieve_model_with_a_user_key(stack: Stack, alice: str) -> None:
+    client = stack.client(alice)
+    assert client.models.retrieve(stack.model).id == stack.model
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4o")
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+    with pytest.raises(openai.AuthenticationError):
+        stack.client("lsk_0000000000_" + "0" * 43).models.retrieve(stack.model)
 
 
 def test_whole_answers_say_their_length(stack: Stack, alice: str) -> None:

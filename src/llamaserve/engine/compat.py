@@ -5,6 +5,8 @@
   engine understands;
 - `stream_options.include_usage` gets its last chunk carrying usage, counted by the engine;
 - `n` > 1 and a `model` other than the served one are refused instead of silently ignored;
+- `GET /v1/models/{model}` (OpenAI's "retrieve model", which the server lacks) answers
+  from its model list;
 - `GET /health` (no key) answers `{"status": "ok", "slots": 1}`: it runs one request at a time;
 - an exception once a stream has started ends it with an error event and `[DONE]`.
 """
@@ -24,10 +26,12 @@ from llamaserve.engine.protocol import (
     json_schema_of,
     parse_request,
     read_body,
+    retrieve_model,
     send_json,
     validate,
 )
 from llamaserve.errors import APIError, InternalError, openai_error, send_error, sse_error_event
+from llamaserve.routes import model_of
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
@@ -91,6 +95,10 @@ class CompatMiddleware:
         if scope["method"] == "GET" and scope["path"] == "/health":
             await send_json(send, {"status": "ok", "slots": 1})
             return
+        model = model_of(scope["path"]) if scope["method"] == "GET" else None
+        if model is not None:
+            await self._retrieve_model(scope, receive, send, model)
+            return
         include_usage = False
         if scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
             try:
@@ -110,6 +118,41 @@ class CompatMiddleware:
             await mender.fail(InternalError(f"The engine failed: {exc}"))
         finally:
             current_usage.reset(token)
+
+    async def _retrieve_model(self, scope: Scope, receive: Receive, send: Send, model: str) -> None:
+        """The entry of the server's own model list (which checks the key) for `model`."""
+        listing = _Captured()
+        path = {"path": "/v1/models", "raw_path": b"/v1/models"}
+        await self.app({**scope, **path}, receive, listing.send)
+        if listing.status != 200:
+            mender = ResponseMender(send, None)  # the server's error, in OpenAI's envelope
+            for message in listing.messages:
+                await mender.send(message)
+            return
+        try:
+            entry = retrieve_model(json.loads(listing.body), model, self.model_id)
+        except APIError as error:
+            await send_error(send, error)
+            return
+        await send_json(send, entry)
+
+
+class _Captured:
+    """The messages of an answer the app sent, kept instead of sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def send(self, message: Message) -> None:
+        self.messages.append(message)
+
+    @property
+    def status(self) -> int:
+        return int(self.messages[0]["status"]) if self.messages else 500
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages[1:])
 
 
 class ResponseMender:

@@ -86,15 +86,27 @@ def parse_request(raw: bytes, model_id: str) -> dict[str, Any]:
         raise InvalidRequest("The request body must be a JSON object.")
     model = body.get("model")
     if model is not None and model != model_id:
-        raise NotFound(
-            f"The model '{model}' does not exist; this server serves '{model_id}'.",
-            param="model",
-            code="model_not_found",
-        )
+        raise _no_such_model(model, model_id)
     if (body.get("n") or 1) != 1:
         raise InvalidRequest("Only n=1 is supported.", param="n")
     body["model"] = model_id  # else an engine names the model by its file path
     return body
+
+
+def retrieve_model(listing: dict[str, Any], model: str, model_id: str) -> dict[str, Any]:
+    """The entry of a `/v1/models` listing for `GET /v1/models/{model}`, or its 404."""
+    for entry in listing.get("data", []):
+        if isinstance(entry, dict) and entry.get("id") == model:
+            return entry
+    raise _no_such_model(model, model_id)
+
+
+def _no_such_model(model: str, model_id: str) -> NotFound:
+    return NotFound(
+        f"The model '{model}' does not exist; this server serves '{model_id}'.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def validate(schema: type[BaseModel], body: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from llamaserve.engine.protocol import (
     CompletionRequest,
     parse_request,
     read_body,
+    retrieve_model,
     send_json,
     validate,
 )
@@ -50,14 +51,8 @@ from llamaserve.errors import (
     send_error,
     sse_error_event,
 )
+from llamaserve.routes import method_of, model_of
 
-ROUTES = {
-    "/health": "GET",
-    "/v1/models": "GET",
-    "/v1/chat/completions": "POST",
-    "/v1/completions": "POST",
-    "/v1/embeddings": "POST",
-}
 MODEL_FIELDS = ("id", "object", "created", "owned_by")
 Hook = Callable[[], Awaitable[None]]
 
@@ -129,24 +124,31 @@ class Relay:
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
-        if path not in ROUTES:
+        expected = "GET" if path == "/health" else method_of(path)
+        if expected is None:
             raise NotFound(f"No route {path}.")
-        if method != ROUTES[path]:
-            raise MethodNotAllowed(f"{path} takes {ROUTES[path]}, not {method}.")
+        if method != expected:
+            raise MethodNotAllowed(f"{path} takes {expected}, not {method}.")
         if path == "/health":
             await self._health(send)
             return
         self._check_key(scope)
+        model = model_of(path)
         if path == "/v1/models":
-            models = await self._call("GET", path)
-            data = [{key: model.get(key) for key in MODEL_FIELDS} for model in models["data"]]
-            await send_json(send, {"object": "list", "data": data})
+            await send_json(send, await self._models())
+        elif model is not None:
+            await send_json(send, retrieve_model(await self._models(), model, self.model_id))
         elif path == "/v1/embeddings":
             body = parse_request(await read_body(receive), self.model_id)
             await send_json(send, await self._call("POST", path, body))
         else:
             translator = self._translator(path, await read_body(receive))
             await until_disconnected(self._generate(path, translator, send), receive)
+
+    async def _models(self) -> dict[str, Any]:
+        models = await self._call("GET", "/v1/models")
+        data = [{key: model.get(key) for key in MODEL_FIELDS} for model in models["data"]]
+        return {"object": "list", "data": data}
 
     def _check_key(self, scope: Scope) -> None:
         header = dict(scope["headers"]).get(b"authorization", b"")

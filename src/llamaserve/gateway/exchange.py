@@ -46,6 +46,7 @@ from llamaserve.gateway.streaming import (
     parse_chunk,
 )
 from llamaserve.gateway.upstream import Reply
+from llamaserve.routes import method_of
 from llamaserve.store.limits import Admission
 from llamaserve.store.requests import RequestRow
 
@@ -54,13 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llamaserve.gateway")
 
-# The OpenAI routes users may reach; the engine's own (/slots, /props, /metrics...) never.
-ROUTES = {
-    "/v1/models": "GET",
-    "/v1/chat/completions": "POST",
-    "/v1/completions": "POST",
-    "/v1/embeddings": "POST",
-}
 RETRYABLE = frozenset({502, 503, 504})  # the engine could not take the request
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -104,7 +98,7 @@ class Exchange:
             self._finish()
 
     async def _serve(self) -> None:
-        method = ROUTES.get(self.row.path)
+        method = method_of(self.row.path)  # only OpenAI's: never the engine's /slots, /props...
         if method is None:
             raise NotFound(f"Unknown path {self.row.path}.", code="unknown_url")
         if method != self.row.method:

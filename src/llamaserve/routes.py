@@ -1,0 +1,23 @@
+"""The OpenAI routes Llamaserve serves: the same on the engines' fronts and the gateway."""
+
+from __future__ import annotations
+
+OPENAI_ROUTES = {
+    "/v1/models": "GET",
+    "/v1/chat/completions": "POST",
+    "/v1/completions": "POST",
+    "/v1/embeddings": "POST",
+}
+MODEL_PREFIX = "/v1/models/"  # GET /v1/models/{model}: OpenAI's "retrieve model"
+
+
+def method_of(path: str) -> str | None:
+    """The method a route takes, or None for a path that is no OpenAI route."""
+    return "GET" if model_of(path) is not None else OPENAI_ROUTES.get(path)
+
+
+def model_of(path: str) -> str | None:
+    """The model id of a `/v1/models/{model}` path (ids may hold slashes), else None."""
+    if path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX):
+        return path[len(MODEL_PREFIX) :]
+    return None
