@@ -1,0 +1,224 @@
+"""The gateway's HTTP client to the engines, against scripted engines on real sockets:
+keep-alive, connections the engine closed, answers cut short, silence, streaming as
+written, and the engine told when its client leaves. Each test runs on asyncio's own
+event loop and on uvloop (the gateway's)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import uvloop
+from pydantic import SecretStr
+
+from llamaserve.errors import ServiceUnavailable, UpstreamFailed, UpstreamTimeout
+from llamaserve.gateway.upstream import Upstream
+from tests.conftest import free_port
+
+KEY = "engine-secret"
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    return asyncio.run if request.param == "asyncio" else uvloop.run  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def engine(handler: Handler) -> AsyncIterator[tuple[str, list[int]]]:
+    """A scripted engine: `handler` gets each connection and its number (from 1)."""
+    connections: list[int] = []
+
+    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(len(connections) + 1)
+        try:
+            await handler(reader, writer, len(connections))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(connected, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}", connections
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    return head, await reader.readexactly(length)
+
+
+def answer(body: bytes, *headers: bytes) -> bytes:
+    lines = [b"HTTP/1.1 200 OK", b"Content-Type: application/json", *headers]
+    lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def upstream(timeout: float = 5.0) -> Upstream:
+    return Upstream(SecretStr(KEY), timeout)
+
+
+async def post(client: Upstream, url: str, body: bytes = b"{}") -> tuple[int, bytes]:
+    async with client.send(url, "POST", "/v1/chat/completions", body) as reply:
+        return reply.status, await reply.read()
+
+
+def test_requests_share_a_kept_alive_connection_with_the_engine_key(run: Any) -> None:
+    heads: list[bytes] = []
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            head, body = await read_request(reader)
+            heads.append(head)
+            writer.write(answer(body))
+
+    async def scenario() -> None:
+        async with engine(echo) as (url, connections):
+            client = upstream()
+            for i in range(3):
+                assert await post(client, url, b'{"n": %d}' % i) == (200, b'{"n": %d}' % i)
+            await client.close()
+            assert connections == [1]
+        assert all(f"Authorization: Bearer {KEY}".encode() in head for head in heads)
+
+    run(scenario())
+
+
+def test_a_connection_the_engine_closed_as_idle_is_sent_again_on_a_new_one(run: Any) -> None:
+    """The engine closes a kept-alive connection as the next request arrives on it (its
+    idle timeout racing the request): the request goes again, on a new connection."""
+
+    async def closes_after_one(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int
+    ) -> None:
+        await read_request(reader)
+        writer.write(answer(b'{"connection": %d}' % number))
+        await writer.drain()
+        if number == 1:
+            await reader.read(1)  # the next request arrives: close without reading it
+
+    async def scenario() -> None:
+        async with engine(closes_after_one) as (url, connections):
+            client = upstream()
+            assert await post(client, url) == (200, b'{"connection": 1}')
+            assert await post(client, url) == (200, b'{"connection": 2}')
+            assert connections == [1, 2]
+            await client.close()
+
+    run(scenario())
+
+
+def test_a_body_without_a_length_ends_with_the_connection(run: Any) -> None:
+    async def http10(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"whole\": ")
+        await writer.drain()
+        writer.write(b"true}")
+
+    async def scenario() -> None:
+        async with engine(http10) as (url, _):
+            assert await post(upstream(), url) == (200, b'{"whole": true}')
+
+    run(scenario())
+
+
+def test_an_answer_cut_short_is_an_upstream_failure(run: Any) -> None:
+    async def cuts(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(answer(b'{"choices": [{"text": "a long answer"}]}')[:-10])
+
+    async def scenario() -> None:
+        async with engine(cuts) as (url, _):
+            with pytest.raises(UpstreamFailed, match="mid-answer"):
+                await post(upstream(), url)
+
+    run(scenario())
+
+
+def test_an_engine_silent_past_the_timeout_is_an_upstream_timeout(run: Any) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        await asyncio.sleep(10)
+
+    async def scenario() -> None:
+        async with engine(silent) as (url, _):
+            with pytest.raises(UpstreamTimeout):
+                await post(upstream(timeout=0.3), url)
+
+    run(scenario())
+
+
+def test_an_engine_that_is_not_listening_is_unavailable(run: Any) -> None:
+    async def scenario() -> None:
+        with pytest.raises(ServiceUnavailable, match="not reachable"):
+            await post(upstream(), f"http://127.0.0.1:{free_port()}")
+
+    run(scenario())
+
+
+def test_a_stream_is_relayed_as_written_and_an_unfinished_one_tells_the_engine(
+    run: Any,
+) -> None:
+    """The engine writes its second event only once the first has reached the client
+    (a client that buffered would wait forever); the client then leaves mid-stream, and
+    the engine sees its connection end."""
+    relayed = asyncio.Event()
+    engine_saw_the_end = asyncio.Event()
+
+    async def streams(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        for event in (b"data: one\n\n", b"data: two\n\n"):
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            await relayed.wait()
+            relayed.clear()
+        if await reader.read(1) == b"":
+            engine_saw_the_end.set()
+
+    async def scenario() -> None:
+        async with engine(streams) as (url, _):
+            client = upstream()
+            received = []
+            async with client.send(url, "POST", "/v1/chat/completions", b"{}") as reply:
+                assert (reply.status, reply.content_type) == (200, "text/event-stream")
+                async for chunk in reply.chunks():
+                    received.append(chunk)
+                    relayed.set()
+                    if len(received) == 2:
+                        break
+            assert received == [b"data: one\n\n", b"data: two\n\n"]
+            await asyncio.wait_for(engine_saw_the_end.wait(), 1)
+
+    run(scenario())
+
+
+def test_an_answer_larger_than_the_buffer_arrives_whole_to_a_slow_reader(run: Any) -> None:
+    """Reading from the engine pauses while the relay is behind, and resumes."""
+    body = bytes(range(256)) * 8192  # 2 MiB
+
+    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(answer(body))
+        await writer.drain()
+
+    async def scenario() -> None:
+        async with engine(large) as (url, _):
+            received = bytearray()
+            async with upstream().send(url, "POST", "/v1/completions", b"{}") as reply:
+                async for chunk in reply.chunks():
+                    received += chunk
+                    await asyncio.sleep(0.001)
+            assert received == body
+
+    run(scenario())
