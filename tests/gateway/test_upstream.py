@@ -6,8 +6,11 @@ event loop and on uvloop (the gateway's)."""
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +31,9 @@ def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, Any]], 
 
 
 @asynccontextmanager
-async def engine(handler: Handler) -> AsyncIterator[tuple[str, list[int]]]:
+async def engine(
+    handler: Handler, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[str, list[int]]]:
     """A scripted engine: `handler` gets each connection and its number (from 1)."""
     connections: list[int] = []
 
@@ -41,10 +46,10 @@ async def engine(handler: Handler) -> AsyncIterator[tuple[str, list[int]]]:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(connected, "127.0.0.1", 0)
+    server = await asyncio.start_server(connected, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
     async with server:
-        yield f"http://127.0.0.1:{port}", connections
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}", connections
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -93,6 +98,24 @@ def test_requests_share_a_kept_alive_connection_with_the_engine_key(run: Any) ->
     run(scenario())
 
 
+def test_an_engine_url_with_a_path_prefixes_every_request(run: Any) -> None:
+    heads: list[bytes] = []
+
+    async def records(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        heads.append((await read_request(reader))[0])
+        writer.write(answer(b"{}"))
+
+    async def scenario() -> None:
+        async with engine(records) as (url, _):
+            assert await post(upstream(), url + "/engine-a/") == (200, b"{}")
+        port = url.rpartition(":")[2]
+        request_line, host = heads[0].split(b"\r\n")[:2]
+        assert request_line == b"POST /engine-a/v1/chat/completions HTTP/1.1"
+        assert host == f"Host: 127.0.0.1:{port}".encode()
+
+    run(scenario())
+
+
 def test_a_connection_the_engine_closed_as_idle_is_sent_again_on_a_new_one(run: Any) -> None:
     """The engine closes a kept-alive connection as the next request arrives on it (its
     idle timeout racing the request): the request goes again, on a new connection."""
@@ -120,7 +143,7 @@ def test_a_connection_the_engine_closed_as_idle_is_sent_again_on_a_new_one(run: 
 def test_a_body_without_a_length_ends_with_the_connection(run: Any) -> None:
     async def http10(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"whole\": ")
+        writer.write(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"whole": ')
         await writer.drain()
         writer.write(b"true}")
 
@@ -222,3 +245,33 @@ def test_an_answer_larger_than_the_buffer_arrives_whole_to_a_slow_reader(run: An
             assert received == body
 
     run(scenario())
+
+
+def test_an_https_engine_is_reached_over_tls_and_its_certificate_checked(
+    run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tmp_path / "engine.pem", tmp_path / "engine.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        _, body = await read_request(reader)
+        writer.write(answer(body))
+
+    async def scenario(trusted: bool) -> None:
+        async with engine(echo, tls) as (url, _):
+            if trusted:
+                assert await post(upstream(), url, b'{"tls": 1}') == (200, b'{"tls": 1}')
+            else:
+                with pytest.raises(ServiceUnavailable, match="not reachable"):
+                    await post(upstream(), url)
+
+    run(scenario(trusted=False))  # a certificate nobody vouches for
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the operator's CA bundle
+    run(scenario(trusted=True))

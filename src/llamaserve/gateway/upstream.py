@@ -45,10 +45,13 @@ class _Stale(Exception):
 
 @dataclass(frozen=True)
 class _Origin:
+    """Where an engine URL points: its host and port, TLS, Host header and path prefix."""
+
     host: str
     port: int
     ssl: ssl.SSLContext | None
     authority: bytes  # the Host header
+    prefix: str  # the URL's own path, before each request's
 
     @classmethod
     def of(cls, url: str) -> _Origin:
@@ -56,9 +59,14 @@ class _Origin:
         secure = parts.scheme == "https"
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ServiceUnavailable(f"The engine URL {url!r} is not an http(s) URL.")
+        host = parts.hostname
+        authority = f"[{host}]" if ":" in host else host  # an IPv6 address
+        if parts.port:
+            authority += f":{parts.port}"
         port = parts.port or (443 if secure else 80)
         context = ssl.create_default_context() if secure else None
-        return cls(parts.hostname, port, context, parts.netloc.encode("idna"))
+        prefix = parts.path.rstrip("/")
+        return cls(host, port, context, authority.encode("idna"), prefix)
 
 
 class _Connection(asyncio.Protocol):
@@ -100,12 +108,7 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return (
-            self._complete
-            and self._error is None
-            and not self.closed
-            and self._keep_alive
-        )
+        return self._complete and self._error is None and not self.closed and self._keep_alive
 
     # What the relay awaits. `timeout` bounds each wait for the engine, not the whole.
 
@@ -264,7 +267,7 @@ class Upstream:
     def _request(self, url: str, method: str, path: str, body: bytes) -> bytes:
         origin = self._origins.get(url) or self._origins.setdefault(url, _Origin.of(url))
         head = [
-            f"{method} {path} HTTP/1.1".encode("latin-1"),
+            f"{method} {origin.prefix}{path} HTTP/1.1".encode("latin-1"),
             b"Host: " + origin.authority,
             b"Authorization: " + self._auth,
         ]
