@@ -154,6 +154,24 @@ def test_a_body_without_a_length_ends_with_the_connection(run: Any) -> None:
     run(scenario())
 
 
+def test_an_interim_answer_is_skipped_for_the_answer_after_it(run: Any) -> None:
+    async def hints(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n")
+        await writer.drain()
+        writer.write(answer(b'{"final": true}'))
+
+    async def scenario() -> None:
+        async with (
+            engine(hints) as (url, _),
+            upstream().send(url, "POST", "/v1/completions", b"{}") as reply,
+        ):
+            assert (reply.status, reply.content_type) == (200, "application/json")
+            assert await reply.read() == b'{"final": true}'
+
+    run(scenario())
+
+
 def test_an_answer_cut_short_is_an_upstream_failure(run: Any) -> None:
     async def cuts(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
         await read_request(reader)

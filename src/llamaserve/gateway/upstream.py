@@ -87,6 +87,7 @@ class _Connection(asyncio.Protocol):
         self.content_type = ""
         self._framed = False  # the body's length is known (else it ends with the connection)
         self._received = False
+        self._interim = False
         self._complete = False
         self._keep_alive = False  # read as the answer completes: the parser then forgets
         self._error: Exception | None = None
@@ -201,7 +202,12 @@ class _Connection(asyncio.Protocol):
             self._framed = True
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # interim (103 Early Hints...): the answer follows it
+            self._interim = True
+            self.content_type, self._framed = "", False
+            return
+        self.status = status
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -213,6 +219,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._complete = True
         self._keep_alive = self._parser.should_keep_alive()
         self._wake()
