@@ -82,6 +82,21 @@ def test_the_gateway_refuses_an_engine_users_could_reach_around_it(tmp_path: Pat
 
 
 @pytest.mark.parametrize(
+    ("backends", "named"),
+    [("", "is empty"), ("127.0.0.1:8000", "'127.0.0.1:8000'"), ("http://", "'http://'"),
+     ("http://127.0.0.1:8000,ftp://10.0.0.5", "'ftp://10.0.0.5'")],
+)  # fmt: skip
+def test_a_backend_url_that_is_not_an_engine_url_is_one_line(
+    tmp_path: Path, backends: str, named: str
+) -> None:
+    project = make_project(
+        tmp_path / "rt", LLAMA_PROXY_ENABLED="1", LLAMA_SERVER_BACKEND_URL=backends
+    )
+    one_line_error(project.console("start"), "LLAMA_SERVER_BACKEND_URL", named)
+    assert not (project.runtime / "run" / "engine.pid").exists()
+
+
+@pytest.mark.parametrize(
     ("host", "backends", "warned"),
     [
         ("127.0.0.1", "http://127.0.0.1:8000", False),

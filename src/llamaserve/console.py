@@ -81,6 +81,16 @@ def plan_gateway(settings: Settings, layout: Layout) -> Plan:
             'bypass the gateway: set LLAMA_SERVER_HOST="127.0.0.1" in runtime/config.env '
             '(or LLAMA_PROXY_ALLOW_PUBLIC_ENGINE="1" to accept that)'
         )
+    urls = [u.strip() for u in settings.llama_server_backend_url.split(",") if u.strip()]
+    if not urls:
+        raise ConfigError("LLAMA_SERVER_BACKEND_URL is empty: set the engine URL(s) to forward to")
+    for url in urls:
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(
+                f"LLAMA_SERVER_BACKEND_URL: {url!r} is not an engine URL; "
+                "write http://host:port (or https://), several separated by commas"
+            )
     proxy_host, port = settings.llama_proxy_host, settings.llama_proxy_port
     return Plan(
         service=gateway_service(layout),
