@@ -90,11 +90,15 @@ def start_stack(runtime: Path, **config: str) -> Stack:
         POSTGRES_AUTH_USER="llamaserve",
         **config,
     )
-    for step in (["bin/bootstrap_user_cli.sh"], ["bin/user_management_cli.sh", "init-db"]):
-        result = run([str(ROOT / step[0]), *step[1:]], project.env)
-        assert result.returncode == 0, result.stdout + result.stderr
-    started = project.console("start")
-    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        for step in (["bin/bootstrap_user_cli.sh"], ["bin/user_management_cli.sh", "init-db"]):
+            result = run([str(ROOT / step[0]), *step[1:]], project.env)
+            assert result.returncode == 0, result.stdout + result.stderr
+        started = project.console("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+    except BaseException:
+        project.console("stop")  # what did start (the database, the engine) is not left running
+        raise
     key = next(
         line.split("=", 1)[1].strip('"')
         for line in (runtime / "config.env").read_text().splitlines()
