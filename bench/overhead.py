@@ -117,31 +117,62 @@ def running_mock(stack: Stack, mock: MockSettings) -> Iterator[Running]:
 async def _measure(
     direct: Target, gateway: Target, plan: list[Case], meter: cpu.Meter
 ) -> list[Measured]:
+    """Each case in ROUNDS alternated rounds, direct then through the gateway: what the
+    machine's other work does to either side, over seconds, falls on both. Each round
+    starts its clients afresh, so that the lockstep they drift into (see `Case`) is
+    drawn anew, ROUNDS times; the rounds of a side are pooled."""
     done = []
     async with (
         Client(direct.url, direct.key, connections=64, timeout=60) as d,
         Client(gateway.url, gateway.key, connections=64, timeout=60) as g,
     ):
         for case in plan:
-            d_batch, d_cpu = await _batch(d, case, meter)
-            g_batch, g_cpu = await _batch(g, case, meter)
-            done.append(Measured(case, d_batch, g_batch, d_cpu, g_cpu))
+            await _warm_up(d, case)
+            await _warm_up(g, case)
+            d_side, g_side = _Side(), _Side()
+            for _ in range(ROUNDS):
+                await d_side.run(d, case, meter)
+                await g_side.run(g, case, meter)
+            done.append(Measured(case, d_side.batch, g_side.batch, d_side.cpu, g_side.cpu))
     return done
 
 
-async def _batch(client: Client, case: Case, meter: cpu.Meter) -> tuple[Batch, dict[str, float]]:
-    """A warm-up, then the measured requests at the case's concurrency, and the CPU
-    milliseconds each process used per measured request."""
+ROUNDS = 5
+
+
+class _Side:
+    """One side's rounds of a case, pooled: their outcomes, and the CPU milliseconds
+    each process used per request over all of them."""
+
+    def __init__(self) -> None:
+        self.batch = Batch([], 0.0)
+        self._cpu_ms: dict[str, float] = {}
+
+    async def run(self, client: Client, case: Case, meter: cpu.Meter) -> None:
+        meter.start()
+        batch = await _closed_loop(client, case, case.requests // ROUNDS, 300)
+        for name, ms in meter.per_request_ms(len(batch.outcomes)).items():
+            self._cpu_ms[name] = self._cpu_ms.get(name, 0.0) + ms * len(batch.outcomes)
+        self.batch = Batch(self.batch.outcomes + batch.outcomes, self.batch.wall + batch.wall)
+
+    @property
+    def cpu(self) -> dict[str, float]:
+        requests = max(1, len(self.batch.outcomes))
+        return {name: ms / requests for name, ms in self._cpu_ms.items()}
+
+
+async def _warm_up(client: Client, case: Case) -> None:
+    await _closed_loop(client, case, case.warmup, 120)
+
+
+async def _closed_loop(client: Client, case: Case, requests: int, limit: float) -> Batch:
     body = _body(case.stream)
 
     async def send(_: int) -> load.Outcome:
         return await client.chat(body, case.stream)
 
     c, stagger, pause = case.concurrency, case.stagger, case.pause
-    await load.closed_loop(send, c, case.warmup, 120, stagger=stagger, pause=pause)
-    meter.start()
-    batch = await load.closed_loop(send, c, case.requests, 300, stagger=stagger, pause=pause)
-    return batch, meter.per_request_ms(len(batch.outcomes))
+    return await load.closed_loop(send, c, requests, limit, stagger=stagger, pause=pause)
 
 
 def _body(stream: bool) -> bytes:
