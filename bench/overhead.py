@@ -24,6 +24,8 @@ from bench.mock_engine import MODEL
 from bench.stack import Running, Stack, free_port
 from bench.stats import latency_summary
 
+ROUNDS = 5  # alternated rounds per side of each case (see `_measure`)
+
 
 @dataclass(frozen=True)
 class MockSettings:
@@ -135,9 +137,6 @@ async def _measure(
                 await g_side.run(g, case, meter)
             done.append(Measured(case, d_side.batch, g_side.batch, d_side.cpu, g_side.cpu))
     return done
-
-
-ROUNDS = 5
 
 
 class _Side:
