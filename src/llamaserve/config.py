@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -148,9 +149,7 @@ class Settings(BaseSettings):
     ] = Field("prefer", description="SSL mode of the database connection.")
 
     def backend_urls(self) -> list[str]:
-        return [
-            u.strip().rstrip("/") for u in self.llama_server_backend_url.split(",") if u.strip()
-        ]
+        return [u.strip() for u in self.llama_server_backend_url.split(",") if u.strip()]
 
     def threads(self) -> int:
         return self.llama_n_threads or max(1, (os.cpu_count() or 1) - 1)
@@ -216,6 +215,12 @@ def load_settings(root: Path | None = None, runtime: Path | None = None) -> tupl
 
 def _under(root: Path, path: Path) -> Path:
     return path if path.is_absolute() else root / path
+
+
+def is_engine_url(url: str) -> bool:
+    """An http(s) URL with a host: something the gateway can forward to."""
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 class ConfigError(Exception):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
 
-from llamaserve.config import ConfigError, Layout, Settings
+from llamaserve.config import ConfigError, Layout, Settings, is_engine_url
 from llamaserve.engine import llama_server
 from llamaserve.engine.models import resolve_model
 from llamaserve.engine.process import ProcessRecord, Service
@@ -81,12 +81,11 @@ def plan_gateway(settings: Settings, layout: Layout) -> Plan:
             'bypass the gateway: set LLAMA_SERVER_HOST="127.0.0.1" in runtime/config.env '
             '(or LLAMA_PROXY_ALLOW_PUBLIC_ENGINE="1" to accept that)'
         )
-    urls = [u.strip() for u in settings.llama_server_backend_url.split(",") if u.strip()]
+    urls = settings.backend_urls()
     if not urls:
         raise ConfigError("LLAMA_SERVER_BACKEND_URL is empty: set the engine URL(s) to forward to")
     for url in urls:
-        parsed = urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        if not is_engine_url(url):
             raise ConfigError(
                 f"LLAMA_SERVER_BACKEND_URL: {url!r} is not an engine URL; "
                 "write http://host:port (or https://), several separated by commas"

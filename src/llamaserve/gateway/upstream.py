@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import httptools
 from pydantic import SecretStr
 
+from llamaserve.config import is_engine_url
 from llamaserve.errors import APIError, ServiceUnavailable, UpstreamFailed, UpstreamTimeout
 
 # Idle connections are dropped before the server's own keep-alive timeout (5 s for
@@ -55,11 +56,11 @@ class _Origin:
 
     @classmethod
     def of(cls, url: str) -> _Origin:
+        if not is_engine_url(url):  # console.sh start refuses it; a hand-made start may not
+            raise ServiceUnavailable(f"The engine URL {url!r} is not an http(s) URL.")
         parts = urlsplit(url)
         secure = parts.scheme == "https"
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ServiceUnavailable(f"The engine URL {url!r} is not an http(s) URL.")
-        host = parts.hostname
+        host = parts.hostname or ""
         authority = f"[{host}]" if ":" in host else host  # an IPv6 address
         if parts.port:
             authority += f":{parts.port}"
@@ -266,15 +267,15 @@ class Upstream:
     @asynccontextmanager
     async def send(self, url: str, method: str, path: str, body: bytes) -> AsyncIterator[Reply]:
         """Send a request; the reply is released (and the engine told, if unfinished) on exit."""
-        request = self._request(url, method, path, body)
-        connection = await self._exchange(url, request)
+        origin = self._origins.get(url) or self._origins.setdefault(url, _Origin.of(url))
+        request = self._request(origin, method, path, body)
+        connection = await self._exchange(url, origin, request)
         try:
             yield Reply(connection, self._timeout)
         finally:
             self._release(url, connection)
 
-    def _request(self, url: str, method: str, path: str, body: bytes) -> bytes:
-        origin = self._origins.get(url) or self._origins.setdefault(url, _Origin.of(url))
+    def _request(self, origin: _Origin, method: str, path: str, body: bytes) -> bytes:
         head = [
             f"{method} {origin.prefix}{path} HTTP/1.1".encode("latin-1"),
             b"Host: " + origin.authority,
@@ -285,11 +286,11 @@ class Upstream:
             head.append(b"Content-Length: %d" % len(body))
         return b"\r\n".join(head) + b"\r\n\r\n" + body
 
-    async def _exchange(self, url: str, request: bytes) -> _Connection:
+    async def _exchange(self, url: str, origin: _Origin, request: bytes) -> _Connection:
         """The connection whose answer's headers have come. A request that met a
         connection the engine had just closed as idle goes again on a new one."""
         while True:
-            connection = self._pooled(url) or await self._connect(url)
+            connection = self._pooled(url) or await self._connect(origin)
             connection.send(request)
             try:
                 await connection.headers(self._timeout)
@@ -311,8 +312,7 @@ class Upstream:
             connection.close()
         return None
 
-    async def _connect(self, url: str) -> _Connection:
-        origin = self._origins[url]
+    async def _connect(self, origin: _Origin) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_SECONDS):
