@@ -6,8 +6,11 @@ event loop and on uvloop (the gateway's)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -204,6 +207,33 @@ def test_an_engine_that_is_not_listening_is_unavailable(run: Any) -> None:
             await post(upstream(), f"http://127.0.0.1:{free_port()}")
 
     run(scenario())
+
+
+def test_an_engine_that_takes_no_connection_in_time_is_unavailable(run: Any) -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so a
+    # connection neither succeeds nor fails, as with an engine host that went away.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(4)]
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+
+        async def scenario() -> None:
+            client = Upstream(SecretStr(KEY), 5.0, connect_timeout=0.3)
+            began = time.monotonic()
+            with pytest.raises(ServiceUnavailable, match=r"no connection within 0\.3s"):
+                await post(client, f"http://127.0.0.1:{port}")
+            assert time.monotonic() - began < 3  # the connect timeout, not the read timeout
+
+        try:
+            run(scenario())
+        finally:
+            for filler in fillers:
+                filler.close()
 
 
 def test_a_stream_is_relayed_as_written_and_an_unfinished_one_tells_the_engine(

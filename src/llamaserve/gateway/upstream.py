@@ -247,9 +247,12 @@ class Reply:
 class Upstream:
     """Pooled keep-alive connections to the engines, each request with the engine's key."""
 
-    def __init__(self, engine_key: SecretStr, read_timeout: float) -> None:
+    def __init__(
+        self, engine_key: SecretStr, read_timeout: float, connect_timeout: float = CONNECT_SECONDS
+    ) -> None:
         self._auth = b"Bearer " + engine_key.get_secret_value().encode("latin-1")
         self._timeout = read_timeout
+        self._connect_timeout = connect_timeout
         self._origins: dict[str, _Origin] = {}
         self._idle: dict[str, deque[_Connection]] = {}  # by engine URL, the newest last
         self._closing = False
@@ -315,12 +318,12 @@ class Upstream:
     async def _connect(self, origin: _Origin) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(CONNECT_SECONDS):
+            async with asyncio.timeout(self._connect_timeout):
                 _, connection = await loop.create_connection(
                     _Connection, origin.host, origin.port, ssl=origin.ssl
                 )
         except TimeoutError:
-            reason = f"no connection within {CONNECT_SECONDS:.0f}s"
+            reason = f"no connection within {self._connect_timeout:g}s"
             raise ServiceUnavailable(f"The engine is not reachable ({reason}).") from None
         except OSError as exc:
             reason = exc.strerror or str(exc) or type(exc).__name__
