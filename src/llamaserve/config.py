@@ -77,7 +77,10 @@ class Settings(BaseSettings):
         300.0, gt=0, description="Seconds `console.sh start` waits for the model to load."
     )
     llama_stop_timeout: float = Field(
-        15.0, gt=0, description="Seconds `console.sh stop` waits after SIGTERM before SIGKILL."
+        15.0,
+        gt=0,
+        description="Seconds `console.sh stop` waits after SIGTERM before SIGKILL; the "
+        "gateway's requests in flight get this less 5 s (at least half) to finish.",
     )
     llama_runtime_dir: Path = Field(
         Path("runtime"),

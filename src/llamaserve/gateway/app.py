@@ -3,8 +3,12 @@ health and readiness, and the hand-off of every other request to an Exchange."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
+import logging
+import signal
+from types import FrameType
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -19,6 +23,14 @@ from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.scheduling import Engine, Limits, Scheduler
 from llamaserve.gateway.upstream import Upstream
 from llamaserve.store import db, migrations
+
+log = logging.getLogger("llamaserve.gateway")
+
+
+def stop_grace(stop_timeout: float) -> float:
+    """Seconds the requests in flight get to finish after SIGTERM. `console.sh stop`
+    SIGKILLs at `stop_timeout`: the rest is for ending the others and writing the rows."""
+    return max(stop_timeout - 5, stop_timeout / 2)
 
 
 class Gateway:
@@ -43,6 +55,9 @@ class Gateway:
         self.watch = EngineWatch(
             self.scheduler, self.upstream, settings.llama_proxy_health_interval
         )
+        self.exchanges: set[Exchange] = set()  # those relaying an engine's answer
+        self.grace_over = False  # stopping, and requests still going are being ended
+        self._stopping: asyncio.Task[None] | None = None
         self.pool: Any = None
         self.auth: Authenticator
         self.admissions: Admissions
@@ -96,8 +111,43 @@ class Gateway:
         # sight, a full collection no longer walks it, pausing every request in flight.
         gc.collect()
         gc.freeze()
+        self._watch_stop_signals()
+
+    def _watch_stop_signals(self) -> None:
+        """On SIGTERM (`console.sh stop`) or SIGINT granian stops taking connections and
+        waits for the requests in flight; they get `stop_grace` seconds, then those still
+        going are ended with a clear error (see `Exchange.cut_off`), so that none is cut
+        off silently when the worker exits, and each has its row.
+
+        granian handles these signals on the event loop (`add_signal_handler`). A handler
+        set with `signal.signal` replaces only the Python-level one, which the loop's does
+        nothing in: the signal still reaches the loop through its wakeup fd, and granian's
+        handler with it."""
+        loop = asyncio.get_running_loop()
+
+        def stop_signalled(signum: int, frame: FrameType | None) -> None:
+            loop.call_soon_threadsafe(self._begin_stop)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop_signalled)
+
+    def _begin_stop(self) -> None:
+        if self._stopping is None:
+            grace = stop_grace(self.settings.llama_stop_timeout)
+            log.warning("stopping: requests in flight get %gs to finish", grace)
+            self._stopping = asyncio.create_task(self._cut_off_after(grace), name="stop")
+
+    async def _cut_off_after(self, grace: float) -> None:
+        await asyncio.sleep(grace)
+        self.grace_over = True
+        if self.exchanges:
+            log.warning("stopping: ending %d requests still in flight", len(self.exchanges))
+        for exchange in list(self.exchanges):
+            exchange.cut_off()
 
     async def shutdown(self) -> None:
+        if self._stopping is not None:
+            self._stopping.cancel()
         await self.watch.close()
         await self.requests.close()
         await self.upstream.close()

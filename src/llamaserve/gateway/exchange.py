@@ -85,6 +85,7 @@ class Exchange:
         self.streaming = False
         self._admission: asyncio.Future[Admission | None] | None = None  # until settled
         self._cleared = asyncio.Event()  # admitted: the answer may go out
+        self._relay: asyncio.Future[None] | None = None
 
     async def run(self) -> None:
         try:
@@ -184,9 +185,13 @@ class Exchange:
 
     async def _forward(self, body: bytes, stream: bool, wants_usage: bool) -> None:
         """Relay the engine's answer. A client that goes away cancels the engine's work, and
-        so does the refusal of a request that went ahead of its admission."""
-        relay = asyncio.ensure_future(self._relay(body, stream, wants_usage))
+        so do the refusal of a request that went ahead of its admission and the end of a
+        stop's grace (`cut_off`)."""
+        if self.gateway.grace_over:
+            raise _stopping()
+        relay = self._relay = asyncio.ensure_future(self._relay_answer(body, stream, wants_usage))
         gone = asyncio.ensure_future(_disconnected(self.receive))
+        self.gateway.exchanges.add(self)
         try:
             if self._admission is not None:
                 watched: set[asyncio.Future[Any]] = {relay, gone, self._admission}
@@ -194,10 +199,13 @@ class Exchange:
                 if not (relay.done() or gone.done()):
                     await self._admitted()
             await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if relay.cancelled():  # by `cut_off`
+                raise _stopping()
             if relay.done():
                 relay.result()
                 return
         finally:
+            self.gateway.exchanges.discard(self)
             gone.cancel()
             if not relay.done():
                 relay.cancel()
@@ -207,7 +215,13 @@ class Exchange:
         if not self.started:
             self.row.status = 499  # nginx's "client closed request"
 
-    async def _relay(self, body: bytes, stream: bool, wants_usage: bool) -> None:
+    def cut_off(self) -> None:
+        """The gateway is stopping and its grace is over: stop relaying, which closes the
+        request to the engine, and end the answer with an error (see `_forward`)."""
+        if self._relay is not None:
+            self._relay.cancel()
+
+    async def _relay_answer(self, body: bytes, stream: bool, wants_usage: bool) -> None:
         """Send to an engine; if it could not take the request, and the client has had
         nothing yet, once more to another engine (a timeout is not retried: the engine
         had the request)."""
@@ -268,8 +282,8 @@ class Exchange:
             await self._fail(error, status=reply.status)
 
     async def _relay_stream(self, reply: Reply, wants_usage: bool) -> None:
-        await self._start(200, STREAM_HEADERS)
         self.streaming = True
+        await self._start(200, STREAM_HEADERS)
         events = EventSplitter()
         done = False
         async for chunk in reply.chunks():
@@ -333,7 +347,7 @@ class Exchange:
         self.row.error = error.message
         if self.row.outcome != "cancelled":
             self.row.outcome = "error"
-        if self.streaming:
+        if self.streaming and self.started:
             await self._body(sse_error_event(error), more=False)
         elif not self.started:
             self.row.status = status or error.status
@@ -360,6 +374,14 @@ class Exchange:
 
     def _elapsed_ms(self) -> float:
         return (time.perf_counter() - self.began) * 1000
+
+
+def _stopping() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "The server is stopping: this request was ended before it finished. Retry it.",
+        code="server_stopping",
+        headers={"Retry-After": "5"},
+    )
 
 
 class _CountingSend:

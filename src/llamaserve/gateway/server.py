@@ -13,6 +13,7 @@ it: the fair queue and the engines' slots are one process's state.
 from __future__ import annotations
 
 import logging
+import math
 
 from granian.constants import HTTPModes, Interfaces, Loops
 from granian.log import LogLevels
@@ -41,8 +42,9 @@ def serve(settings: Settings) -> None:
         blocking_threads=1,
         log_level=LogLevels.warning,
         log_access=False,  # the gateway writes its own line per request, without secrets
-        # Streams in flight get this long to finish; then the request log is flushed.
-        workers_kill_timeout=max(1, int(settings.llama_stop_timeout) - 5),
+        # The gateway ends what is still in flight after its grace (`stop_grace`) and
+        # writes the rows; this is the last resort, before `console.sh stop`'s SIGKILL.
+        workers_kill_timeout=max(1, math.ceil(settings.llama_stop_timeout) - 1),
     ).serve()
 
 
