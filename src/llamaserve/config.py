@@ -112,7 +112,10 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, ge=1024, description="Largest request body the gateway accepts (413)."
     )
     llama_proxy_user_concurrency: int = Field(
-        0, ge=0, description="Requests one user may have generating at once (0 = no limit)."
+        0,
+        ge=0,
+        description="Requests one user may have generating at once, across all gateways on "
+        "the database (0 = no limit).",
     )
     llama_proxy_reserved_slots: int = Field(
         0,

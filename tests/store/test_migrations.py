@@ -15,7 +15,11 @@ from tests.pgfixtures import PgDatabase
 
 pytestmark = pytest.mark.anyio
 
-TABLES = {"llamaserve_schema", "users", "api_keys", "rate_limit_state", "llama_requests"}
+TABLES = {
+    "llamaserve_schema", "users", "api_keys", "rate_limit_state", "llama_requests",
+    "llama_gateways", "llama_generating",
+}  # fmt: skip
+SHIPPED = list(range(1, migrations.latest() + 1))
 
 
 async def tables(conn: asyncpg.Connection) -> set[str]:
@@ -40,11 +44,11 @@ async def test_migrate_creates_the_schema_and_is_safe_to_run_twice(
 ) -> None:
     conn = await pg_empty_database.connect()
     try:
-        assert await migrations.migrate(conn) == [1]
+        assert await migrations.migrate(conn) == SHIPPED
         assert await tables(conn) >= TABLES
         assert await migrations.migrate(conn) == []
         assert await migrations.check_schema(conn) == migrations.latest()
-        assert await conn.fetchval("SELECT count(*) FROM llamaserve_schema") == 1
+        assert await conn.fetchval("SELECT count(*) FROM llamaserve_schema") == len(SHIPPED)
     finally:
         await conn.close()
 
@@ -55,8 +59,8 @@ async def test_concurrent_migrations_apply_each_version_once(
     conns = [await pg_empty_database.connect() for _ in range(4)]
     try:
         results = await asyncio.gather(*(migrations.migrate(conn) for conn in conns))
-        assert sorted(results) == [[], [], [], [1]]
-        assert await conns[0].fetchval("SELECT count(*) FROM llamaserve_schema") == 1
+        assert sorted(results) == [[], [], [], SHIPPED]
+        assert await conns[0].fetchval("SELECT count(*) FROM llamaserve_schema") == len(SHIPPED)
     finally:
         for conn in conns:
             await conn.close()
@@ -86,10 +90,13 @@ async def test_an_older_schema_asks_for_init_db_which_upgrades_it(
 ) -> None:
     upgraded = with_extra("CREATE TABLE extra (x int)")
     monkeypatch.setattr(migrations, "available", lambda: upgraded)
-    with pytest.raises(SchemaMismatch, match="version 1, this Llamaserve needs 2: run"):
+    newest = len(upgraded)
+    with pytest.raises(
+        SchemaMismatch, match=f"version {newest - 1}, this Llamaserve needs {newest}: run"
+    ):
         await migrations.check_schema(pg_conn)
-    assert await migrations.migrate(pg_conn) == [2]
-    assert await migrations.check_schema(pg_conn) == 2
+    assert await migrations.migrate(pg_conn) == [newest]
+    assert await migrations.check_schema(pg_conn) == newest
     assert "extra" in await tables(pg_conn)
 
 

@@ -18,6 +18,7 @@ from llamaserve.errors import ServiceUnavailable, send_error
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.engines import EngineWatch
 from llamaserve.gateway.exchange import Exchange
+from llamaserve.gateway.leases import Leases
 from llamaserve.gateway.limits import Admissions
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.scheduling import Engine, Limits, Scheduler
@@ -61,6 +62,7 @@ class Gateway:
         self.pool: Any = None
         self.auth: Authenticator
         self.admissions: Admissions
+        self.leases: Leases
         self.requests: RequestLog
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -102,6 +104,8 @@ class Gateway:
             self.settings.llama_proxy_rate_limit,
             self.settings.llama_proxy_rate_window_seconds,
         )
+        self.leases = Leases(self.pool, self.settings.llama_proxy_user_concurrency, self.scheduler)
+        await self.leases.start()
         self.requests = RequestLog(self.pool)
         self.requests.start()
         await self.upstream.open()
@@ -149,6 +153,7 @@ class Gateway:
         if self._stopping is not None:
             self._stopping.cancel()
         await self.watch.close()
+        await self.leases.close()
         await self.requests.close()
         await self.upstream.close()
         await self.pool.close()

@@ -246,9 +246,36 @@ class Exchange:
         if self.row.method != "POST":
             yield scheduler.any_engine(exclude)
             return
-        async with scheduler.slot(self.row.user_id, exclude) as grant:
+        user = self.row.user_id
+        assert user is not None  # admitted
+        engine, lease = await self._slot(user, exclude)
+        try:
+            yield engine
+        finally:
+            scheduler.release(user, engine)
+            self.gateway.leases.give_back(lease)
+
+    async def _slot(self, user: int, exclude: Engine | None) -> tuple[Engine, uuid.UUID]:
+        """A slot of an engine, and one of the user's leases under the cap across gateways
+        (see `Leases`): a user at the cap through other gateways gives the slot back and
+        waits, first in line, until one of their requests ends."""
+        scheduler, leases = self.gateway.scheduler, self.gateway.leases
+        deadline = time.monotonic() + scheduler.limits.max_wait
+        again = False
+        while True:
+            left = deadline - time.monotonic()
+            grant = await scheduler.acquire(user, exclude, again=again, max_wait=left)
             self.row.queue_ms = (self.row.queue_ms or 0.0) + grant.waited * 1000
-            yield grant.engine
+            try:
+                lease = await leases.take(user)
+            except BaseException:
+                scheduler.release(user, grant.engine)
+                raise
+            if lease is not None:
+                return grant.engine, lease
+            leases.hold(user)  # before the slot goes back: not to this user again
+            scheduler.release(user, grant.engine)
+            again = True
 
     async def _exchange(
         self, url: str, body: bytes, stream: bool, wants_usage: bool, last: bool

@@ -11,7 +11,8 @@ starts at once, at the price of those slots for a user alone with a backlog.
 
 The queue is the gateway's own: several gateways in front of the same engines each
 cap what *they* send; the engines queue whatever exceeds their slots, first come,
-first served.
+first served. The per-user cap is also held across gateways (`Leases`): a user at it
+elsewhere is `block`ed here until a request of theirs ends.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Scheduler:
         self._served: dict[Hashable, int] = {}
         self._clock = itertools.count()
         self._waiting = 0
+        self._blocked: set[Hashable] = set()  # users at their cap through other gateways
 
     @asynccontextmanager
     async def slot(self, user: Hashable, exclude: Engine | None = None) -> AsyncIterator[Grant]:
@@ -88,7 +90,17 @@ class Scheduler:
         finally:
             self.release(user, grant.engine)
 
-    async def acquire(self, user: Hashable, exclude: Engine | None = None) -> Grant:
+    async def acquire(
+        self,
+        user: Hashable,
+        exclude: Engine | None = None,
+        *,
+        again: bool = False,
+        max_wait: float | None = None,
+    ) -> Grant:
+        """A slot of an engine (not `exclude`). A request that had one and gave it back
+        (`again`) waits first in its user's queue; `max_wait` is what is left of the
+        queue's timeout."""
         began = time.monotonic()
         if not any(e.healthy for e in self.engines if e is not exclude):
             raise ServiceUnavailable("No engine is available.", code="engine_unavailable")
@@ -96,10 +108,11 @@ class Scheduler:
         if not self._queued and engine is not None and self._may_run(user):
             self._take(user, engine)
             return Grant(engine, 0.0)
-        waiter = self._enqueue(user, exclude)
+        waiter = self._enqueue(user, exclude, again)
         self.dispatch()  # a free slot may be held back only from users at their limit
+        wait = self.limits.max_wait if max_wait is None else max(0.0, max_wait)
         try:
-            engine = await asyncio.wait_for(asyncio.shield(waiter.future), self.limits.max_wait)
+            engine = await asyncio.wait_for(asyncio.shield(waiter.future), wait)
         except TimeoutError:
             self._abandon(waiter)
             raise ServiceUnavailable(
@@ -129,6 +142,15 @@ class Scheduler:
             del self._running[user]
             self._forget_if_idle(user)
         self.dispatch()
+
+    def block(self, user: Hashable) -> None:
+        """Grant the user nothing until `unblock`: they are at their cap elsewhere."""
+        self._blocked.add(user)
+
+    def unblock(self, user: Hashable) -> None:
+        if user in self._blocked:
+            self._blocked.discard(user)
+            self.dispatch()
 
     def dispatch(self) -> None:
         """Grant free slots to waiting users: the one with the fewest requests generating
@@ -163,25 +185,30 @@ class Scheduler:
         waiter.future.set_result(engine)
         return True
 
-    def _enqueue(self, user: Hashable, exclude: Engine | None) -> _Waiter:
+    def _enqueue(self, user: Hashable, exclude: Engine | None, again: bool = False) -> _Waiter:
         queue = self._queues.get(user)
-        if queue is not None and len(queue) >= self.limits.user_queue_size:
-            raise RateLimited(
-                f"Too many of your requests are waiting ({len(queue)}); retry when some finish.",
-                code="user_queue_full",
-                headers={"Retry-After": "5"},
-            )
-        if self._waiting >= self.limits.queue_size:
-            raise ServiceUnavailable(
-                "The server is full: too many requests are waiting.",
-                code="queue_full",
-                headers={"Retry-After": "5"},
-            )
+        if not again:  # one given back keeps its place in line, before the user's others
+            if queue is not None and len(queue) >= self.limits.user_queue_size:
+                raise RateLimited(
+                    f"Too many of your requests are waiting ({len(queue)}); "
+                    "retry when some finish.",
+                    code="user_queue_full",
+                    headers={"Retry-After": "5"},
+                )
+            if self._waiting >= self.limits.queue_size:
+                raise ServiceUnavailable(
+                    "The server is full: too many requests are waiting.",
+                    code="queue_full",
+                    headers={"Retry-After": "5"},
+                )
         waiter = _Waiter(user, exclude)
         if queue is None:
             queue = self._queues[user] = deque()
             self._queued.append(user)
-        queue.append(waiter)
+        if again:
+            queue.appendleft(waiter)
+        else:
+            queue.append(waiter)
         self._waiting += 1
         return waiter
 
@@ -204,6 +231,8 @@ class Scheduler:
         to users who are not, so that a newcomer starts at once."""
         running = self._running[user]
         if self.limits.per_user and running >= self.limits.per_user:
+            return False
+        if user in self._blocked:
             return False
         reserved = self.limits.reserved
         if running == 0 or not reserved:
