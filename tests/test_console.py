@@ -17,7 +17,7 @@ import pytest
 from llamaserve.config import Settings
 from llamaserve.console import unused_engine_warning
 from llamaserve.engine.process import Service, start_ticks
-from tests.conftest import ENGINES, Engine, Project, make_project
+from tests.conftest import ENGINES, ROOT, Engine, Project, make_project, run
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -79,6 +79,28 @@ def test_the_gateway_refuses_an_engine_users_could_reach_around_it(tmp_path: Pat
     project = make_project(tmp_path / "rt", LLAMA_PROXY_ENABLED="1", LLAMA_SERVER_HOST="0.0.0.0")
     one_line_error(project.console("start"), "bypass the gateway", 'LLAMA_SERVER_HOST="127.0.0.1"')
     assert not (project.runtime / "run" / "engine.pid").exists()
+
+
+def test_the_gateway_refuses_a_running_engine_users_could_reach_around_it(
+    tmp_path: Path,
+) -> None:
+    # An engine started on 0.0.0.0 before the gateway was enabled and the host changed.
+    project = make_project(tmp_path / "rt", LLAMA_PROXY_ENABLED="1", LLAMA_SERVER_HOST="127.0.0.1")
+    engine = subprocess.Popen(["sleep", "60"])
+    try:
+        info = {"host": "0.0.0.0", "port": 8000}
+        record = {"pid": engine.pid, "start_ticks": start_ticks(engine.pid),
+                  "started_at": time.time(), "info": info}  # fmt: skip
+        run_dir = project.runtime / "run"
+        run_dir.mkdir(parents=True)
+        (run_dir / "engine.pid").write_text(json.dumps(record))
+        line = one_line_error(project.console("start"), "running on 0.0.0.0", "bypass the gateway")
+        assert "./console.sh restart" in line
+        assert not (run_dir / "gateway.pid").exists()
+        assert engine.poll() is None  # left as it is
+    finally:
+        engine.kill()
+        engine.wait()
 
 
 @pytest.mark.parametrize(
@@ -154,6 +176,14 @@ def test_status_and_start_again_while_running(engine: Engine) -> None:
     assert engine.base_url.rsplit(":", 1)[1] in line and "pid" in line and "up " in line
     again = engine.project.console("start")
     assert again.returncode == 0 and "already running" in again.stdout
+    assert "warning" not in again.stdout  # started as the config says
+    record = json.loads((engine.project.runtime / "run" / "engine.pid").read_text())
+    port = record["info"]["port"]
+    moved = run([str(ROOT / "console.sh"), "start"],
+                {**engine.project.env, "LLAMA_SERVER_PORT": str(port + 1)})  # fmt: skip
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert f"runs with port {port}" in moved.stdout
+    assert "./console.sh restart applies the config" in moved.stdout
 
 
 def test_logs_shows_the_last_lines(engine: Engine) -> None:

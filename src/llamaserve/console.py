@@ -75,7 +75,7 @@ def plan_engine(settings: Settings, layout: Layout) -> Plan:
 
 def plan_gateway(settings: Settings, layout: Layout) -> Plan:
     host = settings.llama_server_host
-    if host not in LOOPBACK and not settings.llama_proxy_allow_public_engine:
+    if _bypassable(settings, host):
         raise ConfigError(
             f"LLAMA_PROXY_ENABLED=1 but the engine would listen on {host}, where users could "
             'bypass the gateway: set LLAMA_SERVER_HOST="127.0.0.1" in runtime/config.env '
@@ -101,6 +101,11 @@ def plan_gateway(settings: Settings, layout: Layout) -> Plan:
         port=port,
         info={"host": proxy_host, "port": port, "backend": settings.llama_server_backend_url},
     )
+
+
+def _bypassable(settings: Settings, engine_host: str) -> bool:
+    """An engine on this host could be reached around the gateway."""
+    return engine_host not in LOOPBACK and not settings.llama_proxy_allow_public_engine
 
 
 def unused_engine_warning(settings: Settings) -> str | None:
@@ -153,7 +158,7 @@ def start(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
         warning = unused_engine_warning(settings)
         if warning:
             print(f"llamaserve: warning: {warning}", file=out)
-    pending = [plan for plan in plans if not _already_running(plan, out)]
+    pending = [plan for plan in plans if not _already_running(plan, settings, out)]
     for plan in pending:
         check_port_free(plan.host, plan.port)
     for plan in pending:
@@ -165,11 +170,31 @@ def start(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
     return 0
 
 
-def _already_running(plan: Plan, out: TextIO) -> bool:
+def _already_running(plan: Plan, settings: Settings, out: TextIO) -> bool:
+    """Whether the service runs; said, with how it differs from the config. ConfigError
+    when the gateway is to start in front of a running engine users could reach around it."""
     record = plan.service.running()
-    if record is not None:
-        print(f"llamaserve: {plan.service.name} is already running (pid {record.pid})", file=out)
-    return record is not None
+    if record is None:
+        return False
+    name = plan.service.name
+    print(f"llamaserve: {name} is already running (pid {record.pid})", file=out)
+    stale = {key: record.info.get(key) for key, value in plan.info.items()
+             if record.info.get(key) != value}  # fmt: skip
+    if not stale:
+        return True
+    running = ", ".join(f"{key} {value}" for key, value in stale.items())
+    moved = name == "engine" and "host" in stale and settings.llama_proxy_enabled
+    if moved and _bypassable(settings, str(stale["host"])):
+        raise ConfigError(
+            f"the engine is running on {stale['host']}, where users could bypass the "
+            "gateway: run ./console.sh restart to start it as runtime/config.env says"
+        )
+    print(
+        f"llamaserve: warning: the {name} runs with {running}, not as runtime/config.env "
+        "now says: ./console.sh restart applies the config",
+        file=out,
+    )
+    return True
 
 
 def launch(plan: Plan, timeout: float, stop_timeout: float, out: TextIO) -> bool:
