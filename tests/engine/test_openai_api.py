@@ -317,6 +317,24 @@ def test_n_above_one_is_refused_not_ignored(client: OpenAI, engine: Engine) -> N
 
 
 @pytest.mark.parametrize(
+    ("kind", "values"),
+    [("chat", {"messages": []}), ("chat", {"max_tokens": 0}), ("completions", {"max_tokens": -1}),
+     ("chat", {"temperature": 2.5}), ("completions", {"top_p": 1.5}),
+     ("chat", {"presence_penalty": -3}), ("completions", {"frequency_penalty": 2.1})],
+)  # fmt: skip
+def test_values_openai_refuses_are_400_naming_the_parameter(
+    client: OpenAI, engine: Engine, kind: str, values: dict[str, Any]
+) -> None:
+    # max_tokens below 1 would otherwise run llama-server until the context is full.
+    with pytest.raises(openai.BadRequestError) as info:
+        if kind == "chat":
+            client.chat.completions.create(**{"model": engine.model, "messages": CHAT, **values})
+        else:
+            client.completions.create(**{"model": engine.model, "prompt": "Hi", **values})
+    assert info.value.body["param"] == next(iter(values))  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
     ("body", "param"),
     [(b"{not json", None), (b"[1, 2]", None), (b'{"messages": "not a list"}', "messages")],
     ids=["malformed", "not-an-object", "wrong-type"],

@@ -6,6 +6,8 @@ import json
 import time
 
 import httpx
+import openai
+import pytest
 
 from tests.gateway.conftest import Stack
 from tests.gateway.helpers import extra_gateway
@@ -29,6 +31,18 @@ def test_plain_request_row_matches_the_engine_usage(stack: Stack, alice: str) ->
     assert row["bytes_in"] > 0 and row["bytes_out"] == len(raw.content)
     assert row["latency_ms"] > 0 and row["client_addr"] == "127.0.0.1"
     assert row["key_id"] == alice.split("_")[1]
+
+
+def test_the_engines_own_refusals_are_logged_as_rejected(stack: Stack, alice: str) -> None:
+    client = stack.client(alice)
+    with pytest.raises(openai.NotFoundError) as unknown:  # the engine's 404, passed through
+        client.chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=4)
+    with pytest.raises(openai.BadRequestError) as invalid:  # the engine's 400
+        client.chat.completions.create(model=stack.model, messages=CHAT, max_tokens=-5)
+    for refused, status in ((unknown.value, 404), (invalid.value, 400)):
+        row = stack.row(refused.response.headers["x-request-id"])
+        assert (row["status"], row["outcome"]) == (status, "rejected")
+        assert row["error"]
 
 
 def test_streamed_request_row_counts_tokens_not_shown_to_the_client(

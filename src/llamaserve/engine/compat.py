@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,13 +59,13 @@ current_usage: contextvars.ContextVar[Usage | None] = contextvars.ContextVar(
 
 
 def rewrite_request(
-    raw: bytes, model_id: str, schema: type[BaseModel] | None = None
+    raw: bytes, model_id: str, schemas: Sequence[type[BaseModel]] = ()
 ) -> tuple[bytes, bool]:
     """The body to hand to the engine, and whether the client asked for usage in the stream."""
     body = parse_request(raw, model_id)
     body["response_format"] = _engine_response_format(body.get("response_format"))
     stream_options = body.pop("stream_options", None) or {}
-    if schema is not None:
+    for schema in schemas:
         validate(schema, body)
     include_usage = bool(body.get("stream")) and bool(stream_options.get("include_usage"))
     return json.dumps(body).encode(), include_usage
@@ -82,7 +83,7 @@ class CompatMiddleware:
         app: ASGIApp,
         *,
         model_id: str,
-        schemas: dict[str, type[BaseModel]] | None = None,
+        schemas: dict[str, Sequence[type[BaseModel]]] | None = None,
     ) -> None:
         self.app = app
         self.model_id = model_id
@@ -103,8 +104,8 @@ class CompatMiddleware:
         if scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
             try:
                 raw = await read_body(receive)
-                schema = self.schemas.get(scope["path"])
-                body, include_usage = rewrite_request(raw, self.model_id, schema)
+                schemas = self.schemas.get(scope["path"], ())
+                body, include_usage = rewrite_request(raw, self.model_id, schemas)
             except APIError as error:
                 await send_error(send, error)
                 return

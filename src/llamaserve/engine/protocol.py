@@ -42,15 +42,18 @@ class StreamOptions(_Open):
 
 
 class _Sampling(_Open):
+    """The ranges are OpenAI's; a `max_tokens` below 1 would generate without end on
+    llama-server, holding a slot until the context is full."""
+
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = None
     min_p: float | None = None
     typical_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repeat_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -61,7 +64,7 @@ class _Sampling(_Open):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None

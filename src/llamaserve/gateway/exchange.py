@@ -388,6 +388,8 @@ class Exchange:
             _discard(self._admission)
         row = self.row
         row.latency_ms = self._elapsed_ms()
+        if row.outcome == "ok" and row.status >= 400:  # the engine's own error, passed on
+            row.outcome = "error"
         if row.outcome == "error" and 400 <= row.status < 500:
             row.outcome = "rejected"
         self.gateway.requests.add(row)
