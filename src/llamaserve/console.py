@@ -234,7 +234,8 @@ def print_ready(plan: Plan, layout: Layout, out: TextIO) -> None:
     config = os.path.relpath(layout.config_file)
     payload = (
         f'{{"model": "{model}", '
-        '"messages": [{"role": "user", "content": "Say hello in one sentence."}]}'
+        '"messages": [{"role": "user", "content": "Say hello in one sentence."}], '
+        '"max_tokens": 64}'
     )
     print(f"  URL:   {base}  (listening on {plan.host}:{plan.port})", file=out)
     print(f"  model: {model}", file=out)
