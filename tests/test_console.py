@@ -245,7 +245,15 @@ def test_a_process_that_ignores_sigterm_is_killed_with_its_children(tmp_path: Pa
 def test_start_stop_restart_cycle(tmp_path: Path, engine_name: str) -> None:
     project = make_project(tmp_path / "rt", LLAMA_ENGINE=engine_name)
     try:
-        assert project.console("start").returncode == 0
+        started = project.console("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        # What start prints to try works as printed (the config sourced, as it says).
+        source, curl = (line.strip() for line in started.stdout.splitlines()[-2:])
+        assert source.startswith("source ") and curl.startswith("curl ")
+        tried = run(["bash", "-c", f"{source} && {curl}"], project.env, timeout=120)
+        answer = json.loads(tried.stdout)
+        assert answer["choices"][0]["message"]["content"], tried.stdout + tried.stderr
+        assert answer["usage"]["completion_tokens"] <= 64
         first = json.loads((project.runtime / "run" / "engine.pid").read_text())["pid"]
         restarted = project.console("restart")
         assert restarted.returncode == 0, restarted.stdout + restarted.stderr
