@@ -163,10 +163,11 @@ def rate_limit_headers(admission: Admission) -> list[tuple[bytes, bytes]]:
 
 
 def format_duration(seconds: float) -> str:
-    """OpenAI's style of duration: 20ms, 1.5s, 6m0s."""
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    minutes, secs = divmod(seconds, 60)
-    if minutes < 1:
-        return f"{secs:.3g}s"
-    return f"{int(minutes)}m{int(secs)}s"
+    """OpenAI's style of duration: 20ms, 1.5s, 6m0s (rounded first: 59.96 s is 1m0s)."""
+    milliseconds = max(0, round(seconds * 1000))
+    if milliseconds < 1000:
+        return f"{milliseconds}ms"
+    if round(seconds, 1) < 60:
+        return f"{round(seconds, 1):g}s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs}s"
