@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from llamaserve import console
 from llamaserve.config import Settings
 from llamaserve.console import unused_engine_warning
 from llamaserve.engine.process import Service, start_ticks
-from tests.conftest import ENGINES, ROOT, Engine, Project, make_project, run
+from tests.conftest import ENGINES, ROOT, Engine, Project, free_port, make_project, run
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -273,3 +275,39 @@ def test_console_refuses_before_install(tmp_path: Path) -> None:
     shutil.copy(Path(__file__).parents[1] / "console.sh", clone)
     result = subprocess.run([str(clone / "console.sh"), "start"], capture_output=True, text=True)
     assert result.returncode == 1 and "install.sh" in result.stderr
+
+
+SLOW = """
+import http.server, json, sys
+class Busy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"error": {"message": "Not ready: engine: not reachable"}}).encode()
+        self.send_response(503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Busy).serve_forever()
+"""
+
+
+def test_start_says_what_a_service_slow_to_be_ready_waits_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console, "NOTICE", 1.0)
+    port = free_port()
+    plan = console.Plan(
+        service=Service("gateway", tmp_path / "run", tmp_path / "logs"),
+        argv=[sys.executable, "-c", SLOW, str(port)],
+        env=dict(os.environ),
+        ready_url=f"http://127.0.0.1:{port}/ready",
+        headers={},
+        host="127.0.0.1",
+        port=port,
+        info={},
+    )
+    out = io.StringIO()
+    assert not console.launch(plan, timeout=3, stop_timeout=5, out=out)
+    said = out.getvalue()
+    assert "gateway not ready yet (Not ready: engine: not reachable); waiting up to 3s" in said
+    assert "did not become ready within 3s" in said
+    assert plan.service.running() is None  # stopped

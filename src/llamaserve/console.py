@@ -15,7 +15,7 @@ from llamaserve.config import ConfigError, Layout, Settings, is_engine_url
 from llamaserve.engine import llama_server
 from llamaserve.engine.models import resolve_model
 from llamaserve.engine.process import ProcessRecord, Service
-from llamaserve.readiness import Start, wait_until_ready
+from llamaserve.readiness import Start, wait_until_ready, why_not_ready
 from llamaserve.store import cluster
 
 EXIT_STOPPED = 3
@@ -36,6 +36,7 @@ class Plan:
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+NOTICE = 10.0  # seconds of waiting for a service before start says what it waits for
 
 
 def engine_service(layout: Layout) -> Service:
@@ -203,7 +204,19 @@ def launch(plan: Plan, timeout: float, stop_timeout: float, out: TextIO) -> bool
     print(f"llamaserve: starting {service.name} (log: {service.logfile})", file=out, flush=True)
     began = time.monotonic()
     proc = service.spawn(plan.argv, env=plan.env, info=plan.info)
-    start = wait_until_ready(plan.ready_url, proc, timeout, headers=plan.headers, interval=0.25)
+    start = wait_until_ready(
+        plan.ready_url, proc, min(timeout, NOTICE), headers=plan.headers, interval=0.25
+    )
+    if start is Start.TIMED_OUT and timeout > NOTICE:  # say what it waits for
+        reason = why_not_ready(plan.ready_url, plan.headers)
+        print(
+            f"llamaserve: {service.name} not ready yet ({reason}); waiting up to {timeout:.0f}s",
+            file=out,
+            flush=True,
+        )
+        start = wait_until_ready(
+            plan.ready_url, proc, timeout - NOTICE, headers=plan.headers, interval=0.25
+        )
     if start is Start.READY:
         print(
             f"llamaserve: {service.name} ready in {time.monotonic() - began:.1f}s (pid {proc.pid})",
@@ -215,6 +228,7 @@ def launch(plan: Plan, timeout: float, stop_timeout: float, out: TextIO) -> bool
         _fail(out, f"{service.name} exited with status {proc.returncode} while starting", service)
         return False
     service.stop(stop_timeout)
+    proc.wait()  # stopped (killed at worst): reaped
     _fail(out, f"{service.name} did not become ready within {timeout:.0f}s", service)
     return False
 

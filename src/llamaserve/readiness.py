@@ -40,3 +40,15 @@ def answers(url: str, headers: dict[str, str] | None = None) -> bool:
         return httpx.get(url, headers=headers, timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def why_not_ready(url: str, headers: dict[str, str] | None = None) -> str:
+    """What `url` answers now instead of 200, in a few words (its error's message)."""
+    try:
+        response = httpx.get(url, headers=headers, timeout=5.0)
+    except httpx.HTTPError:
+        return "not answering yet"
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"status {response.status_code}"
