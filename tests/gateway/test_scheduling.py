@@ -16,9 +16,10 @@ async def run_requests(scheduler: Scheduler, plan: list[str], served: list[str])
     release = {tag: asyncio.Event() for tag in plan}
 
     async def request(tag: str) -> None:
-        async with scheduler.slot(tag[0]):
-            served.append(tag)
-            await release[tag].wait()
+        grant = await scheduler.acquire(tag[0])
+        served.append(tag)
+        await release[tag].wait()
+        scheduler.release(tag[0], grant.engine)
 
     tasks = []
     for tag in plan:

@@ -127,6 +127,7 @@ class Leases:
         try:
             await lost
         finally:
+            conn.remove_termination_listener(closed)
             with contextlib.suppress(Exception):
                 await conn.remove_listener(generating.FREED, self._freed)
 

@@ -21,8 +21,7 @@ import asyncio
 import itertools
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from llamaserve.errors import RateLimited, ServiceUnavailable
@@ -80,15 +79,6 @@ class Scheduler:
         self._clock = itertools.count()
         self._waiting = 0
         self._blocked: set[Hashable] = set()  # users at their cap through other gateways
-
-    @asynccontextmanager
-    async def slot(self, user: Hashable, exclude: Engine | None = None) -> AsyncIterator[Grant]:
-        """Hold one slot of an engine (not `exclude`) while the block runs."""
-        grant = await self.acquire(user, exclude)
-        try:
-            yield grant
-        finally:
-            self.release(user, grant.engine)
 
     async def acquire(
         self,
