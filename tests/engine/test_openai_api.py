@@ -304,6 +304,34 @@ def test_wrong_or_missing_key_is_401_envelope(engine: Engine, api_key: str) -> N
         engine.client(api_key="wrong-key").models.list()
 
 
+@pytest.mark.parametrize("path", ["/v1/unknown", "/slots", "/docs", "/extras/tokenize"])
+def test_paths_that_are_no_openai_route_are_404_alike_on_both_engines(
+    engine: Engine, path: str
+) -> None:
+    import httpx
+
+    for headers in ({"Authorization": f"Bearer {engine.api_key}"}, {}):  # before the key
+        response = httpx.get(f"{engine.base_url}{path}", headers=headers)
+        assert response.status_code == 404
+        assert response.json()["error"] == {
+            "message": f"Unknown path {path}.",
+            "type": "not_found_error",
+            "param": None,
+            "code": "unknown_url",
+        }
+
+
+def test_the_key_is_checked_before_the_body(engine: Engine) -> None:
+    import httpx
+
+    response = httpx.post(
+        f"{engine.base_url}/v1/chat/completions", content=b"{not json",
+        headers={"Authorization": "Bearer wrong-key", "Content-Type": "application/json"},
+    )  # fmt: skip
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == "Incorrect API key provided."
+
+
 def test_unknown_model_is_404(client: OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=1)

@@ -1,5 +1,7 @@
 """An ASGI middleware that mends where llama_cpp.server falls short of OpenAI's API.
 
+- the route and the key are checked first, as the other engine's front checks them (an
+  unknown path is 404 before the key is 401; llama_cpp's extra routes are not served);
 - every error answers in OpenAI's envelope (FastAPI's `{"detail": ...}` and 422s are rewritten);
 - `response_format` of type `json_schema` becomes the json_object-with-schema form the
   engine understands;
@@ -20,10 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamaserve.engine.protocol import (
+    check_route_and_key,
     json_schema_of,
     parse_request,
     read_body,
@@ -82,10 +85,12 @@ class CompatMiddleware:
         self,
         app: ASGIApp,
         *,
+        api_key: SecretStr,
         model_id: str,
         schemas: dict[str, Sequence[type[BaseModel]]] | None = None,
     ) -> None:
         self.app = app
+        self.key = api_key.get_secret_value().encode()
         self.model_id = model_id
         self.schemas = schemas or {}
 
@@ -95,6 +100,11 @@ class CompatMiddleware:
             return
         if scope["method"] == "GET" and scope["path"] == "/health":
             await send_json(send, {"status": "ok", "slots": 1})
+            return
+        try:
+            check_route_and_key(scope, self.key)
+        except APIError as error:
+            await send_error(send, error)
             return
         model = model_of(scope["path"]) if scope["method"] == "GET" else None
         if model is not None:

@@ -7,13 +7,15 @@ rather than silently answered with one choice.
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.types import Receive, Send
+from starlette.types import Receive, Scope, Send
 
-from llamaserve.errors import InvalidRequest, NotFound
+from llamaserve.errors import AuthenticationFailed, InvalidRequest, MethodNotAllowed, NotFound
+from llamaserve.routes import method_of
 
 
 class _Open(BaseModel):
@@ -77,6 +79,21 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0)
+
+
+def check_route_and_key(scope: Scope, key: bytes) -> None:
+    """What both engines check first, in OpenAI's order: an OpenAI route (404), its
+    method (405), then the key (401); the engines' own other routes are never served."""
+    path, method = scope["path"], scope["method"]
+    expected = method_of(path)
+    if expected is None:
+        raise NotFound(f"Unknown path {path}.", code="unknown_url")
+    if method != expected:
+        raise MethodNotAllowed(f"{path} takes {expected}, not {method}.")
+    header = dict(scope["headers"]).get(b"authorization", b"")
+    scheme, _, token = header.partition(b" ")
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key):
+        raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
 
 
 def parse_request(raw: bytes, model_id: str) -> dict[str, Any]:

@@ -89,7 +89,9 @@ def build_app(settings: Settings, model: Path) -> CompatMiddleware:
         "/v1/chat/completions": (ChatCompletionRequest, server_app.CreateChatCompletionRequest),
         "/v1/completions": (CompletionRequest, server_app.CreateCompletionRequest),
     }
-    return CompatMiddleware(app, model_id=model.name, schemas=schemas)
+    return CompatMiddleware(
+        app, api_key=settings.llama_server_api_key, model_id=model.name, schemas=schemas
+    )
 
 
 def serve(settings: Settings, model: Path) -> None:

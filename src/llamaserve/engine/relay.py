@@ -12,7 +12,6 @@ stream from llama-server, which frees the slot at once.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import sys
 import traceback
@@ -27,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 from llamaserve.engine.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    check_route_and_key,
     parse_request,
     read_body,
     retrieve_model,
@@ -41,17 +41,15 @@ from llamaserve.engine.translate import (
 )
 from llamaserve.errors import (
     APIError,
-    AuthenticationFailed,
     InternalError,
     MethodNotAllowed,
-    NotFound,
     ServiceUnavailable,
     UpstreamFailed,
     engine_error,
     send_error,
     sse_error_event,
 )
-from llamaserve.routes import method_of, model_of
+from llamaserve.routes import model_of
 
 MODEL_FIELDS = ("id", "object", "created", "owned_by")
 Hook = Callable[[], Awaitable[None]]
@@ -124,15 +122,12 @@ class Relay:
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
-        expected = "GET" if path == "/health" else method_of(path)
-        if expected is None:
-            raise NotFound(f"No route {path}.")
-        if method != expected:
-            raise MethodNotAllowed(f"{path} takes {expected}, not {method}.")
         if path == "/health":
+            if method != "GET":
+                raise MethodNotAllowed(f"{path} takes GET, not {method}.")
             await self._health(send)
             return
-        self._check_key(scope)
+        check_route_and_key(scope, self._key)
         model = model_of(path)
         if path == "/v1/models":
             await send_json(send, await self._models())
@@ -149,12 +144,6 @@ class Relay:
         models = await self._call("GET", "/v1/models")
         data = [{key: model.get(key) for key in MODEL_FIELDS} for model in models["data"]]
         return {"object": "list", "data": data}
-
-    def _check_key(self, scope: Scope) -> None:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
-            raise AuthenticationFailed("Invalid API key", code="invalid_api_key")
 
     async def _health(self, send: Send) -> None:
         async with self._request("GET", "/health") as response:
