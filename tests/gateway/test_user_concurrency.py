@@ -25,6 +25,14 @@ def engine() -> Iterator[MockEngine]:
     mock.kill()
 
 
+@pytest.fixture
+def gateways(stack: Stack, engine: MockEngine) -> Iterator[tuple[str, str]]:
+    """Two gateways on the stack's database, each user capped at one request generating."""
+    env = {"LLAMA_SERVER_BACKEND_URL": engine.url, "LLAMA_PROXY_USER_CONCURRENCY": "1"}
+    with extra_gateway(stack, **env) as first, extra_gateway(stack, **env) as second:
+        yield first, second
+
+
 def chat(url: str, key: str, tag: str, delay: float = 0.0, timeout: float = 60) -> str:
     """A chat request that 'generates' for `delay` s; its request id."""
     client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=timeout)
@@ -42,15 +50,11 @@ def leases(stack: Stack) -> Callable[[], bool]:
 
 
 def test_a_user_at_the_cap_through_one_gateway_waits_in_the_other(
-    stack: Stack, engine: MockEngine
+    stack: Stack, engine: MockEngine, gateways: tuple[str, str]
 ) -> None:
     capped, neighbour = stack.create_user("capped"), stack.create_user("neighbour")
-    env = {"LLAMA_SERVER_BACKEND_URL": engine.url, "LLAMA_PROXY_USER_CONCURRENCY": "1"}
-    with (
-        extra_gateway(stack, **env) as first,
-        extra_gateway(stack, **env) as second,
-        ThreadPoolExecutor(2) as pool,
-    ):
+    first, second = gateways
+    with ThreadPoolExecutor(2) as pool:
         long = pool.submit(chat, first, capped, "long", delay=2)
         wait_until(lambda: "long" in engine.arrivals, timeout=20)
         short = pool.submit(chat, second, capped, "short")
@@ -69,15 +73,11 @@ def test_a_user_at_the_cap_through_one_gateway_waits_in_the_other(
 
 
 def test_a_request_that_gives_up_while_held_leaves_no_lease(
-    stack: Stack, engine: MockEngine
+    stack: Stack, engine: MockEngine, gateways: tuple[str, str]
 ) -> None:
     key = stack.create_user("impatient")
-    env = {"LLAMA_SERVER_BACKEND_URL": engine.url, "LLAMA_PROXY_USER_CONCURRENCY": "1"}
-    with (
-        extra_gateway(stack, **env) as first,
-        extra_gateway(stack, **env) as second,
-        ThreadPoolExecutor(1) as pool,
-    ):
+    first, second = gateways
+    with ThreadPoolExecutor(1) as pool:
         long = pool.submit(chat, first, key, "long", delay=2)
         wait_until(lambda: "long" in engine.arrivals, timeout=20)
         with pytest.raises(openai.APITimeoutError):
