@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import openai
 import pytest
@@ -63,11 +64,15 @@ def test_a_user_at_the_cap_through_one_gateway_waits_in_the_other(
         long_id, short_id = long.result(), short.result()
 
     assert engine.finished == ["neighbour", "long", "short"]  # short began once long ended
-    waited = stack.query(
-        "SELECT request_id, queue_ms FROM llama_requests WHERE request_id = ANY($1)",
-        [long_id, short_id],
-    )
-    queued = {row["request_id"]: row["queue_ms"] for row in waited}
+
+    def rows() -> list[Any]:
+        return stack.query(
+            "SELECT request_id, queue_ms FROM llama_requests WHERE request_id = ANY($1)",
+            [long_id, short_id],
+        )
+
+    wait_until(lambda: len(rows()) == 2, timeout=5)  # written in the background
+    queued = {row["request_id"]: row["queue_ms"] for row in rows()}
     assert queued[long_id] < 500 and queued[short_id] > 1000
     wait_until(leases(stack), timeout=5)  # every lease given back
 
