@@ -79,8 +79,8 @@ class Settings(BaseSettings):
     llama_stop_timeout: float = Field(
         15.0,
         gt=0,
-        description="Seconds `console.sh stop` waits after SIGTERM before SIGKILL; the "
-        "gateway's requests in flight get this less 5 s (at least half) to finish.",
+        description="Seconds `console.sh stop` waits after SIGTERM before SIGKILL; requests "
+        "in flight (engine and gateway) get this less 5 s (at least half) to finish.",
     )
     llama_runtime_dir: Path = Field(
         Path("runtime"),
@@ -156,6 +156,12 @@ class Settings(BaseSettings):
 
     def backend_urls(self) -> list[str]:
         return [u.strip() for u in self.llama_server_backend_url.split(",") if u.strip()]
+
+    def stop_grace(self) -> float:
+        """Seconds the requests in flight get to finish after SIGTERM, in the gateway and
+        in the engines. `console.sh stop` SIGKILLs at LLAMA_STOP_TIMEOUT: the rest is for
+        ending the others with an error (and, in the gateway, writing their rows)."""
+        return max(self.llama_stop_timeout - 5, self.llama_stop_timeout / 2)
 
     def threads(self) -> int:
         return self.llama_n_threads or max(1, (os.cpu_count() or 1) - 1)

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+from openai import OpenAI
 
 from llamaserve.config import Settings
 from llamaserve.engine.llama_server import build_argv
 from llamaserve.engine.process import start_ticks
-from tests.conftest import ROOT, Engine, Project, make_project, raw_post
+from tests.conftest import ENGINES, ROOT, Engine, Project, free_port, make_project, raw_post
 
 LLAMA_SERVER = pytest.mark.parametrize("engine", ["llama-server"], indirect=True)
 # A continuation the model never ends by itself: slots stay busy until cancelled.
@@ -207,3 +211,42 @@ def test_llama_server_gets_the_thread_settings(tmp_path: Path) -> None:
     assert threads(llama_n_threads=3) == ("3", str(os.cpu_count()))
     assert threads(llama_n_threads=1, llama_n_threads_batch=5) == ("1", "5")
     assert threads() == (str(max(1, (os.cpu_count() or 1) - 1)), str(os.cpu_count()))
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_requests_still_going_at_the_end_of_the_stop_grace_end_with_an_error(
+    tmp_path: Path, engine_name: str
+) -> None:
+    # With LLAMA_STOP_TIMEOUT=6 the requests get 3 s, and `stop` would SIGKILL at 6.
+    key, port = secrets.token_urlsafe(32), free_port()
+    project = make_project(
+        tmp_path / "rt", LLAMA_ENGINE=engine_name, LLAMA_STOP_TIMEOUT="6",
+        LLAMA_SERVER_API_KEY=key, LLAMA_SERVER_PORT=str(port),
+    )  # fmt: skip
+    try:
+        started = project.console("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        model = client.models.list().data[0].id
+        with ThreadPoolExecutor(1) as pool:
+            stream = client.completions.create(model=model, stream=True, **ENDLESS)
+            chunks = iter(stream)
+            next(chunks)  # generating
+            whole = pool.submit(client.completions.create, model=model, **ENDLESS)
+            stopped = time.monotonic()
+            stop = subprocess.Popen([str(ROOT / "console.sh"), "stop"], env=project.env)
+            with pytest.raises(openai.APIError, match="stopping"):
+                for _ in chunks:
+                    pass
+            with pytest.raises(openai.APIStatusError) as refused:
+                whole.result()
+            ended = time.monotonic() - stopped
+            assert stop.wait(timeout=30) == 0
+            gone = time.monotonic() - stopped
+        assert 2.5 < ended < 5, "ended at the grace, not at once nor by the kill"
+        assert gone < 5.5, "the engine exited by itself, before the SIGKILL at 6 s"
+        assert refused.value.status_code == 503 and refused.value.code == "server_stopping"
+        log = (project.runtime / "logs" / "engine.log").read_text()
+        assert "timeout graceful shutdown exceeded" not in log
+    finally:
+        project.console("stop")

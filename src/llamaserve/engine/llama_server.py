@@ -159,16 +159,14 @@ class Launcher:
 
     def run(self) -> int:
         """Serve until stopped; 1 if llama-server died."""
-        import uvicorn
+        from llamaserve.engine import stopping
 
-        config = uvicorn.Config(
+        self._server = stopping.serve(
             self.relay(),
             host=self.settings.llama_server_host,
             port=self.settings.llama_server_port,
-            log_level="info",
-            timeout_graceful_shutdown=5,
+            grace=self.settings.stop_grace(),
         )
-        self._server = uvicorn.Server(config)
         print(_banner(self.settings, self.model, self.binary, self.port), flush=True)
         self._server.run()
         return 1 if self.failed else 0

@@ -95,18 +95,22 @@ def build_app(settings: Settings, model: Path) -> CompatMiddleware:
 
 
 def serve(settings: Settings, model: Path) -> None:
-    import uvicorn
+    from sse_starlette.sse import AppStatus
 
+    from llamaserve.engine import stopping
+
+    # sse_starlette ends every stream as soon as uvicorn begins to stop, cut without an
+    # error event; the stop's grace decides instead (see engine/stopping.py).
+    AppStatus.enable_automatic_graceful_drain = False
     app = build_app(settings, model)
     print(
         f"llamaserve engine: llama-cpp-python, model {model.name}, "
         f"threads {settings.threads()}/{settings.threads_batch()}, ctx {settings.llama_n_ctx}",
         flush=True,
     )
-    uvicorn.run(
+    stopping.serve(
         app,
         host=settings.llama_server_host,
         port=settings.llama_server_port,
-        log_level="info",
-        timeout_graceful_shutdown=5,
-    )
+        grace=settings.stop_grace(),
+    ).run()

@@ -28,12 +28,6 @@ from llamaserve.store import db, migrations
 log = logging.getLogger("llamaserve.gateway")
 
 
-def stop_grace(stop_timeout: float) -> float:
-    """Seconds the requests in flight get to finish after SIGTERM. `console.sh stop`
-    SIGKILLs at `stop_timeout`: the rest is for ending the others and writing the rows."""
-    return max(stop_timeout - 5, stop_timeout / 2)
-
-
 class Gateway:
     """The ASGI app. Pools and clients are made in the lifespan, not at import."""
 
@@ -119,7 +113,7 @@ class Gateway:
 
     def _watch_stop_signals(self) -> None:
         """On SIGTERM (`console.sh stop`) or SIGINT granian stops taking connections and
-        waits for the requests in flight; they get `stop_grace` seconds, then those still
+        waits for the requests in flight; they get `Settings.stop_grace` seconds, then those still
         going are ended with a clear error (see `Exchange.cut_off`), so that none is cut
         off silently when the worker exits, and each has its row.
 
@@ -137,7 +131,7 @@ class Gateway:
 
     def _begin_stop(self) -> None:
         if self._stopping is None:
-            grace = stop_grace(self.settings.llama_stop_timeout)
+            grace = self.settings.stop_grace()
             log.warning("stopping: requests in flight get %gs to finish", grace)
             self._stopping = asyncio.create_task(self._cut_off_after(grace), name="stop")
 

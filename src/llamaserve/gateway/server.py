@@ -42,7 +42,7 @@ def serve(settings: Settings) -> None:
         blocking_threads=1,
         log_level=LogLevels.warning,
         log_access=False,  # the gateway writes its own line per request, without secrets
-        # The gateway ends what is still in flight after its grace (`stop_grace`) and
+        # The gateway ends what is still in flight after its grace (`Settings.stop_grace`) and
         # writes the rows; this is the last resort, before `console.sh stop`'s SIGKILL.
         workers_kill_timeout=max(1, math.ceil(settings.llama_stop_timeout) - 1),
     ).serve()

@@ -1,0 +1,105 @@
+"""How an engine stops with requests in flight (`console.sh stop`, SIGTERM).
+
+uvicorn stops taking connections and waits for the requests in flight. They get
+`Settings.stop_grace` seconds; then those still going are ended with a clear error,
+not cut: one whose answer has not begun gets 503 (`server_stopping`), a stream a last
+error event and `[DONE]`. Ending a request cancels its task, which closes what it
+generates from (llama-server's stream, or llama_cpp's generator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llamaserve.errors import ServiceUnavailable, send_error, sse_error_event
+
+
+def _stopping() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "The server is stopping: this request was ended before it finished. Retry it.",
+        code="server_stopping",
+        headers={"Retry-After": "5"},
+    )
+
+
+class _InFlight:
+    """One request's answer as it goes out, and its task."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.task = asyncio.current_task()
+        self.started = self.streaming = self.finished = False
+        self.cut = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers", []))
+            self.streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+        await self._send(message)
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            self.finished = True
+
+    async def end(self) -> None:
+        """End the answer with the stop's error, as far as it can still be said."""
+        if not self.started:
+            await send_error(self._send, _stopping())
+        elif self.streaming and not self.finished:
+            await self._send({"type": "http.response.body", "body": sse_error_event(_stopping())})
+
+
+class EndOnStop:
+    """The ASGI middleware that ends the requests still going when the grace is over."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._in_flight: set[_InFlight] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = _InFlight(send)
+        self._in_flight.add(request)
+        try:
+            await self.app(scope, receive, request.send)
+        except asyncio.CancelledError:
+            if not request.cut:
+                raise
+            await request.end()
+        finally:
+            self._in_flight.discard(request)
+
+    def cut_off(self) -> None:
+        for request in self._in_flight:
+            if request.task is not None:
+                request.cut = True
+                request.task.cancel()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which gives the requests in flight `grace` seconds at stop and
+    then has `ending` end them; its own graceful timeout is only the last resort."""
+
+    def __init__(self, config: uvicorn.Config, ending: EndOnStop, grace: float) -> None:
+        super().__init__(config)
+        self._ending = ending
+        self._grace = grace
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        asyncio.get_running_loop().call_later(self._grace, self._ending.cut_off)
+        await super().shutdown(sockets)
+
+
+def serve(app: ASGIApp, *, host: str, port: int, grace: float) -> uvicorn.Server:
+    """The server for an engine's front `app` (not yet running)."""
+    ending = EndOnStop(app)
+    config = uvicorn.Config(
+        ending, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(grace) + 2
+    )
+    return Server(config, ending, grace)
