@@ -94,6 +94,15 @@ class ServiceUnavailable(APIError):
     type = "service_unavailable"
 
 
+def server_stopping() -> ServiceUnavailable:
+    """The error of a request still going when a stop's grace is over (gateway or engine)."""
+    return ServiceUnavailable(
+        "The server is stopping: this request was ended before it finished. Retry it.",
+        code="server_stopping",
+        headers={"Retry-After": "5"},
+    )
+
+
 class UpstreamTimeout(APIError):
     status = 504
     type = "timeout_error"

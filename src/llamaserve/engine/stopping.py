@@ -15,15 +15,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llamaserve.errors import ServiceUnavailable, send_error, sse_error_event
-
-
-def _stopping() -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "The server is stopping: this request was ended before it finished. Retry it.",
-        code="server_stopping",
-        headers={"Retry-After": "5"},
-    )
+from llamaserve.errors import send_error, server_stopping, sse_error_event
 
 
 class _InFlight:
@@ -47,10 +39,11 @@ class _InFlight:
 
     async def end(self) -> None:
         """End the answer with the stop's error, as far as it can still be said."""
+        error = server_stopping()
         if not self.started:
-            await send_error(self._send, _stopping())
+            await send_error(self._send, error)
         elif self.streaming and not self.finished:
-            await self._send({"type": "http.response.body", "body": sse_error_event(_stopping())})
+            await self._send({"type": "http.response.body", "body": sse_error_event(error)})
 
 
 class EndOnStop:

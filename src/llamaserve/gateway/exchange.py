@@ -33,6 +33,7 @@ from llamaserve.errors import (
     UpstreamFailed,
     openai_error,
     send_error,
+    server_stopping,
     sse_error_event,
 )
 from llamaserve.gateway.limits import rate_limit_headers, refuse_unless_admitted
@@ -188,7 +189,7 @@ class Exchange:
         so do the refusal of a request that went ahead of its admission and the end of a
         stop's grace (`cut_off`)."""
         if self.gateway.grace_over:
-            raise _stopping()
+            raise server_stopping()
         relay = self._relay = asyncio.ensure_future(self._relay_answer(body, stream, wants_usage))
         gone = asyncio.ensure_future(_disconnected(self.receive))
         self.gateway.exchanges.add(self)
@@ -200,7 +201,7 @@ class Exchange:
                     await self._admitted()
             await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
             if relay.cancelled():  # by `cut_off`
-                raise _stopping()
+                raise server_stopping()
             if relay.done():
                 relay.result()
                 return
@@ -403,14 +404,6 @@ class Exchange:
 
     def _elapsed_ms(self) -> float:
         return (time.perf_counter() - self.began) * 1000
-
-
-def _stopping() -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "The server is stopping: this request was ended before it finished. Retry it.",
-        code="server_stopping",
-        headers={"Retry-After": "5"},
-    )
 
 
 class _CountingSend:
