@@ -28,14 +28,14 @@ class _InFlight:
         self.cut = False
 
     async def send(self, message: Message) -> None:
+        # Noted before the send: one cut off while it goes out has gone out.
         if message["type"] == "http.response.start":
             headers = dict(message.get("headers", []))
             self.streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
-        await self._send(message)
-        if message["type"] == "http.response.start":
             self.started = True
         elif message["type"] == "http.response.body" and not message.get("more_body"):
             self.finished = True
+        await self._send(message)
 
     async def end(self) -> None:
         """End the answer with the stop's error, as far as it can still be said."""
