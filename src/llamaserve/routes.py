@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from llamaserve.errors import MethodNotAllowed, NotFound
+
 OPENAI_ROUTES = {
     "/v1/models": "GET",
     "/v1/chat/completions": "POST",
@@ -21,3 +23,13 @@ def model_of(path: str) -> str | None:
     if path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX):
         return path[len(MODEL_PREFIX) :]
     return None
+
+
+def check_route(path: str, method: str) -> None:
+    """Refuse a path that is no OpenAI route (404; never an engine's own, such as /slots)
+    or the wrong method for it (405), in the same words everywhere."""
+    expected = method_of(path)
+    if expected is None:
+        raise NotFound(f"Unknown path {path}.", code="unknown_url")
+    if method != expected:
+        raise MethodNotAllowed(f"{path} takes {expected}, not {method}.")

@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Receive, Scope, Send
 
-from llamaserve.errors import AuthenticationFailed, InvalidRequest, MethodNotAllowed, NotFound
-from llamaserve.routes import method_of
+from llamaserve.errors import AuthenticationFailed, InvalidRequest, NotFound
+from llamaserve.routes import check_route
 
 
 class _Open(BaseModel):
@@ -84,12 +84,7 @@ class CompletionRequest(_Sampling):
 def check_route_and_key(scope: Scope, key: bytes) -> None:
     """What both engines check first, in OpenAI's order: an OpenAI route (404), its
     method (405), then the key (401); the engines' own other routes are never served."""
-    path, method = scope["path"], scope["method"]
-    expected = method_of(path)
-    if expected is None:
-        raise NotFound(f"Unknown path {path}.", code="unknown_url")
-    if method != expected:
-        raise MethodNotAllowed(f"{path} takes {expected}, not {method}.")
+    check_route(scope["path"], scope["method"])
     header = dict(scope["headers"]).get(b"authorization", b"")
     scheme, _, token = header.partition(b" ")
     if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key):

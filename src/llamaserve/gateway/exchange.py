@@ -25,8 +25,6 @@ from llamaserve.errors import (
     AuthenticationFailed,
     InternalError,
     InvalidRequest,
-    MethodNotAllowed,
-    NotFound,
     RateLimited,
     RequestTooLarge,
     ServiceUnavailable,
@@ -47,7 +45,7 @@ from llamaserve.gateway.streaming import (
     parse_chunk,
 )
 from llamaserve.gateway.upstream import Reply
-from llamaserve.routes import method_of
+from llamaserve.routes import check_route
 from llamaserve.store.limits import Admission
 from llamaserve.store.requests import RequestRow
 
@@ -100,16 +98,12 @@ class Exchange:
             self._finish()
 
     async def _serve(self) -> None:
-        method = method_of(self.row.path)  # only OpenAI's: never the engine's /slots, /props...
-        if method is None:
-            raise NotFound(f"Unknown path {self.row.path}.", code="unknown_url")
-        if method != self.row.method:
-            raise MethodNotAllowed(f"{self.row.path} takes {method}, not {self.row.method}.")
+        check_route(self.row.path, self.row.method)  # never an engine's /slots, /props...
         body = await self._read_body()
         self.row.bytes_in = len(body)
         await self._admit(_header(self.scope, b"authorization"))
         stream, wants_usage = False, False
-        if method == "POST":
+        if self.row.method == "POST":
             body, stream, wants_usage = self._prepare(body)
         await self._forward(body, stream, wants_usage)
 
