@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,26 +85,88 @@ def test_the_gateway_refuses_an_engine_users_could_reach_around_it(tmp_path: Pat
     assert not (project.runtime / "run" / "engine.pid").exists()
 
 
-def test_the_gateway_refuses_a_running_engine_users_could_reach_around_it(
-    tmp_path: Path,
-) -> None:
-    # An engine started on 0.0.0.0 before the gateway was enabled and the host changed.
-    project = make_project(tmp_path / "rt", LLAMA_PROXY_ENABLED="1", LLAMA_SERVER_HOST="127.0.0.1")
+@contextmanager
+def running_engine(project: Project, host: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A process recorded in the pidfile as the engine, running on `host`."""
     engine = subprocess.Popen(["sleep", "60"])
     try:
-        info = {"host": "0.0.0.0", "port": 8000}
+        info = {"host": host, "port": 8000}
         record = {"pid": engine.pid, "start_ticks": start_ticks(engine.pid),
                   "started_at": time.time(), "info": info}  # fmt: skip
         run_dir = project.runtime / "run"
         run_dir.mkdir(parents=True)
         (run_dir / "engine.pid").write_text(json.dumps(record))
-        line = one_line_error(project.console("start"), "running on 0.0.0.0", "bypass the gateway")
-        assert "./console.sh restart" in line
-        assert not (run_dir / "gateway.pid").exists()
-        assert engine.poll() is None  # left as it is
+        yield engine
     finally:
         engine.kill()
         engine.wait()
+
+
+def test_the_gateway_refuses_a_running_engine_users_could_reach_around_it(
+    tmp_path: Path,
+) -> None:
+    # An engine started on 0.0.0.0 before the gateway was enabled and the host changed.
+    project = make_project(tmp_path / "rt", LLAMA_PROXY_ENABLED="1", LLAMA_SERVER_HOST="127.0.0.1")
+    with running_engine(project, "0.0.0.0") as engine:
+        line = one_line_error(project.console("start"), "running on 0.0.0.0", "bypass the gateway")
+        assert "./console.sh restart" in line
+        assert not (project.runtime / "run" / "gateway.pid").exists()
+        assert engine.poll() is None  # left as it is
+
+
+def test_restart_with_a_config_start_would_refuse_stops_nothing(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "rt", LLAMA_PROXY_ENABLED="1", LLAMA_SERVER_HOST="0.0.0.0")
+    with running_engine(project, "127.0.0.1") as engine:
+        one_line_error(project.console("restart"), "bypass the gateway", "nothing was stopped")
+        assert engine.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [("LLAMA_SERVER_PORT", "80a0", "valid integer"), ("LLAMA_SERVER_PORT", "99999", "65535"),
+     ("LLAMA_ENGINE", "llama.cpp", "'llama-cpp-python' or 'llama-server'"),
+     ("LLAMA_PROXY_ENABLED", "enabled", "valid boolean"),
+     ("LLAMA_PROXY_QUEUE_TIMEOUT", "5m", "valid number")],
+)  # fmt: skip
+def test_an_invalid_setting_is_one_line_and_stop_still_stops(
+    tmp_path: Path, name: str, value: str, says: str
+) -> None:
+    project = make_project(tmp_path / "rt", **{name: value})
+    config = project.runtime / "config.env"
+    line = one_line_error(project.console("start"), f"invalid {name}={value!r} in", says)
+    assert str(config) in line
+    assert project.console("status").stderr.strip() == line
+    with running_engine(project, "127.0.0.1") as engine:
+        stopped = project.console("stop")
+        assert stopped.returncode == 0 and "engine stopped" in stopped.stdout
+        assert "stopping with the default settings" in stopped.stderr
+        assert engine.wait(timeout=10) is not None
+    env = {**project.env, name: value}  # the environment's value is named as such
+    from_env = run([str(ROOT / "console.sh"), "start"], env)
+    one_line_error(from_env, f"invalid {name}={value!r} in the environment")
+
+
+def test_a_config_line_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "rt")
+    config = project.runtime / "config.env"
+    lines = config.read_text().splitlines()
+    config.write_text("\n".join([*lines, 'LLAMA_N_CTX="2048']) + "\n")
+    one_line_error(
+        project.console("start"), f"line {len(lines) + 1}: cannot read 'LLAMA_N_CTX=\"2048'"
+    )
+
+
+def test_a_misspelt_setting_is_named(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    project = make_project(
+        tmp_path / "rt", LLAMA_MODELS_DIR=str(tmp_path / "empty"), LLAMA_PROXY_RATELIMIT="5"
+    )
+    started = project.console("start")
+    assert (
+        "LLAMA_PROXY_RATELIMIT is not a setting and is ignored "
+        "(did you mean LLAMA_PROXY_RATE_LIMIT?)" in started.stderr
+    )
+    assert "no model" in started.stderr  # and start goes on to what it checks
 
 
 @pytest.mark.parametrize(

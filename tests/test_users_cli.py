@@ -360,7 +360,9 @@ def test_an_unreachable_database_is_one_line(cli: Cli) -> None:
 
 def test_an_invalid_setting_is_one_line(pg_database: PgDatabase, in_process: InProcess) -> None:
     result = in_process({**pg_database.env, "POSTGRES_AUTH_SSLMODE": "sometimes"}, "list-users")
-    error_line(result, "invalid POSTGRES_AUTH_SSLMODE in .env, runtime/config.env or the env")
+    error_line(
+        result, "invalid POSTGRES_AUTH_SSLMODE='sometimes' in the environment: Input should be"
+    )
 
 
 # --- bootstrap_user_cli.sh ---------------------------------------------------------------

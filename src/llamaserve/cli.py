@@ -6,7 +6,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from llamaserve.config import ENGINES, ConfigError, Layout, Settings, load_settings
+from llamaserve.config import (
+    ENGINES,
+    ConfigError,
+    Layout,
+    Settings,
+    base_layout,
+    load_settings,
+    unknown_settings,
+)
 
 EXAMPLES = """\
 examples:
@@ -71,22 +79,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from llamaserve import console
 
+    if args.command == "logs":  # needs no settings: readable whatever the config says
+        return console.logs(base_layout(), args.lines, not args.no_follow, args.service)
+    if args.command == "stop":
+        return console.stop(*_settings_to_stop())
     settings, layout = load_settings()
+    if args.command in ("start", "restart"):
+        for warning in unknown_settings(layout):
+            print(f"llamaserve: warning: {warning}", file=sys.stderr)
     match args.command:
         case "start":
             return console.start(settings, layout)
-        case "stop":
-            return console.stop(settings, layout)
         case "restart":
-            console.stop(settings, layout)
-            return console.start(settings, layout)
+            return console.restart(settings, layout)
         case "status":
             return console.status(settings, layout)
-        case "logs":
-            return console.logs(layout, args.lines, not args.no_follow, args.service)
         case "install":
             return run_install(args.skip_engine, args.engine, layout)
     raise AssertionError(args.command)
+
+
+def _settings_to_stop() -> tuple[Settings, Layout]:
+    """The settings, or with a config that cannot be read, the defaults (said): what runs
+    must always be stoppable, and stopping needs only the pidfiles and a timeout."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        layout = base_layout()
+        print(f"llamaserve: warning: {exc}; stopping with the default settings", file=sys.stderr)
+        return Settings.model_construct(llama_runtime_dir=layout.runtime), layout
 
 
 def run_install(skip_engine: bool, engines: list[str], layout: Layout) -> int:

@@ -7,13 +7,15 @@ configuration table is checked against this list by a test.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from dotenv.parser import parse_stream
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENGINES = ("llama-cpp-python", "llama-server")
@@ -215,14 +217,98 @@ def runtime_dir(root: Path) -> Path:
 
 
 def load_settings(root: Path | None = None, runtime: Path | None = None) -> tuple[Settings, Layout]:
-    """Read the settings of the project at `root` (default: LLAMASERVE_ROOT or the cwd)."""
+    """Read the settings of the project at `root` (default: LLAMASERVE_ROOT or the cwd).
+
+    ConfigError names the first line of a file that cannot be read, and every setting
+    whose value is invalid, with where it came from.
+    """
+    layout = base_layout(root, runtime)
+    files = _setting_files(layout)
+    for file in files:
+        _check_syntax(file)
+    try:
+        settings = Settings(_env_file=files, llama_runtime_dir=layout.runtime)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(_invalid(exc, files)) from None
+    models = _under(layout.root, settings.llama_models_dir)
+    return settings, Layout(layout.root, layout.runtime, models)
+
+
+def base_layout(root: Path | None = None, runtime: Path | None = None) -> Layout:
+    """The project's layout before its settings are read (models in the default place):
+    enough to stop its processes or read their logs when the config is broken."""
     root = root or project_root()
     runtime = runtime or runtime_dir(root)
-    settings = Settings(
-        _env_file=(root / ".env", runtime / "config.env"),  # type: ignore[call-arg]
-        llama_runtime_dir=runtime,
-    )
-    return settings, Layout(root, runtime, _under(root, settings.llama_models_dir))
+    return Layout(root, runtime, root / "models")
+
+
+def unknown_settings(layout: Layout) -> list[str]:
+    """Warnings for names in the setting files that look like settings but are none
+    (a typo there is otherwise ignored)."""
+    known = {name.upper() for name in Settings.model_fields}
+    warnings = []
+    for file in _setting_files(layout):
+        for name in _names_in(file):
+            if name.startswith(("LLAMA_", "POSTGRES_")) and name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                warnings.append(f"{_shown(file)}: {name} is not a setting and is ignored{hint}")
+    return warnings
+
+
+def _setting_files(layout: Layout) -> tuple[Path, Path]:
+    """Lowest precedence first (the process environment comes before both)."""
+    return (layout.env_file, layout.config_file)
+
+
+def _check_syntax(file: Path) -> None:
+    for binding in _bindings(file):
+        if binding.error:
+            line = binding.original.string.splitlines()[0] if binding.original.string else ""
+            raise ConfigError(
+                f"{_shown(file)} line {binding.original.line}: cannot read {line.strip()!r} "
+                '(write NAME="value", with matching quotes)'
+            )
+
+
+def _names_in(file: Path) -> list[str]:
+    return [b.key for b in _bindings(file) if b.key and not b.error]
+
+
+def _bindings(file: Path) -> list[Any]:
+    try:
+        with file.open(encoding="utf-8") as stream:
+            return list(parse_stream(stream))
+    except OSError:  # missing: nothing to read (start says what is needed)
+        return []
+
+
+def _invalid(exc: ValidationError, files: tuple[Path, Path]) -> str:
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]).upper() if error["loc"] else "a setting"
+        problems.append(
+            f"invalid {name}={str(error.get('input'))!r} in {_source(name, files)}: {error['msg']}"
+        )
+    return "; ".join(problems)
+
+
+def _source(name: str, files: tuple[Path, Path]) -> str:
+    """Where the value of a setting came from: the environment wins, then the last file."""
+    if any(key.upper() == name for key in os.environ):
+        return "the environment"
+    for file in reversed(files):
+        if name in (key.upper() for key in _names_in(file)):
+            return _shown(file)
+    return "the settings"
+
+
+def _shown(file: Path) -> str:
+    """A file as the operator would name it: relative to the cwd when under it."""
+    try:
+        return str(file.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(file)
 
 
 def _under(root: Path, path: Path) -> Path:

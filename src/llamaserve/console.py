@@ -263,6 +263,18 @@ def print_ready(plan: Plan, layout: Layout, out: TextIO) -> None:
     )
 
 
+def restart(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
+    """Stop, then start; a config that `start` would refuse stops nothing."""
+    try:
+        plan_engine(settings, layout)
+        if settings.llama_proxy_enabled:
+            plan_gateway(settings, layout)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (nothing was stopped)") from None
+    stop(settings, layout, out)
+    return start(settings, layout, out)
+
+
 def stop(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
     for service in reversed(services(layout)):
         was_running = service.stop(settings.llama_stop_timeout)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import asyncpg
-from pydantic import ValidationError
 
 from llamaserve import user_commands as commands
 from llamaserve.config import ConfigError, Layout, Settings, load_settings
@@ -48,12 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # e.g. the server went away
         return _fail(f"database error: {exc}")
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        name = str(error["loc"][0]).upper() if error["loc"] else "setting"
-        return _fail(
-            f"invalid {name} in .env, runtime/config.env or the environment: {error['msg']}"
-        )
     except KeyboardInterrupt:
         return 130
 
