@@ -363,6 +363,110 @@ def test_values_openai_refuses_are_400_naming_the_parameter(
 
 
 @pytest.mark.parametrize(
+    ("kind", "values", "param", "says"),
+    [("chat", {"stream": "yes"}, "stream", "expected a boolean, but got a string"),
+     ("chat", {"max_tokens": "5"}, "max_tokens", "expected an integer, but got a string"),
+     ("chat", {"stop": 5}, "stop", "expected a string or an array, but got an integer"),
+     ("chat", {"logprobs": "yes"}, "logprobs", "expected a boolean"),
+     ("chat", {"messages": [{"role": "wizard", "content": "Hi"}]}, "messages.0.role",
+      "'system', 'developer', 'user', 'assistant', 'tool' or 'function'"),
+     ("chat", {"messages": [{"content": "Hi"}]}, "messages.0.role", "Missing required"),
+     ("chat", {"logit_bias": {"abc": 1}}, "logit_bias.abc", "a token id"),
+     ("chat", {"response_format": {"type": "xml"}}, "response_format.type",
+      "'text', 'json_object' or 'json_schema'"),
+     ("chat", {"tool_choice": "required"}, "tool_choice", "only allowed when 'tools'"),
+     ("completions", {"logprobs": 50}, "logprobs", "less than or equal to 5"),
+     ("completions", {"prompt": ["A", "B"]}, "prompt", "One prompt per request"),
+     ("completions", {"prompt": [[1, 2], [3]]}, "prompt", "One prompt per request")],
+)  # fmt: skip
+def test_wrong_types_and_values_are_400_in_openais_words(
+    engine: Engine, kind: str, values: dict[str, Any], param: str, says: str
+) -> None:
+    # Both engines: before, some were taken loosely ("yes" streamed), ignored (a logit_bias
+    # by token text) or answered 500 (several prompts).
+    import httpx
+
+    base = {"messages": CHAT} if kind == "chat" else {"prompt": "Hi"}
+    response = httpx.post(
+        f"{engine.base_url}/v1/{'chat/completions' if kind == 'chat' else 'completions'}",
+        json={"model": engine.model, "max_tokens": 2, **base, **values},
+        headers={"Authorization": f"Bearer {engine.api_key}"},
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["type"]) == (param, "invalid_request_error")
+    assert says in error["message"]
+
+
+def test_a_prompt_list_of_one_is_one_prompt(client: OpenAI, engine: Engine) -> None:
+    response = client.completions.create(model=engine.model, prompt=["Hi"], max_tokens=2)
+    assert len(response.choices) == 1 and response.usage and response.usage.completion_tokens
+
+
+def test_images_are_refused_by_a_text_model(client: OpenAI, engine: Engine) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=engine.model, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+    body: Any = info.value.body
+    assert (body["param"], body["code"]) == ("messages.0.content", "unsupported_content")
+    text = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    answer = client.chat.completions.create(model=engine.model, messages=text, max_tokens=2)  # type: ignore[arg-type]
+    assert answer.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("prompt", ["The sky is", [2, 818, 7217, 563]], ids=["text", "tokens"])
+def test_echo_puts_the_prompt_before_the_answer(
+    client: OpenAI, engine: Engine, prompt: str | list[int]
+) -> None:
+    # llama-server ignores echo, and llama-cpp-python echoes a whole answer only: the
+    # fronts put the prompt's text before the answer.
+    if not isinstance(prompt, str) and engine.name == "llama-cpp-python":
+        pytest.skip("llama-cpp-python takes no token ids as a prompt (400)")
+
+    def complete(echo: bool, stream: bool) -> str:
+        params: Any = {"model": engine.model, "prompt": prompt, "max_tokens": 4}
+        params.update(temperature=0, seed=1, echo=echo, stream=stream)
+        if not stream:
+            return client.completions.create(**params).choices[0].text
+        return "".join(c.choices[0].text for c in client.completions.create(**params) if c.choices)
+
+    plain = complete(echo=False, stream=False)
+    echoed = complete(echo=True, stream=False)
+    assert plain and echoed.endswith(plain) and len(echoed) > len(plain)
+    if isinstance(prompt, str):
+        assert echoed == prompt + plain
+    assert complete(echo=True, stream=True) == echoed
+
+
+def test_answers_carry_no_engine_timings(engine: Engine) -> None:
+    # llama-server adds its own `timings` to the last chunk with choices.
+    import httpx
+
+    cases = [(path, stream, stop) for path in ("chat/completions", "completions")
+             for stream in (False, True) for stop in (None, ["\n"])]  # fmt: skip
+    for path, stream, stop in cases:
+        base = {"messages": CHAT} if path.startswith("chat") else {"prompt": "One, two,"}
+        response = httpx.post(
+            f"{engine.base_url}/v1/{path}",
+            json={"model": engine.model, **base, "max_tokens": 8, "stream": stream, "stop": stop},
+            headers={"Authorization": f"Bearer {engine.api_key}"},
+            timeout=60,
+        )
+        assert response.status_code == 200 and "choices" in response.text
+        assert "timings" not in response.text
+
+
+def test_embeddings_are_a_404_naming_the_model(client: OpenAI, engine: Engine) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.embeddings.create(model=engine.model, input="hello")
+    body: Any = info.value.body
+    assert (body["param"], body["code"]) == ("model", "model_not_supported")
+    assert engine.model in body["message"] and "not embeddings" in body["message"]
+
+
+@pytest.mark.parametrize(
     ("body", "param"),
     [(b"{not json", None), (b"[1, 2]", None), (b'{"messages": "not a list"}', "messages")],
     ids=["malformed", "not-an-object", "wrong-type"],

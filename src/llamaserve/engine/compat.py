@@ -6,7 +6,10 @@
 - `response_format` of type `json_schema` becomes the json_object-with-schema form the
   engine understands;
 - `stream_options.include_usage` gets its last chunk carrying usage, counted by the engine;
-- `n` > 1 and a `model` other than the served one are refused instead of silently ignored;
+- requests are checked as the other engine's front checks them (`protocol`: OpenAI's types
+  and ranges; `n` > 1, several prompts, images and a `model` other than the served one are
+  refused instead of silently ignored), then by llama_cpp's own models; `/v1/embeddings`
+  is a 404 (the model is loaded for generation only);
 - `GET /v1/models/{model}` (OpenAI's "retrieve model", which the server lacks) answers
   from its model list;
 - `GET /health` (no key) answers `{"status": "ok", "slots": 1}`: it runs one request at a time;
@@ -18,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,18 +28,22 @@ from pydantic import BaseModel, SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamaserve.engine.protocol import (
+    check_chat,
+    check_completion,
     check_route_and_key,
     json_schema_of,
+    no_embeddings,
     parse_request,
     read_body,
     retrieve_model,
     send_json,
     validate,
 )
+from llamaserve.engine.translate import only_prompt
 from llamaserve.errors import APIError, InternalError, openai_error, send_error, sse_error_event
 from llamaserve.routes import model_of
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+CHECKS = {"/v1/chat/completions": check_chat, "/v1/completions": check_completion}
 
 
 @dataclass
@@ -61,17 +67,30 @@ current_usage: contextvars.ContextVar[Usage | None] = contextvars.ContextVar(
 )
 
 
+@dataclass(frozen=True)
+class Rewritten:
+    body: bytes  # for the engine
+    include_usage: bool  # the client asked for usage in the stream
+    echo: str | None  # a streamed completion's prompt, to put before its text
+
+
 def rewrite_request(
-    raw: bytes, model_id: str, schemas: Sequence[type[BaseModel]] = ()
-) -> tuple[bytes, bool]:
-    """The body to hand to the engine, and whether the client asked for usage in the stream."""
+    raw: bytes, model_id: str, path: str, schema: type[BaseModel] | None = None
+) -> Rewritten:
+    """The request for the engine: checked as the other engine's front checks it, then
+    by the engine's own `schema`."""
     body = parse_request(raw, model_id)
+    CHECKS[path](body)
     body["response_format"] = _engine_response_format(body.get("response_format"))
     stream_options = body.pop("stream_options", None) or {}
-    for schema in schemas:
+    if schema is not None:
         validate(schema, body)
-    include_usage = bool(body.get("stream")) and bool(stream_options.get("include_usage"))
-    return json.dumps(body).encode(), include_usage
+    stream = bool(body.get("stream"))
+    include_usage = stream and bool(stream_options.get("include_usage"))
+    # The engine echoes the prompt of a whole answer, not of a stream.
+    prompt = only_prompt(body.get("prompt"))
+    echo = prompt if stream and body.get("echo") is True and isinstance(prompt, str) else None
+    return Rewritten(json.dumps(body).encode(), include_usage, echo)
 
 
 def _engine_response_format(fmt: Any) -> Any:
@@ -87,7 +106,7 @@ class CompatMiddleware:
         *,
         api_key: SecretStr,
         model_id: str,
-        schemas: dict[str, Sequence[type[BaseModel]]] | None = None,
+        schemas: dict[str, type[BaseModel]] | None = None,
     ) -> None:
         self.app = app
         self.key = api_key.get_secret_value().encode()
@@ -110,19 +129,23 @@ class CompatMiddleware:
         if model is not None:
             await self._retrieve_model(scope, receive, send, model)
             return
-        include_usage = False
-        if scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
+        if scope["path"] == "/v1/embeddings":
+            await send_error(send, no_embeddings(self.model_id))
+            return
+        include_usage, echo = False, None
+        if scope["method"] == "POST" and scope["path"] in CHECKS:
             try:
                 raw = await read_body(receive)
-                schemas = self.schemas.get(scope["path"], ())
-                body, include_usage = rewrite_request(raw, self.model_id, schemas)
+                schema = self.schemas.get(scope["path"])
+                rewritten = rewrite_request(raw, self.model_id, scope["path"], schema)
             except APIError as error:
                 await send_error(send, error)
                 return
-            scope, receive = _with_body(scope, body, receive)
+            include_usage, echo = rewritten.include_usage, rewritten.echo
+            scope, receive = _with_body(scope, rewritten.body, receive)
         usage = Usage()
         token = current_usage.set(usage)
-        mender = ResponseMender(send, usage if include_usage else None)
+        mender = ResponseMender(send, usage if include_usage else None, echo)
         try:
             await self.app(scope, receive, mender.send)
         except Exception as exc:
@@ -169,9 +192,10 @@ class _Captured:
 class ResponseMender:
     """Wraps `send`: envelopes error bodies, adds the usage chunk, ends failed streams cleanly."""
 
-    def __init__(self, send: Send, usage: Usage | None) -> None:
+    def __init__(self, send: Send, usage: Usage | None, echo: str | None = None) -> None:
         self._send = send
         self._usage = usage
+        self._echo = echo
         self._start: Message | None = None
         self._error_body = b""
         self._last_chunk: dict[str, Any] = {}
@@ -226,6 +250,8 @@ class ResponseMender:
 
     async def _on_stream_body(self, message: Message) -> None:
         chunk: bytes = message.get("body", b"")
+        if self._echo is not None and chunk.startswith(b"data: {"):
+            chunk = self._echoed(chunk)
         if self._usage is not None and b"data: [DONE]" in chunk:
             before, _, after = chunk.partition(b"data: [DONE]")
             chunk = before + self._usage_event() + b"data: [DONE]" + after
@@ -234,6 +260,15 @@ class ResponseMender:
         if not message.get("more_body", False):
             self.finished = True
         await self._send({**message, "body": chunk})
+
+    def _echoed(self, chunk: bytes) -> bytes:
+        """The first chunk of a stream, its text after the prompt's (an event per message)."""
+        event = json.loads(chunk[len(b"data: ") :])
+        for choice in event.get("choices") or []:
+            choice["text"] = f"{self._echo}{choice.get('text') or ''}"
+        self._echo = None
+        ending = chunk[len(chunk.rstrip()) :]
+        return b"data: " + json.dumps(event).encode() + ending
 
     def _remember(self, chunk: bytes) -> None:
         with contextlib.suppress(ValueError):

@@ -1,15 +1,17 @@
 """OpenAI's request models, and the checks every engine applies to a request before it runs.
 
-Both engines refuse the same requests the same way: malformed JSON and wrong types are
-400, another model than the served one is 404 `model_not_found`, and `n` > 1 is 400
-rather than silently answered with one choice.
+Both engines refuse the same requests the same way, in OpenAI's words: malformed JSON,
+wrong types (strictly: `"stream": "yes"` is no boolean) and values OpenAI refuses are
+400 naming the parameter; another model than the served one is 404 `model_not_found`;
+what the engines cannot do is refused rather than silently done otherwise: `n` > 1,
+several prompts in one request, images and audio (400), embeddings (404).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Receive, Scope, Send
@@ -19,14 +21,19 @@ from llamaserve.routes import check_route
 
 
 class _Open(BaseModel):
-    """A part of a request: the named fields are checked, any other field passes."""
+    """A part of a request: the named fields are checked, strictly (no string for a
+    number or a boolean), and any other field passes."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ContentPart(_Open):
+    type: Literal["text", "image_url", "input_audio", "file", "refusal"]
 
 
 class ChatMessage(_Open):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
 
 
 class FunctionDefinition(_Open):
@@ -41,6 +48,13 @@ class ChatCompletionTool(_Open):
 
 class StreamOptions(_Open):
     include_usage: bool | None = None
+
+
+TokenId = Annotated[str, Field(pattern=r"^-?[0-9]+$")]  # a token's id, as JSON keys are
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
 
 
 class _Sampling(_Open):
@@ -59,7 +73,7 @@ class _Sampling(_Open):
     repeat_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[TokenId, float] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1)
@@ -69,7 +83,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     tools: list[ChatCompletionTool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[FunctionDefinition] | None = None
@@ -78,7 +92,51 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = None
+
+
+def check_chat(body: dict[str, Any]) -> None:
+    """A chat request both engines can run as asked (400 naming the parameter if not)."""
+    validate(ChatCompletionRequest, body)
+    for i, message in enumerate(body["messages"]):
+        content = message.get("content")
+        for part in content if isinstance(content, list) else ():
+            if part["type"] in ("image_url", "input_audio", "file"):
+                raise InvalidRequest(
+                    f"This model takes text only: messages.{i}.content has a part of type "
+                    f"'{part['type']}'.",
+                    param=f"messages.{i}.content",
+                    code="unsupported_content",
+                )
+    if body.get("tool_choice") not in (None, "none") and not body.get("tools"):
+        raise InvalidRequest(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
+            "are specified.",
+            param="tool_choice",
+        )
+
+
+def check_completion(body: dict[str, Any]) -> None:
+    """A completion request both engines can run as asked (400 naming the parameter if not)."""
+    validate(CompletionRequest, body)
+    prompt = body["prompt"]
+    several = isinstance(prompt, list) and (not prompt or isinstance(prompt[0], (str, list)))
+    if several and len(prompt) != 1:
+        raise InvalidRequest(
+            "One prompt per request: send a string (or a list of one); "
+            f"this request has {len(prompt)}.",
+            param="prompt",
+        )
+
+
+def no_embeddings(model_id: str) -> NotFound:
+    """The answer to /v1/embeddings: the engines serve the model for generation only."""
+    return NotFound(
+        f"The model '{model_id}' is served for chat and completions only, not embeddings.",
+        param="model",
+        code="model_not_supported",
+    )
 
 
 def check_route_and_key(scope: Scope, key: bytes) -> None:
@@ -125,13 +183,81 @@ def _no_such_model(model: str, model_id: str) -> NotFound:
 
 
 def validate(schema: type[BaseModel], body: dict[str, Any]) -> None:
-    """Refuse a malformed request as OpenAI does (400), where an engine would answer 500."""
+    """Refuse a malformed request as OpenAI does (400, in its words), where an engine
+    would answer 500 or do something else than asked."""
     try:
         schema.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param) from None
+        raise _refusal(exc.errors(), body) from None
+
+
+def _refusal(errors: list[Any], body: dict[str, Any]) -> InvalidRequest:
+    """The error of the deepest place in the body where validation failed; at a place
+    several types would do (`stop`: a string or an array), all of them are named."""
+    placed = [(_place(body, error), error) for error in errors]
+    place = max((where for where, _ in placed), key=len)
+    here = [error for where, error in placed if where == place]
+    param = ".".join(str(part) for part in place) or None
+    name = param or "body"
+    expected = list(dict.fromkeys(_TYPES[e["type"]] for e in here if e["type"] in _TYPES))
+    if all(e["type"] in _TYPES for e in here):
+        got = _kind(here[0]["input"])
+        return InvalidRequest(
+            f"Invalid type for '{name}': expected {' or '.join(expected)}, but got {got} instead.",
+            param=param,
+        )
+    message = here[0]["msg"]
+    if here[0]["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{name}'.", param=param)
+    if here[0]["type"] == "string_pattern_mismatch":  # only token ids have a pattern
+        message = "a token id (an integer, as a string) is expected"
+    return InvalidRequest(f"Invalid value for '{name}': {message}.", param=param)
+
+
+def _place(body: Any, error: Any) -> tuple[Any, ...]:
+    """The part of a validation error's location that is in the body (pydantic adds the
+    members of unions, such as 'list[str]', which are not), with a missing field's name."""
+    loc = error["loc"]
+    place: list[Any] = []
+    value = body
+    for part in loc:
+        inside = (isinstance(value, dict) and isinstance(part, str) and part in value) or (
+            isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value)
+        )
+        if inside:
+            value = value[part]
+            place.append(part)
+    if error["type"] == "missing" and loc:
+        place.append(loc[-1])
+    return tuple(place)
+
+
+_TYPES = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "a boolean",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
 
 
 def json_schema_of(fmt: dict[str, Any]) -> dict[str, Any]:

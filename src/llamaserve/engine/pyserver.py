@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,6 @@ from pydantic import BaseModel, Field
 
 from llamaserve.config import Settings
 from llamaserve.engine.compat import CompatMiddleware, current_usage
-from llamaserve.engine.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def _add_missing_request_fields() -> None:
@@ -84,10 +83,10 @@ def build_app(settings: Settings, model: Path) -> CompatMiddleware:
     )
     app = server_app.create_app(settings=engine_settings)
     _meter(server_app._llama_proxy(model.name))
-    # OpenAI's checks, as llama-server's front makes them, then llama_cpp's own.
-    schemas: dict[str, Sequence[type[BaseModel]]] = {
-        "/v1/chat/completions": (ChatCompletionRequest, server_app.CreateChatCompletionRequest),
-        "/v1/completions": (CompletionRequest, server_app.CreateCompletionRequest),
+    # After OpenAI's checks, as llama-server's front makes them (see compat), llama_cpp's own.
+    schemas: dict[str, type[BaseModel]] = {
+        "/v1/chat/completions": server_app.CreateChatCompletionRequest,
+        "/v1/completions": server_app.CreateCompletionRequest,
     }
     return CompatMiddleware(
         app, api_key=settings.llama_server_api_key, model_id=model.name, schemas=schemas

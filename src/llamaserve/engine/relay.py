@@ -24,14 +24,14 @@ from pydantic import SecretStr
 from starlette.types import Receive, Scope, Send
 
 from llamaserve.engine.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
+    check_chat,
+    check_completion,
     check_route_and_key,
+    no_embeddings,
     parse_request,
     read_body,
     retrieve_model,
     send_json,
-    validate,
 )
 from llamaserve.engine.translate import (
     Assembler,
@@ -134,8 +134,7 @@ class Relay:
         elif model is not None:
             await send_json(send, retrieve_model(await self._models(), model, self.model_id))
         elif path == "/v1/embeddings":
-            body = parse_request(await read_body(receive), self.model_id)
-            await send_json(send, await self._call("POST", path, body))
+            raise no_embeddings(self.model_id)
         else:
             translator = self._translator(path, await read_body(receive))
             await until_disconnected(self._generate(path, translator, send), receive)
@@ -166,14 +165,19 @@ class Relay:
     def _translator(self, path: str, raw: bytes) -> Translator:
         body = parse_request(raw, self.model_id)
         if path == "/v1/chat/completions":
-            validate(ChatCompletionRequest, body)
+            check_chat(body)
             return chat_translator(body, native_tools=self.native_tools)
-        validate(CompletionRequest, body)
+        check_completion(body)
         return completion_translator(body)
 
     async def _generate(self, path: str, translator: Translator, send: Send) -> None:
         reply = Reply(send, translator)
         try:
+            if translator.echo_tokens is not None:
+                detokenized = await self._call(
+                    "POST", "/detokenize", {"tokens": translator.echo_tokens}
+                )
+                translator.echo = str(detokenized.get("content", ""))
             async with self._request("POST", path, translator.body) as response:
                 if response.status != 200:
                     raise engine_error(response.status, await response.read())

@@ -57,10 +57,15 @@ class Translator:
         self.usage: dict[str, int] | None = None
         self.head: dict[str, Any] = {}
         self._call_opened = False
+        # `echo` of a completion (llama-server ignores it): the prompt's text, put before
+        # the answer's; the prompt's tokens when its text is still to be asked for.
+        self.echo: str | None = None
+        self.echo_tokens: list[int] | None = None
 
     def chunk(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
         """The chunk as OpenAI would send it, or None when it has nothing for the client."""
         usage = chunk.pop("usage", None)
+        chunk.pop("timings", None)  # llama-server's own, not OpenAI's
         if isinstance(usage, dict):
             self.usage = {key: usage[key] for key in USAGE_FIELDS if key in usage}
         if self.kind == "completion" and str(chunk.get("id", "")).startswith("chatcmpl-"):
@@ -111,6 +116,9 @@ class Translator:
         return out
 
     def _completion_choice(self, choice: dict[str, Any]) -> None:
+        if self.echo is not None:  # one choice (n=1): the first text of the answer
+            choice["text"] = self.echo + (choice.get("text") or "")
+            self.echo = None
         logprobs = choice.get("logprobs")
         if self.top_logprobs is None or not isinstance(logprobs, dict):
             choice["logprobs"] = None
@@ -162,7 +170,21 @@ def completion_translator(body: dict[str, Any]) -> Translator:
         body["logprobs"] = max(requested, 1)
     prompt = body.get("prompt")
     translator.offset = len(prompt) if isinstance(prompt, str) else 0
+    if body.pop("echo", None) is True:
+        one = only_prompt(prompt)
+        if isinstance(one, str):
+            translator.echo = one
+        elif isinstance(one, list):  # token ids: their text is asked of llama-server first
+            translator.echo_tokens = one
     return translator
+
+
+def only_prompt(prompt: Any) -> Any:
+    """The one prompt of a completion request: a string or token ids (`check_completion`
+    refuses several, so a list of prompts holds one)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return prompt[0]
+    return prompt
 
 
 def _force_call(body: dict[str, Any]) -> Call | None:
