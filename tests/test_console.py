@@ -258,6 +258,15 @@ def test_logs_shows_the_last_lines(engine: Engine) -> None:
     assert 1 <= len(result.stdout.splitlines()) <= 3
 
 
+def test_help_and_a_wrong_command(project: Project) -> None:
+    for asked in ("--help", "-h", "help"):
+        helped = project.console(asked)
+        assert helped.returncode == 0 and "--service engine|gateway" in helped.stdout
+        assert all(f"  {command} " in helped.stdout for command in ("start", "stop", "logs"))
+    wrong = project.console("begin")
+    assert wrong.returncode == 2 and wrong.stderr.startswith("usage: ./console.sh start|")
+
+
 def test_stop_when_stopped_and_status_exit_code(project: Project) -> None:
     assert project.console("stop").returncode == 0
     status = project.console("status")
