@@ -103,6 +103,23 @@ def server_stopping() -> ServiceUnavailable:
     )
 
 
+def bearer_token(authorization: bytes | None) -> str:
+    """The key of an `Authorization: Bearer <key>` header, or the gateway's and the
+    engines' one refusal of a missing or malformed header."""
+    if not authorization:
+        raise AuthenticationFailed(
+            "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+        )
+    scheme, _, token = authorization.decode("latin-1").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        raise AuthenticationFailed(
+            "Malformed Authorization header: expected 'Bearer <key>'.",
+            code="invalid_authorization_header",
+        )
+    return token
+
+
 class UpstreamTimeout(APIError):
     status = 504
     type = "timeout_error"

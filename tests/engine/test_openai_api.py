@@ -332,6 +332,20 @@ def test_the_key_is_checked_before_the_body(engine: Engine) -> None:
     assert response.json()["error"]["message"] == "Incorrect API key provided."
 
 
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [({}, "missing_api_key"), ({"Authorization": "Basic abc"}, "invalid_authorization_header")],
+)
+def test_a_missing_or_malformed_key_is_named_as_the_gateway_names_it(
+    engine: Engine, headers: dict[str, str], code: str
+) -> None:
+    import httpx
+
+    response = httpx.get(f"{engine.base_url}/v1/models", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == code
+
+
 def test_unknown_model_is_404(client: OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=1)

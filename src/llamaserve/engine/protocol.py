@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Receive, Scope, Send
 
-from llamaserve.errors import AuthenticationFailed, InvalidRequest, NotFound
+from llamaserve.errors import AuthenticationFailed, InvalidRequest, NotFound, bearer_token
 from llamaserve.routes import check_route
 
 
@@ -143,9 +143,8 @@ def check_route_and_key(scope: Scope, key: bytes) -> None:
     """What both engines check first, in OpenAI's order: an OpenAI route (404), its
     method (405), then the key (401); the engines' own other routes are never served."""
     check_route(scope["path"], scope["method"])
-    header = dict(scope["headers"]).get(b"authorization", b"")
-    scheme, _, token = header.partition(b" ")
-    if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key):
+    token = bearer_token(dict(scope["headers"]).get(b"authorization"))
+    if not hmac.compare_digest(token.encode("latin-1"), key):
         raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
 
 

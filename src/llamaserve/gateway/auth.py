@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from llamaserve.errors import AuthenticationFailed
+from llamaserve.errors import AuthenticationFailed, bearer_token
 from llamaserve.gateway.limits import database_errors
 from llamaserve.store import keys, limits
 
@@ -29,7 +29,7 @@ class Authenticator:
         self._cache_size = cache_size
 
     async def authenticate(self, authorization: bytes | None) -> str:
-        key = _bearer(authorization)
+        key = bearer_token(authorization)
         key_id = keys.key_id_of(key)
         if key_id is None:
             if hmac.compare_digest(key.encode(), self._engine_key):
@@ -59,18 +59,3 @@ class Authenticator:
             if len(self._hashes) > self._cache_size:
                 self._hashes.popitem(last=False)
         return stored
-
-
-def _bearer(authorization: bytes | None) -> str:
-    if not authorization:
-        raise AuthenticationFailed(
-            "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
-        )
-    scheme, _, token = authorization.decode("latin-1").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or " " in token:
-        raise AuthenticationFailed(
-            "Malformed Authorization header: expected 'Bearer <key>'.",
-            code="invalid_authorization_header",
-        )
-    return token
