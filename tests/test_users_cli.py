@@ -251,6 +251,9 @@ def test_keys_create_revoke_rotate(cli: Cli) -> None:
     assert set(second) == KEY_FIELDS and second["username"] == "alice"
     expires = datetime.fromisoformat(second["expires_at"]) - datetime.now(UTC)
     assert timedelta(days=29, hours=23) < expires <= timedelta(days=30)
+    cli.ok("create-user", "--username", "bob")
+    short = cli.ok("create-key", "--username", "bob", "--expires-in", "2s")
+    assert re.search(r"valid until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", short)  # to the second
 
     assert f"revoked key {first}" in cli.ok("revoke-key", "--key-id", first)
     assert f"key {first} was already revoked" in cli.ok("revoke-key", "--key-id", first)

@@ -300,7 +300,7 @@ def _expiry(expires_in: Duration | None) -> datetime | None:
 
 
 def _until(expires_at: datetime | None) -> str:
-    return "" if expires_at is None else f", valid until {format_time(expires_at)}"
+    return "" if expires_at is None else f", valid until {format_time(expires_at, seconds=True)}"
 
 
 def _confirm(question: str) -> bool:
