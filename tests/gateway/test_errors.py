@@ -41,7 +41,12 @@ def test_body_over_the_limit_is_413(stack: Stack, alice: str) -> None:
         big = json.dumps(
             {"model": stack.model, "messages": [{"role": "user", "content": "x" * 4096}]}
         )
-        assert_envelope(post(url, alice, big), 413)
+        refused = post(url, alice, big)
+        assert_envelope(refused, 413)
+        row = stack.row(refused.headers["x-request-id"])  # the user's, though refused
+        assert row["username"] and (row["status"], row["outcome"]) == (413, "rejected")
+        # Without a valid key, the body is not read: 401.
+        assert_envelope(post(url, "lsk_0123456789_" + "x" * 43, big), 401)
 
 
 def test_unknown_path_404_and_wrong_method_405(stack: Stack, alice: str) -> None:

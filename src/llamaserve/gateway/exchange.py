@@ -99,9 +99,11 @@ class Exchange:
 
     async def _serve(self) -> None:
         check_route(self.row.path, self.row.method)  # never an engine's /slots, /props...
+        # The key before the body: a client without one never has a body read (up to
+        # LLAMA_PROXY_MAX_BODY_BYTES), and a request refused for its body is the user's.
+        await self._admit(_header(self.scope, b"authorization"))
         body = await self._read_body()
         self.row.bytes_in = len(body)
-        await self._admit(_header(self.scope, b"authorization"))
         stream, wants_usage = False, False
         if self.row.method == "POST":
             body, stream, wants_usage = self._prepare(body)
