@@ -29,7 +29,7 @@ USER_FIELDS = {"id", "username", "enabled", "rate_limit", "rate_window_seconds",
 SUMMARY_FIELDS = USER_FIELDS | {"active_keys", "last_used", "requests_24h", "tokens_24h"}
 KEY_FIELDS = {"username", "key_id", "key", "expires_at"}
 USAGE_FIELDS = {"username", "requests", "errors", "prompt_tokens", "completion_tokens"}
-USAGE_FIELDS |= {"bytes_in", "bytes_out", "p50_ms", "p95_ms"}
+USAGE_FIELDS |= {"uncounted", "bytes_in", "bytes_out", "p50_ms", "p95_ms"}
 
 
 def run(
@@ -311,6 +311,7 @@ def test_usage_and_logs(cli: Cli) -> None:
         (1, 200, "ok", 120.0, 10, 30),
         (2, 200, "ok", 80.0, 5, 15),
         (3, 429, "rejected", 1.0, None, None),
+        (4, 200, "cancelled", 40.0, None, None),  # a stream the client left
         (120, 200, "ok", 60.0, 1, 1),
     ]
     for minutes, status, outcome, latency, prompt, completion in rows:
@@ -331,12 +332,13 @@ def test_usage_and_logs(cli: Cli) -> None:
         )
     [usage] = cli.json("usage", "--user", "alice", "--since", "30m")
     assert set(usage) == USAGE_FIELDS
-    assert (usage["requests"], usage["errors"], usage["prompt_tokens"]) == (3, 1, 15)
-    assert (usage["completion_tokens"], usage["bytes_in"], usage["p50_ms"]) == (45, 300, 100.0)
-    assert cli.json("usage", "--since", "1d")[0]["requests"] == 4
+    assert (usage["requests"], usage["errors"], usage["prompt_tokens"]) == (4, 2, 15)
+    assert (usage["completion_tokens"], usage["uncounted"]) == (45, 1)
+    assert (usage["bytes_in"], usage["p50_ms"]) == (400, 100.0)
+    assert cli.json("usage", "--since", "1d")[0]["requests"] == 5
     text = cli.ok("usage", "--since", "30m")
-    assert "requests in the last 30m" in text
-    assert re.search(r"^alice\s+3\s+1\s+15\s+45\s+300 B\s+6.0 kB\s+100\s+118$", text, re.M)
+    assert "requests in the last 30m" in text and "UNCOUNTED" in text
+    assert re.search(r"^alice\s+4\s+2\s+15\s+45\s+1\s+400 B\s+8.0 kB\s+100\s+118$", text, re.M)
     assert "no requests in the last 1m" in cli.ok("usage", "--since", "1m")
 
     logged = cli.json("logs", "-n", "2")

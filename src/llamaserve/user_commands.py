@@ -215,7 +215,8 @@ async def usage(ctx: Context, args: argparse.Namespace) -> int:
     if not rows:
         print(f"no requests in the last {span}")
         return 0
-    header = ["USER", "REQUESTS", "ERRORS", "PROMPT TOK", "COMPL TOK", "IN", "OUT", "P50", "P95"]
+    header = ["USER", "REQUESTS", "ERRORS", "PROMPT TOK", "COMPL TOK", "UNCOUNTED", "IN", "OUT"]
+    header += ["P50", "P95"]
     table = [
         [
             r.username or "(no user)",
@@ -223,6 +224,7 @@ async def usage(ctx: Context, args: argparse.Namespace) -> int:
             str(r.errors),
             str(r.prompt_tokens),
             str(r.completion_tokens),
+            str(r.uncounted),
             format_bytes(r.bytes_in),
             format_bytes(r.bytes_out),
             _ms(r.p50_ms),
@@ -230,7 +232,10 @@ async def usage(ctx: Context, args: argparse.Namespace) -> int:
         ]
         for r in rows
     ]
-    print(f"requests in the last {span} (latency of successful requests)")
+    print(
+        f"requests in the last {span} (latency of successful requests; UNCOUNTED: ended "
+        "before the engine counted their tokens, which are not in the totals)"
+    )
     print(render_table(header, table, right=set(header[1:])))
     return 0
 

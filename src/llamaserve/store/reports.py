@@ -20,6 +20,9 @@ class Usage:
     errors: int  # status >= 400, or an outcome other than ok
     prompt_tokens: int
     completion_tokens: int
+    # Generation requests that ended before the engine counted their tokens (cancelled,
+    # failed, or cut off at a stop): whatever they generated is not in the totals.
+    uncounted: int
     bytes_in: int
     bytes_out: int
     p50_ms: float | None  # latency of the requests that succeeded
@@ -61,6 +64,10 @@ async def usage(
                   count(*) FILTER (WHERE status >= 400 OR outcome <> 'ok') AS errors,
                   coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
                   coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
+                  count(*) FILTER (WHERE completion_tokens IS NULL
+                                   AND outcome IN ('cancelled', 'error')
+                                   AND path IN ('/v1/chat/completions', '/v1/completions'))
+                      AS uncounted,
                   coalesce(sum(bytes_in), 0)::bigint AS bytes_in,  -- sum(bigint) is numeric
                   coalesce(sum(bytes_out), 0)::bigint AS bytes_out,
                   percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)
