@@ -19,7 +19,13 @@ import pytest
 from llamaserve.config import load_settings
 from llamaserve.store import cluster, db
 from tests.conftest import ROOT, Project, make_project, run
-from tests.gateway.helpers import assert_envelope, gateway_process, post, running_mock_engine
+from tests.gateway.helpers import (
+    assert_envelope,
+    gateway_process,
+    post,
+    running_gateway,
+    running_mock_engine,
+)
 
 
 @pytest.fixture
@@ -102,3 +108,30 @@ def test_a_database_outage_is_a_503_and_nothing_is_lost(project: Project) -> Non
             time.sleep(0.2)
         assert sorted(r["request_id"] for r in rows) == sorted(refused)
         assert {(r["status"], r["outcome"]) for r in rows} == {(503, "error")}
+
+
+def test_rows_the_database_cannot_take_at_stop_are_kept_and_written_at_next_start(
+    project: Project,
+) -> None:
+    key = new_key(project, "stopper")
+    body = '{"model": "mock", "messages": [{"role": "user", "content": "hi"}]}'
+    settings, layout = load_settings(ROOT, runtime=project.runtime)
+    spool = project.runtime / "run" / "request-log"
+    with running_mock_engine() as engine:
+        with running_gateway(project.env, LLAMA_SERVER_BACKEND_URL=engine) as (gateway, proc):
+            assert post(gateway, key, body).status_code == 200
+            assert cluster.stop(layout, timeout=30)
+            refused = [post(gateway, key, body).headers["x-request-id"] for _ in range(3)]
+            proc.terminate()  # the stop, while the database is away
+            assert proc.wait(timeout=30) == 0
+        # Before, these rows were lost in silence.
+        [kept] = list(spool.glob("*.jsonl"))
+        assert kept.stat().st_mode & 0o777 == 0o600
+        assert {json.loads(line)["request_id"] for line in kept.read_text().splitlines()} >= set(
+            refused
+        )
+        cluster.ensure_running(settings, layout)
+        with gateway_process(project.env, LLAMA_SERVER_BACKEND_URL=engine):
+            rows = asyncio.run(log_rows(project, refused))  # written before it is ready
+            assert sorted(r["request_id"] for r in rows) == sorted(refused)
+            assert not list(spool.glob("*.jsonl"))
