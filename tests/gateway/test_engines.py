@@ -69,6 +69,8 @@ def test_waiting_too_long_is_503(stack: Stack, engine: MockEngine) -> None:
         responses = asyncio.run(send_all(url, [(a, body("a", 1.5)), (b, body("b"))]))
     assert [r.status_code for r in responses] == [200, 503]
     assert responses[1].json()["error"]["code"] == "queue_timeout"
+    row = stack.row(responses[1].headers["x-request-id"])  # the wait is logged (was NULL)
+    assert (row["outcome"], row["status"]) == ("error", 503) and row["queue_ms"] > 250  # of 300
 
 
 def test_a_client_gone_while_queued_never_reaches_the_engine(

@@ -260,8 +260,14 @@ class Exchange:
         deadline = time.monotonic() + scheduler.limits.max_wait
         again = False
         while True:
-            left = deadline - time.monotonic()
-            grant = await scheduler.acquire(user, exclude, again=again, max_wait=left)
+            began = time.monotonic()
+            try:
+                grant = await scheduler.acquire(
+                    user, exclude, again=again, max_wait=deadline - began
+                )
+            except BaseException:  # timed out, gone, stopped: the wait is logged all the same
+                self.row.queue_ms = (self.row.queue_ms or 0.0) + (time.monotonic() - began) * 1000
+                raise
             self.row.queue_ms = (self.row.queue_ms or 0.0) + grant.waited * 1000
             try:
                 lease = await leases.take(user)
