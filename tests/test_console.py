@@ -267,6 +267,13 @@ def test_help_and_a_wrong_command(project: Project) -> None:
     assert wrong.returncode == 2 and wrong.stderr.startswith("usage: ./console.sh start|")
 
 
+def test_status_into_a_closed_pipe_is_quiet(project: Project) -> None:
+    # `true` exits before status writes: its output meets a closed pipe.
+    script = '"$0" status | true; echo "status exit ${PIPESTATUS[0]}" >&2'
+    result = run(["bash", "-c", script, str(ROOT / "console.sh")], project.env)
+    assert result.stderr.strip() == "status exit 3", result.stderr  # no traceback
+
+
 def test_stop_when_stopped_and_status_exit_code(project: Project) -> None:
     assert project.console("stop").returncode == 0
     status = project.console("status")

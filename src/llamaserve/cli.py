@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TextIO
 
 from llamaserve.config import (
     ENGINES,
@@ -68,12 +72,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv in (["serve-engine"], ["serve-gateway"]):  # the processes console.sh starts
             return serve(argv[0], *load_settings())
+        sys.stdout = _Unread(sys.stdout)
         return run(build_parser().parse_args(argv))
     except ConfigError as exc:
         print(f"llamaserve: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+class _Unread(io.TextIOBase):
+    """stdout for a command whose reader may go (`status | head -1`): what it no longer
+    reads is dropped, and the command still does all its work (a `stop` stops) and exits
+    with its own code, without a BrokenPipeError."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        with self._gone_quietly():
+            self._stream.write(text)
+            self._stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._gone_quietly():
+            self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    @contextmanager
+    def _gone_quietly(self) -> Iterator[None]:
+        try:
+            yield
+        except BrokenPipeError:  # from now on, and for what is still buffered: nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
 
 
 def run(args: argparse.Namespace) -> int:

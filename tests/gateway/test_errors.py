@@ -64,7 +64,8 @@ def test_engine_unreachable_is_503(stack: Stack, alice: str) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=dead) as url:
         response = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {alice}"})
-        assert_envelope(response, 503)
+        assert assert_envelope(response, 503)["code"] == "engine_unavailable"
+        assert response.headers["retry-after"] == "5"
         row = stack.row(response.headers["x-request-id"])
         assert row["outcome"] == "error" and row["status"] == 503
         assert_envelope(httpx.get(f"{url}/ready"), 503, proxied=False)

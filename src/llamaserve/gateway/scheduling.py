@@ -93,7 +93,7 @@ class Scheduler:
         queue's timeout."""
         began = time.monotonic()
         if not any(e.healthy for e in self.engines if e is not exclude):
-            raise ServiceUnavailable("No engine is available.", code="engine_unavailable")
+            raise _no_engine()
         engine = self._pick(exclude)
         if not self._queued and engine is not None and self._may_run(user):
             self._take(user, engine)
@@ -119,7 +119,7 @@ class Scheduler:
         """A healthy engine for a request that takes no slot (such as /v1/models)."""
         healthy = [e for e in self.engines if e.healthy and e is not exclude]
         if not healthy:
-            raise ServiceUnavailable("No engine is available.", code="engine_unavailable")
+            raise _no_engine()
         return max(healthy, key=lambda e: e.free)
 
     def has_other(self, engine: Engine) -> bool:
@@ -246,3 +246,10 @@ class Scheduler:
         """A user with nothing waiting or generating starts afresh next time."""
         if user not in self._running and user not in self._queues:
             self._served.pop(user, None)
+
+
+def _no_engine() -> ServiceUnavailable:
+    """Every engine is out: probed again every LLAMA_PROXY_HEALTH_INTERVAL seconds."""
+    return ServiceUnavailable(
+        "No engine is available.", code="engine_unavailable", headers={"Retry-After": "5"}
+    )
