@@ -199,13 +199,14 @@ def test_back_to_back_streams_all_succeed(engine: Engine) -> None:
 
 def test_llama_server_gets_the_thread_settings(tmp_path: Path) -> None:
     """Generation threads leave a core to the rest; batches (prompts, and the tokens of
-    several busy slots) get all cores unless set otherwise."""
+    several busy slots) get all cores unless set otherwise; idle threads never spin."""
 
     def threads(**values: object) -> tuple[str, str]:
         settings = Settings(llama_engine="llama-server", **values)
         argv = build_argv(
             settings, tmp_path / "m.gguf", binary=tmp_path / "bin", port=1, key_file=tmp_path
         )
+        assert argv[argv.index("--poll") + 1] == "0"
         return argv[argv.index("--threads") + 1], argv[argv.index("--threads-batch") + 1]
 
     assert threads(llama_n_threads=3) == ("3", str(os.cpu_count()))

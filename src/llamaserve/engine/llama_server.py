@@ -74,6 +74,9 @@ def build_argv(
         # -c is the context of all slots together.
         *("--ctx-size", str(settings.llama_n_ctx * settings.llama_parallel)),
         *("--threads", str(settings.threads()), "--threads-batch", str(settings.threads_batch())),
+        # Idle threads sleep rather than spin (llama.cpp polls by default): as fast alone,
+        # and far faster beside other busy processes (see the README's "Threads").
+        *("--poll", "0"),
         *("--n-gpu-layers", gpu_layers),
         *template_args(settings.llama_chat_format),
     ]
