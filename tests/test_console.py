@@ -250,6 +250,16 @@ def test_status_and_start_again_while_running(engine: Engine) -> None:
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert f"runs with port {port}" in moved.stdout
     assert "./console.sh restart applies the config" in moved.stdout
+    # Any setting the engine runs with, not only its address; a key by name only.
+    key = "k" * 40
+    env = {**engine.project.env, "LLAMA_N_CTX": "1024", "LLAMA_SERVER_API_KEY": key}
+    changed = run([str(ROOT / "console.sh"), "start"], env)
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert "runs with other values of LLAMA_SERVER_API_KEY, LLAMA_N_CTX" in changed.stdout
+    assert key not in changed.stdout + (engine.project.runtime / "run" / "engine.pid").read_text()
+    gateway_only = run([str(ROOT / "console.sh"), "start"],
+                       {**engine.project.env, "LLAMA_PROXY_QUEUE_TIMEOUT": "5"})  # fmt: skip
+    assert "warning" not in gateway_only.stdout  # not the engine's
 
 
 def test_logs_shows_the_last_lines(engine: Engine) -> None:

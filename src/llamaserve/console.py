@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit
+
+from pydantic import SecretStr
 
 from llamaserve.config import ConfigError, Layout, Settings, is_engine_url
 from llamaserve.engine import llama_server
@@ -32,7 +35,7 @@ class Plan:
     headers: dict[str, str]
     host: str
     port: int
-    info: dict[str, str | int]
+    info: dict[str, Any]  # recorded with the process (see `_already_running`)
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -70,7 +73,13 @@ def plan_engine(settings: Settings, layout: Layout) -> Plan:
         headers={"Authorization": f"Bearer {settings.llama_server_api_key.get_secret_value()}"},
         host=host,
         port=port,
-        info={"model": model.name, "host": host, "port": port, "engine": settings.llama_engine},
+        info={
+            "model": model.name,
+            "host": host,
+            "port": port,
+            "engine": settings.llama_engine,
+            "settings": settings_of(settings, "engine"),
+        },
     )
 
 
@@ -100,8 +109,38 @@ def plan_gateway(settings: Settings, layout: Layout) -> Plan:
         headers={},
         host=proxy_host,
         port=port,
-        info={"host": proxy_host, "port": port, "backend": settings.llama_server_backend_url},
+        info={
+            "host": proxy_host,
+            "port": port,
+            "backend": settings.llama_server_backend_url,
+            "settings": settings_of(settings, "gateway"),
+        },
     )
+
+
+# Settings a service's record shows otherwise (its address, model, engine, backends), or
+# that only the console reads.
+_NOT_COMPARED = {
+    "llama_server_host", "llama_server_port", "llama_model", "llama_engine",
+    "llama_proxy_host", "llama_proxy_port", "llama_server_backend_url",
+    "llama_start_timeout", "llama_runtime_dir",
+}  # fmt: skip
+_SHARED = {"llama_server_api_key", "llama_stop_timeout"}
+
+
+def settings_of(settings: Settings, service: str) -> dict[str, str]:
+    """The settings a service runs with, by name, so that `start` can tell which changed
+    since it started; a secret only as a fingerprint (the record is a plain file)."""
+    values = {}
+    for name in Settings.model_fields:
+        of_gateway = name.startswith(("llama_proxy_", "postgres_"))
+        if name in _NOT_COMPARED or (of_gateway != (service == "gateway") and name not in _SHARED):
+            continue
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = hashlib.sha256(value.get_secret_value().encode()).hexdigest()[:12]
+        values[name.upper()] = str(value)
+    return values
 
 
 def _bypassable(settings: Settings, engine_host: str) -> bool:
@@ -180,10 +219,17 @@ def _already_running(plan: Plan, settings: Settings, out: TextIO) -> bool:
     name = plan.service.name
     print(f"llamaserve: {name} is already running (pid {record.pid})", file=out)
     stale = {key: record.info.get(key) for key, value in plan.info.items()
-             if record.info.get(key) != value}  # fmt: skip
-    if not stale:
+             if key != "settings" and record.info.get(key) != value}  # fmt: skip
+    ran_with = record.info.get("settings")  # none in the records of older versions
+    changed = [] if not isinstance(ran_with, dict) else [
+        name for name, value in plan.info["settings"].items() if ran_with.get(name) != value
+    ]  # fmt: skip
+    if not stale and not changed:
         return True
-    running = ", ".join(f"{key} {value}" for key, value in stale.items())
+    running = ", ".join(
+        [f"{key} {value}" for key, value in stale.items()]
+        + ([f"other values of {', '.join(changed)}"] if changed else [])
+    )
     moved = name == "engine" and "host" in stale and settings.llama_proxy_enabled
     if moved and _bypassable(settings, str(stale["host"])):
         raise ConfigError(
