@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -28,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from llamaserve.config import Settings, load_settings
+from llamaserve.config import Settings, load_settings, new_engine_key
 from llamaserve.readiness import Start, wait_until_ready
 from llamaserve.store import db
 
@@ -78,7 +77,7 @@ class Stack:
     def __init__(self, base: Path, passthrough: dict[str, str]) -> None:
         self.base = base
         self.runtime = base / "runtime"
-        self.engine_key = secrets.token_urlsafe(32)
+        self.engine_key = new_engine_key()
         self.engine_port, self.gateway_port = free_port(), free_port()
         self.env = isolated_environment(dict(os.environ))
         self.env["LLAMA_RUNTIME_DIR"] = str(self.runtime)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from openai import OpenAI
+
+from llamaserve.config import new_engine_key
 
 pytest_plugins = ["tests.pgfixtures"]
 
@@ -79,7 +80,7 @@ class Project:
 
 
 def make_project(runtime: Path, **config: str) -> Project:
-    config.setdefault("LLAMA_SERVER_API_KEY", secrets.token_urlsafe(32))
+    config.setdefault("LLAMA_SERVER_API_KEY", new_engine_key())
     config.setdefault("LLAMA_SERVER_HOST", "127.0.0.1")
     config.setdefault("LLAMA_SERVER_PORT", str(free_port()))
     write_config(runtime, **config)
@@ -135,7 +136,7 @@ def engine(
     """
     name: str = request.param
     port = free_port()
-    key = secrets.token_urlsafe(32)
+    key = new_engine_key()
     project = make_project(
         tmp_path_factory.mktemp(name) / "runtime",
         LLAMA_SERVER_API_KEY=key,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +21,9 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENGINES = ("llama-cpp-python", "llama-server")
-PLACEHOLDER_MARKERS = ("change", "insert", "placeholder", "your", "<", "xxx", "todo")
+# A word of a key that says it is a template's value (CHANGE_ME, <your key>, INSERT_token):
+# whole words only, so that a random key with "xxx" or "your" inside one still passes.
+PLACEHOLDER_WORD = re.compile(r"^(change|insert|placeholder|your|todo|replace|x{3,})", re.I)
 MIN_KEY_LENGTH = 16
 
 
@@ -176,11 +180,24 @@ class Settings(BaseSettings):
         key = self.llama_server_api_key.get_secret_value().strip()
         if not key:
             return "LLAMA_SERVER_API_KEY is empty"
-        if any(marker in key.lower() for marker in PLACEHOLDER_MARKERS):
+        if is_placeholder(key):
             return "LLAMA_SERVER_API_KEY is still a placeholder"
         if len(key) < MIN_KEY_LENGTH:
             return f"LLAMA_SERVER_API_KEY is shorter than {MIN_KEY_LENGTH} characters"
         return None
+
+
+def is_placeholder(key: str) -> bool:
+    """A key that is a template's value rather than a secret (`<...>`, CHANGE_ME, xxxx)."""
+    return "<" in key or any(PLACEHOLDER_WORD.match(word) for word in re.split(r"[-_\s.]+", key))
+
+
+def new_engine_key() -> str:
+    """A fresh engine key, never one `api_key_problem` would refuse."""
+    while True:
+        key = secrets.token_urlsafe(32)
+        if not is_placeholder(key):
+            return key
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import os
 import re
-import secrets
 import shlex
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TextIO
 
-from llamaserve.config import ConfigError, Layout
+from llamaserve.config import ConfigError, Layout, new_engine_key
 from llamaserve.engine.models import check_gguf, find_models
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -213,7 +212,7 @@ def ensure_config(layout: Layout, out: TextIO, engine: str | None = None) -> Non
         print(f"llamaserve: keeping {config}", file=out)
         return
     template = (layout.root / "runtime" / "config.env.template").read_text()
-    key = secrets.token_urlsafe(32)
+    key = new_engine_key()
     text, count = KEY_LINE.subn(f'LLAMA_SERVER_API_KEY="{key}"', template, count=1)
     if count != 1:
         raise ConfigError("runtime/config.env.template has no LLAMA_SERVER_API_KEY line")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import stat
 import subprocess
@@ -19,7 +18,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from llamaserve.config import Settings
+from llamaserve.config import Settings, new_engine_key
 from llamaserve.engine.llama_server import build_argv
 from llamaserve.engine.process import start_ticks
 from tests.conftest import ENGINES, ROOT, Engine, Project, free_port, make_project, raw_post
@@ -219,7 +218,7 @@ def test_requests_still_going_at_the_end_of_the_stop_grace_end_with_an_error(
     tmp_path: Path, engine_name: str
 ) -> None:
     # With LLAMA_STOP_TIMEOUT=6 the requests get 3 s, and `stop` would SIGKILL at 6.
-    key, port = secrets.token_urlsafe(32), free_port()
+    key, port = new_engine_key(), free_port()
     project = make_project(
         tmp_path / "rt", LLAMA_ENGINE=engine_name, LLAMA_STOP_TIMEOUT="6",
         LLAMA_SERVER_API_KEY=key, LLAMA_SERVER_PORT=str(port),
