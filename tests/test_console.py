@@ -266,6 +266,19 @@ def test_status_and_start_again_while_running(engine: Engine) -> None:
     assert "warning" not in gateway_only.stdout  # not the engine's
 
 
+def test_the_engine_log_leaves_out_health_probes_that_succeed(engine: Engine) -> None:
+    # A gateway probes every engine every 2 s: 43,200 lines a day in the engine's log.
+    import httpx
+
+    for _ in range(3):
+        assert httpx.get(f"{engine.base_url}/health").status_code == 200
+    headers = {"Authorization": f"Bearer {engine.api_key}"}
+    assert httpx.get(f"{engine.base_url}/v1/models", headers=headers).status_code == 200
+    log = (engine.project.runtime / "logs" / "engine.log").read_text()
+    assert '"GET /v1/models HTTP/1.1" 200' in log  # the other requests still are
+    assert '"GET /health HTTP/1.1" 200' not in log
+
+
 def test_logs_shows_the_last_lines(engine: Engine) -> None:
     result = engine.project.console("logs", "-n", "3", "--no-follow")
     assert result.returncode == 0

@@ -10,6 +10,7 @@ generates from (llama-server's stream, or llama_cpp's generator).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import uvicorn
@@ -95,4 +96,14 @@ def serve(app: ASGIApp, *, host: str, port: int, grace: float) -> uvicorn.Server
     config = uvicorn.Config(
         ending, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(grace) + 2
     )
+    logging.getLogger("uvicorn.access").addFilter(_without_health_probes)  # after its setup
     return Server(config, ending, grace)
+
+
+def _without_health_probes(record: logging.LogRecord) -> bool:
+    """The access log without the gateways' health probes that succeed (one every
+    LLAMA_PROXY_HEALTH_INTERVAL seconds from each: 43,200 lines a day at the default);
+    a probe that fails is still logged."""
+    args = record.args  # uvicorn's: client, method, path, HTTP version, status
+    return not (isinstance(args, tuple) and len(args) == 5 and args[2] == "/health"
+                and args[4] == 200)  # fmt: skip
