@@ -34,12 +34,12 @@ from llamaserve.engine.protocol import (
     json_schema_of,
     no_embeddings,
     parse_request,
+    prompts,
     read_body,
     retrieve_model,
     send_json,
     validate,
 )
-from llamaserve.engine.translate import only_prompt
 from llamaserve.errors import APIError, InternalError, openai_error, send_error, sse_error_event
 from llamaserve.routes import model_of
 
@@ -87,9 +87,10 @@ def rewrite_request(
         validate(schema, body)
     stream = bool(body.get("stream"))
     include_usage = stream and bool(stream_options.get("include_usage"))
-    # The engine echoes the prompt of a whole answer, not of a stream.
-    prompt = only_prompt(body.get("prompt"))
-    echo = prompt if stream and body.get("echo") is True and isinstance(prompt, str) else None
+    echo = None  # the engine echoes the prompt of a whole answer, not of a stream
+    if stream and body.get("echo") is True and path == "/v1/completions":
+        [prompt] = prompts(body["prompt"])  # one: see check_completion
+        echo = prompt if isinstance(prompt, str) else None
     return Rewritten(json.dumps(body).encode(), include_usage, echo)
 
 

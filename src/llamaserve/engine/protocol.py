@@ -120,14 +120,20 @@ def check_chat(body: dict[str, Any]) -> None:
 def check_completion(body: dict[str, Any]) -> None:
     """A completion request both engines can run as asked (400 naming the parameter if not)."""
     validate(CompletionRequest, body)
-    prompt = body["prompt"]
-    several = isinstance(prompt, list) and (not prompt or isinstance(prompt[0], (str, list)))
-    if several and len(prompt) != 1:
+    if len(found := prompts(body["prompt"])) != 1:
         raise InvalidRequest(
             "One prompt per request: send a string (or a list of one); "
-            f"this request has {len(prompt)}.",
+            f"this request has {len(found)}.",
             param="prompt",
         )
+
+
+def prompts(prompt: Any) -> list[Any]:
+    """The prompts of a completion request: a string or a list of token ids is one, a
+    list of those is each of them."""
+    if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], (str, list))):
+        return prompt
+    return [prompt]
 
 
 def no_embeddings(model_id: str) -> NotFound:

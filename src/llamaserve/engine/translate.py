@@ -23,7 +23,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llamaserve.engine.protocol import json_schema_of
+from llamaserve.engine.protocol import json_schema_of, prompts
 from llamaserve.errors import InvalidRequest
 
 Kind = Literal["chat", "completion"]
@@ -171,20 +171,12 @@ def completion_translator(body: dict[str, Any]) -> Translator:
     prompt = body.get("prompt")
     translator.offset = len(prompt) if isinstance(prompt, str) else 0
     if body.pop("echo", None) is True:
-        one = only_prompt(prompt)
+        [one] = prompts(prompt)  # one: see check_completion
         if isinstance(one, str):
             translator.echo = one
         elif isinstance(one, list):  # token ids: their text is asked of llama-server first
             translator.echo_tokens = one
     return translator
-
-
-def only_prompt(prompt: Any) -> Any:
-    """The one prompt of a completion request: a string or token ids (`check_completion`
-    refuses several, so a list of prompts holds one)."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        return prompt[0]
-    return prompt
 
 
 def _force_call(body: dict[str, Any]) -> Call | None:
