@@ -21,6 +21,14 @@ from typing import Any, ClassVar
 
 from starlette.types import Send
 
+# Seconds a client is told to wait (`Retry-After`) before retrying a refusal that says
+# nothing more precise: a full queue, an engine or database away, a stop.
+RETRY_SOON = 5
+
+
+def retry_soon() -> dict[str, str]:
+    return {"Retry-After": str(RETRY_SOON)}
+
 
 class APIError(Exception):
     status: ClassVar[int] = 500
@@ -99,7 +107,7 @@ def server_stopping() -> ServiceUnavailable:
     return ServiceUnavailable(
         "The server is stopping: this request was ended before it finished. Retry it.",
         code="server_stopping",
-        headers={"Retry-After": "5"},
+        headers=retry_soon(),
     )
 
 

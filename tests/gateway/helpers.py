@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import uvicorn
@@ -38,25 +39,27 @@ def gateway_process(project_env: dict[str, str], **env: str) -> Iterator[str]:
 
 @contextmanager
 def running_gateway(
-    project_env: dict[str, str], **env: str
+    project_env: dict[str, str], log: IO[bytes] | None = None, **env: str
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A gateway process and its URL, stopped (SIGTERM) at the end if still running. Its
-    log goes to a file, not a pipe: a pipe nobody reads stalls the gateway once full."""
+    log goes to a file (`log`, or a temporary one), not a pipe: a pipe nobody reads
+    stalls the gateway once full."""
     port = free_port()
-    with tempfile.TemporaryFile() as log:
+    with contextlib.ExitStack() as files:
+        out = log or files.enter_context(tempfile.TemporaryFile())
         proc = subprocess.Popen(
             [sys.executable, "-m", "llamaserve", "serve-gateway"],
             cwd=ROOT,
             env={**project_env, "LLAMA_PROXY_PORT": str(port), **env},
-            stdout=log,
+            stdout=out,
             stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
         try:
             start = wait_until_ready(url + "/health", proc, 30)
             if start is Start.EXITED:
-                log.seek(0)
-                raise AssertionError(f"gateway exited: {log.read().decode(errors='replace')}")
+                out.seek(0)
+                raise AssertionError(f"gateway exited: {out.read().decode(errors='replace')}")
             assert start is Start.READY, f"{url} never answered"
             yield url, proc
         finally:

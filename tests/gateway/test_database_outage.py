@@ -77,9 +77,11 @@ def test_a_database_outage_is_a_503_and_nothing_is_lost(project: Project) -> Non
     known, unseen = new_key(project, "known"), new_key(project, "unseen")
     body = '{"model": "mock", "messages": [{"role": "user", "content": "hi"}]}'
     settings, layout = load_settings(ROOT, runtime=project.runtime)
+    log = project.runtime / "gateway.log"
     with (
+        log.open("wb") as out,
         running_mock_engine() as engine,
-        gateway_process(project.env, LLAMA_SERVER_BACKEND_URL=engine) as gateway,
+        running_gateway(project.env, out, LLAMA_SERVER_BACKEND_URL=engine) as (gateway, _),
     ):
         assert post(gateway, known, body).status_code == 200  # its key is known now
 
@@ -108,6 +110,15 @@ def test_a_database_outage_is_a_503_and_nothing_is_lost(project: Project) -> Non
             time.sleep(0.2)
         assert sorted(r["request_id"] for r in rows) == sorted(refused)
         assert {(r["status"], r["outcome"]) for r in rows} == {(503, "error")}
+
+    # The log says once that the database went away, where it is and what to do, and
+    # once that it is back: not once per request refused, and with no traceback (asyncpg's
+    # pool logs one each time it fails to reconnect).
+    said = log.read_text()
+    assert "Traceback" not in said, said
+    [away] = [line for line in said.splitlines() if "until it answers" in line]
+    assert "private PostgreSQL cluster" in away or "private cluster in" in away, away
+    assert said.count("database: answering again") == 1, said
 
 
 def test_rows_the_database_cannot_take_at_stop_are_kept_and_written_at_next_start(

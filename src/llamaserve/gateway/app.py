@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from llamaserve.config import Layout, Settings
 from llamaserve.errors import ServiceUnavailable, send_error
+from llamaserve.gateway import database
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.engines import EngineWatch
 from llamaserve.gateway.exchange import Exchange
@@ -84,6 +85,8 @@ class Gateway:
         await send({"type": "lifespan.shutdown.complete"})
 
     async def startup(self) -> None:
+        database.status.describe(self.settings, self.layout)
+        database.watch_pool_reconnects()
         # Admission commits a rate-limit update per request; waiting for its WAL flush
         # would cost milliseconds for bookkeeping that a crash may safely forget. The
         # request log sets its own batches back to durable.

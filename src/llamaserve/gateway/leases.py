@@ -17,7 +17,7 @@ import logging
 from typing import Any
 from uuid import UUID, uuid4
 
-from llamaserve.gateway.limits import database_errors
+from llamaserve.gateway.database import database_errors
 from llamaserve.gateway.scheduling import Scheduler
 from llamaserve.store import generating
 

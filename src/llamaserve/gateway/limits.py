@@ -1,37 +1,18 @@
-"""Admission of requests in batches, turning an admission into a refusal or OpenAI's
-rate-limit headers, and the one place where the database failing a request is mapped."""
+"""Admission of requests in batches, and turning an admission into a refusal or OpenAI's
+rate-limit headers."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
-from llamaserve.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from llamaserve.errors import AuthenticationFailed, PermissionDenied
+from llamaserve.gateway.database import database_errors
 from llamaserve.store import limits
 from llamaserve.store.limits import Admission
-
-log = logging.getLogger("llamaserve.gateway")
-
-
-@contextmanager
-def database_errors() -> Iterator[None]:
-    """A database that cannot answer makes the request a 503 to retry, not a 500."""
-    try:
-        yield
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        log.warning("database: %s: %s", type(exc).__name__, exc)
-        raise ServiceUnavailable(
-            "The gateway cannot reach its user database; try again shortly.",
-            code="database_unavailable",
-            headers={"Retry-After": "5"},
-        ) from exc
 
 
 @dataclass(frozen=True)

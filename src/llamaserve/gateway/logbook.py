@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from llamaserve.gateway import database
 from llamaserve.store.requests import RequestRow, insert_requests
 
 log = logging.getLogger("llamaserve.gateway")
@@ -87,6 +88,8 @@ class RequestLog:
         try:
             await insert_requests(self._pool, rows=batch)
         except Exception as exc:
+            if isinstance(exc, database.FAILURES):
+                database.status.failed(exc)
             self._rows = batch + self._rows
             if len(self._rows) > self._max_backlog:  # the oldest half goes to disk
                 excess = len(self._rows) - self._max_backlog // 2
@@ -96,6 +99,7 @@ class RequestLog:
                 log.warning("request log: write failed (%s); will retry", type(exc).__name__)
             self._failing = True
             return False
+        database.status.answered()
         if self._failing:
             self._failing = False
             log.warning("request log: writing again")

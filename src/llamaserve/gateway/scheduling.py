@@ -24,7 +24,7 @@ from collections import Counter, deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from llamaserve.errors import RateLimited, ServiceUnavailable
+from llamaserve.errors import RateLimited, ServiceUnavailable, retry_soon
 
 
 @dataclass(eq=False)
@@ -108,7 +108,7 @@ class Scheduler:
             raise ServiceUnavailable(
                 f"The server is busy: no engine was free within {self.limits.max_wait:.0f}s.",
                 code="queue_timeout",
-                headers={"Retry-After": "5"},
+                headers=retry_soon(),
             ) from None
         except asyncio.CancelledError:
             self._abandon(waiter)  # the client went away while queued
@@ -183,13 +183,13 @@ class Scheduler:
                     f"Too many of your requests are waiting ({len(queue)}); "
                     "retry when some finish.",
                     code="user_queue_full",
-                    headers={"Retry-After": "5"},
+                    headers=retry_soon(),
                 )
             if self._waiting >= self.limits.queue_size:
                 raise ServiceUnavailable(
                     "The server is full: too many requests are waiting.",
                     code="queue_full",
-                    headers={"Retry-After": "5"},
+                    headers=retry_soon(),
                 )
         waiter = _Waiter(user, exclude)
         if queue is None:
@@ -251,5 +251,5 @@ class Scheduler:
 def _no_engine() -> ServiceUnavailable:
     """Every engine is out: probed again every LLAMA_PROXY_HEALTH_INTERVAL seconds."""
     return ServiceUnavailable(
-        "No engine is available.", code="engine_unavailable", headers={"Retry-After": "5"}
+        "No engine is available.", code="engine_unavailable", headers=retry_soon()
     )

@@ -97,10 +97,11 @@ def map_connect_errors(settings: Settings, layout: Layout) -> Iterator[None]:
     try:
         yield
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise DatabaseUnavailable(_explain(exc, settings, layout)) from exc
+        raise DatabaseUnavailable(explain(exc, settings, layout)) from exc
 
 
-def _explain(exc: BaseException, settings: Settings, layout: Layout) -> str:
+def explain(exc: BaseException, settings: Settings, layout: Layout) -> str:
+    """One line: what failed reaching the database, and what to do about it."""
     where = describe(settings, layout)
     user, database = settings.postgres_auth_user, settings.postgres_auth_db
     if isinstance(exc, asyncpg.InvalidPasswordError):
