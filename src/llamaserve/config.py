@@ -27,6 +27,11 @@ PLACEHOLDER_WORD = re.compile(r"^(change|insert|placeholder|your|todo|replace|x{
 MIN_KEY_LENGTH = 16
 
 
+def split_urls(value: str) -> list[str]:
+    """The URLs of a comma-separated list (LLAMA_SERVER_BACKEND_URL)."""
+    return [url.strip() for url in value.split(",") if url.strip()]
+
+
 class Settings(BaseSettings):
     """Every setting Llamaserve reads; the environment variable is the upper-cased name."""
 
@@ -161,7 +166,7 @@ class Settings(BaseSettings):
     ] = Field("prefer", description="SSL mode of the database connection.")
 
     def backend_urls(self) -> list[str]:
-        return [u.strip() for u in self.llama_server_backend_url.split(",") if u.strip()]
+        return split_urls(self.llama_server_backend_url)
 
     def stop_grace(self) -> float:
         """Seconds the requests in flight get to finish after SIGTERM, in the gateway and

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -14,11 +15,11 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
-from llamaserve.config import ConfigError, Layout, Settings, is_engine_url
+from llamaserve.config import ConfigError, Layout, Settings, is_engine_url, split_urls
 from llamaserve.engine import llama_server
 from llamaserve.engine.models import resolve_model
 from llamaserve.engine.process import ProcessRecord, Service
-from llamaserve.readiness import Start, wait_until_ready, why_not_ready
+from llamaserve.readiness import Answer, Start, ask, wait_until_ready, why_not_ready
 from llamaserve.store import cluster
 
 EXIT_STOPPED = 3
@@ -40,6 +41,7 @@ class Plan:
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 NOTICE = 10.0  # seconds of waiting for a service before start says what it waits for
+STATUS_TIMEOUT = 5.0  # seconds status waits for a service or engine to answer
 
 
 def engine_service(layout: Layout) -> Service:
@@ -333,20 +335,56 @@ def stop(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
 
 
 def status(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
-    """One line per process; exit 0 when everything enabled runs, 3 otherwise."""
+    """One line per process, whether it answers, then one per engine the gateway sends
+    to; exit 0 when everything enabled runs, 3 otherwise."""
     code = 0
     expected = services(layout) if settings.llama_proxy_enabled else [engine_service(layout)]
+    lines: dict[str, str] = {}
+    questions: dict[str, str] = {}  # what to ask, by line
     for service in expected:
         record = service.running()
         if record is None:
             stale = " (stale pidfile)" if service.record() is not None else ""
-            print(f"{service.name}: stopped{stale}", file=out)
+            lines[service.name] = f"stopped{stale}"
             code = EXIT_STOPPED
         else:
-            print(f"{service.name}: {_describe(record)}", file=out)
+            lines[service.name] = _describe(record)
+            path = "/ready" if service.name == "gateway" else "/health"
+            host = connect_host(str(record.info.get("host")))
+            questions[service.name] = f"http://{host}:{record.info.get('port')}{path}"
     if settings.llama_proxy_enabled and cluster.is_private(settings):
-        print(f"database: {cluster.status(layout) or 'stopped'} (private cluster)", file=out)
+        lines["database"] = f"{cluster.status(layout) or 'stopped'} (private cluster)"
+    if settings.llama_proxy_enabled:
+        gateway = gateway_service(layout).running()  # its engines as it was started
+        backends = gateway.info.get("backend") if gateway else None
+        for url in split_urls(backends) if backends else settings.backend_urls():
+            name = f"backend {url}"
+            lines[name], questions[name] = "", url.rstrip("/") + "/health"
+    for name, answer in _ask_all(questions).items():
+        lines[name] = ", ".join(filter(None, (lines[name], _health(name, answer))))
+    for name, line in lines.items():
+        print(f"{name}: {line}", file=out)
     return code
+
+
+def _ask_all(urls: dict[str, str], timeout: float = STATUS_TIMEOUT) -> dict[str, Answer]:
+    """Every URL at once: an engine that does not answer costs its timeout once."""
+    if not urls:
+        return {}
+    with ThreadPoolExecutor(len(urls)) as pool:
+        asked = {name: pool.submit(ask, url, None, timeout) for name, url in urls.items()}
+        return {name: future.result() for name, future in asked.items()}
+
+
+def _health(name: str, answer: Answer) -> str:
+    if name == "gateway":
+        return "ready" if answer.ok else f"not ready: {answer.why_not.removeprefix('Not ready: ')}"
+    if not answer.ok:
+        return f"not answering: {answer.why_not}"
+    slots = answer.body.get("slots") if isinstance(answer.body, dict) else None
+    if isinstance(slots, int) and name.startswith("backend"):
+        return f"answering, {slots} slot{'s' if slots != 1 else ''}"
+    return "answering"
 
 
 def _describe(record: ProcessRecord) -> str:

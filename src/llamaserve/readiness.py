@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -42,13 +43,47 @@ def answers(url: str, headers: dict[str, str] | None = None) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What a URL answered: 200 or not, why not in a few words, and its JSON body."""
+
+    ok: bool
+    why_not: str = ""
+    body: Any = None
+
+
+def ask(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> Answer:
+    try:
+        response = httpx.get(url, headers=headers, timeout=timeout)
+    except httpx.TimeoutException:
+        return Answer(False, f"no answer within {timeout:g}s")
+    except httpx.HTTPError as exc:
+        return Answer(False, _unreachable(exc))
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code == 200:
+        return Answer(True, body=body)
+    try:
+        return Answer(False, str(body["error"]["message"]), body)
+    except (KeyError, TypeError):
+        return Answer(False, f"status {response.status_code}", body)
+
+
+def _unreachable(exc: httpx.HTTPError) -> str:
+    """ "connection refused", not "[Errno 111] Connection refused"."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    return str(exc).lower() or type(exc).__name__
+
+
 def why_not_ready(url: str, headers: dict[str, str] | None = None) -> str:
     """What `url` answers now instead of 200, in a few words (its error's message)."""
-    try:
-        response = httpx.get(url, headers=headers, timeout=5.0)
-    except httpx.HTTPError:
+    answer = ask(url, headers)
+    if not answer.ok and answer.body is None and not answer.why_not.startswith("status"):
         return "not answering yet"
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return f"status {response.status_code}"
+    return answer.why_not

@@ -75,7 +75,9 @@ class Stack:
         raise AssertionError(f"no llama_requests row for {request_id}")
 
 
-def start_stack(runtime: Path, **config: str) -> Stack:
+def start_stack(runtime: Path, more_engines: tuple[str, ...] = (), **config: str) -> Stack:
+    """The stack of a project in `runtime`; its gateway sends to its engine, then to
+    `more_engines`."""
     engine_port, gateway_port = free_port(), free_port()
     project = make_project(
         runtime,
@@ -83,7 +85,7 @@ def start_stack(runtime: Path, **config: str) -> Stack:
         LLAMA_PROXY_ENABLED="1",
         LLAMA_PROXY_HOST="127.0.0.1",
         LLAMA_PROXY_PORT=str(gateway_port),
-        LLAMA_SERVER_BACKEND_URL=f"http://127.0.0.1:{engine_port}",
+        LLAMA_SERVER_BACKEND_URL=",".join((f"http://127.0.0.1:{engine_port}", *more_engines)),
         # The private cluster, whatever the checkout's own .env says.
         POSTGRES_AUTH_HOST="",
         POSTGRES_AUTH_DB="llamaserve",

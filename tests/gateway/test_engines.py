@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import signal
+import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.gateway.conftest import Stack
+from tests.conftest import free_port
+from tests.gateway.conftest import Stack, start_stack
 from tests.gateway.helpers import MockEngine, extra_gateway
 from tests.gateway.helpers import mock_request as body
 
@@ -129,3 +136,35 @@ def test_requests_route_around_a_killed_engine_and_retry_once(stack: Stack) -> N
         for mock in (first, second):
             if mock._thread is not None and mock._thread.is_alive():
                 mock.kill()
+
+
+def test_status_says_which_engine_is_out() -> None:
+    base = Path(tempfile.mkdtemp(prefix="llamaserve-status-"))
+    base.chmod(0o755)  # the cluster runs as an unprivileged user when we are root
+    out = f"http://127.0.0.1:{free_port()}"  # an engine that does not run
+    stack = start_stack(base / "runtime", more_engines=(out,))
+    try:
+        status = stack.project.console("status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        lines = dict(line.split(": ", 1) for line in status.stdout.strip().splitlines())
+        slots = httpx.get(stack.engine_url + "/health").json()["slots"]
+        assert lines["engine"].startswith("running") and lines["engine"].endswith(", answering")
+        assert lines["gateway"].startswith("running") and lines["gateway"].endswith(", ready")
+        assert lines[f"backend {stack.engine_url}"] == f"answering, {slots} slots"
+        assert lines[f"backend {out}"] == "not answering: connection refused"
+
+        # The engine stops (SIGTERM, as a crash or an operator would).
+        pid = json.loads((stack.project.runtime / "run" / "engine.pid").read_text())["pid"]
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(300):
+            status = stack.project.console("status")
+            lines = dict(line.split(": ", 1) for line in status.stdout.strip().splitlines())
+            if lines["engine"] == "stopped (stale pidfile)":
+                break
+            time.sleep(0.1)
+        assert status.returncode == 3 and lines["engine"] == "stopped (stale pidfile)"
+        assert lines["gateway"].endswith(", not ready: engine: not reachable"), lines
+        assert lines[f"backend {stack.engine_url}"] == "not answering: connection refused"
+    finally:
+        stack.project.console("stop")
+        shutil.rmtree(base, ignore_errors=True)
