@@ -264,8 +264,10 @@ def test_keys_create_revoke_rotate(cli: Cli) -> None:
     assert rotated["replaces"] == second["key_id"] and rotated["username"] == "alice"
     states = {k["key_id"]: k["state"] for k in cli.json("list-keys", "--username", "alice")}
     assert states == {first: "revoked", second["key_id"]: "revoked", rotated["key_id"]: "active"}
-    text = cli.ok("rotate-key", "--key-id", rotated["key_id"])
+    assert rotated["expires_at"] == second["expires_at"]  # the old key's expiry, kept
+    text = cli.ok("rotate-key", "--key-id", rotated["key_id"], "--expires-in", "never")
     assert f"revoked key {rotated['key_id']}; the new key of alice" in text and KEY.search(text)
+    assert "valid until" not in text
     assert re.search(rf"^{first}\s+alice\s+revoked\s", cli.ok("list-keys"), re.M)
 
 

@@ -19,7 +19,7 @@ import asyncpg
 
 from llamaserve.config import Layout, Settings
 from llamaserve.store import db, migrations, reports, users
-from llamaserve.store.errors import InvalidValue, NoSuchKey, NoSuchUser, SchemaMismatch
+from llamaserve.store.errors import InvalidValue, NoSuchUser, SchemaMismatch
 from llamaserve.store.keys import NewKey
 from llamaserve.tables import format_bytes, format_time, render_table
 
@@ -35,8 +35,8 @@ class Context:
 
 @dataclass(frozen=True)
 class Duration:
-    text: str  # as the operator wrote it: 30m, 24h, 7d
-    delta: timedelta
+    text: str  # as the operator wrote it: 30m, 24h, 7d, never
+    delta: timedelta | None  # None: never (only for --expires-in)
 
 
 Handler = Callable[[Context, argparse.Namespace], Awaitable[int]]
@@ -181,13 +181,13 @@ async def revoke_key(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def rotate_key(ctx: Context, args: argparse.Namespace) -> int:
-    expires_at = _expiry(args.expires_in)
-    new = await users.rotate_key(ctx.conn, key_id=args.key_id, expires_at=expires_at)
-    username = await _owner(ctx, new.key_id)
+    expiry: users.NewExpiry = _expiry(args.expires_in) if args.expires_in else users.KEEP
+    rotated = await users.rotate_key(ctx.conn, key_id=args.key_id, expires_at=expiry)
+    new, username = rotated.new, rotated.username
     if args.json:
-        _print_json({**_key_json(new, username, expires_at), "replaces": args.key_id})
+        _print_json({**_key_json(new, username, rotated.expires_at), "replaces": args.key_id})
         return 0
-    print(f"revoked key {args.key_id}; the new key of {username}" + _until(expires_at))
+    print(f"revoked key {args.key_id}; the new key of {username}" + _until(rotated.expires_at))
     _print_new_key(new)
     return 0
 
@@ -283,13 +283,6 @@ async def _known_user(ctx: Context, username: str | None, *, found: bool) -> Non
         raise NoSuchUser(f"no such user: {username}")
 
 
-async def _owner(ctx: Context, key_id: str) -> str:
-    key = await users.get_key(ctx.conn, key_id=key_id)
-    if key is None:
-        raise NoSuchKey(f"no such key: {key_id}")
-    return key.username
-
-
 def _print_new_key(new: NewKey) -> None:
     print(f"key id: {new.key_id}")
     print(f"key:    {new.key}")
@@ -301,7 +294,10 @@ def _key_json(new: NewKey, username: str, expires_at: datetime | None) -> dict[s
 
 
 def _expiry(expires_in: Duration | None) -> datetime | None:
-    return None if expires_in is None else datetime.now(UTC) + expires_in.delta
+    """When a key given now for `expires_in` expires; None: never."""
+    if expires_in is None or expires_in.delta is None:
+        return None
+    return datetime.now(UTC) + expires_in.delta
 
 
 def _until(expires_at: datetime | None) -> str:

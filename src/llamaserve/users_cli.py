@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rotate-key --key-id 3f2a9c1b0d",
     )
     _key_id(sub)
-    _expires_in(sub)
+    _expires_in(sub, default="the old key's expiry")
     _json(sub)
 
     sub = add(
@@ -229,9 +229,12 @@ def _json(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def _expires_in(sub: argparse.ArgumentParser) -> None:
+def _expires_in(sub: argparse.ArgumentParser, default: str = "never") -> None:
     sub.add_argument(
-        "--expires-in", type=parse_duration, metavar="SPAN", help="e.g. 30d (default: never)"
+        "--expires-in",
+        type=parse_expiry,
+        metavar="SPAN",
+        help=f"e.g. 30d, or never (default: {default})",
     )
 
 
@@ -260,6 +263,13 @@ def parse_duration(text: str) -> Duration:
             f"invalid duration {text!r}: use a number and a unit, e.g. 30m, 24h or 7d"
         )
     return Duration(text.strip(), timedelta(**{UNITS[match.group(2)]: int(match.group(1))}))
+
+
+def parse_expiry(text: str) -> Duration:
+    """A span (see parse_duration), or 'never'."""
+    if text.strip().lower() == "never":
+        return Duration("never", None)
+    return parse_duration(text)
 
 
 def _positive(text: str) -> int:

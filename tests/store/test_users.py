@@ -95,7 +95,7 @@ async def test_revoke_a_key(pg_conn: asyncpg.Connection) -> None:
 async def test_rotate_a_key(pg_database: PgDatabase, pg_conn: asyncpg.Connection) -> None:
     await users.create_user(pg_conn, username="alice")
     old = await users.create_key(pg_conn, username="alice")
-    new = await users.rotate_key(pg_conn, key_id=old.key_id)
+    new = (await users.rotate_key(pg_conn, key_id=old.key_id)).new
     assert new.key_id != old.key_id
     other = await pg_database.connect()  # what the gateway sees, at once
     try:
@@ -107,6 +107,34 @@ async def test_rotate_a_key(pg_database: PgDatabase, pg_conn: asyncpg.Connection
         await users.rotate_key(pg_conn, key_id=old.key_id)
     with pytest.raises(NoSuchKey):
         await users.rotate_key(pg_conn, key_id="0000000000")
+
+
+async def test_a_rotated_key_expires_when_the_old_one_would_have(
+    pg_conn: asyncpg.Connection,
+) -> None:
+    await users.create_user(pg_conn, username="alice")
+    month = datetime.now(UTC) + timedelta(days=30)
+    old = await users.create_key(pg_conn, username="alice", expires_at=month)
+    rotated = await users.rotate_key(pg_conn, key_id=old.key_id)
+    key = await users.get_key(pg_conn, key_id=rotated.new.key_id)
+    assert key is not None and key.expires_at == rotated.expires_at == month
+    # Unless told otherwise: another expiry, or none.
+    later = month + timedelta(days=30)
+    again = await users.rotate_key(pg_conn, key_id=rotated.new.key_id, expires_at=later)
+    never = await users.rotate_key(pg_conn, key_id=again.new.key_id, expires_at=None)
+    assert (again.expires_at, never.expires_at) == (later, None)
+    key = await users.get_key(pg_conn, key_id=never.new.key_id)
+    assert key is not None and key.expires_at is None
+
+    # An expired key has no expiry to keep: its rotation needs one of its own.
+    gone = await users.create_key(
+        pg_conn, username="alice", expires_at=datetime.now(UTC) - timedelta(seconds=1)
+    )
+    with pytest.raises(InvalidValue, match=f"key {gone.key_id} has expired"):
+        await users.rotate_key(pg_conn, key_id=gone.key_id)
+    renewed = await users.rotate_key(pg_conn, key_id=gone.key_id, expires_at=month)
+    key = await users.get_key(pg_conn, key_id=renewed.new.key_id)
+    assert key is not None and key.state == "active"
 
 
 async def test_two_concurrent_rotations_of_one_key_make_one_new_key(
@@ -122,7 +150,7 @@ async def test_two_concurrent_rotations_of_one_key_make_one_new_key(
     finally:
         for conn in conns:
             await conn.close()
-    assert sorted(type(r).__name__ for r in results) == ["InvalidValue", "NewKey"]
+    assert sorted(type(r).__name__ for r in results) == ["InvalidValue", "Rotated"]
     states = [k.state for k in await users.list_keys(pg_conn, username="alice")]
     assert sorted(states) == ["active", "revoked"]
 
@@ -184,7 +212,7 @@ async def test_no_table_ever_holds_a_key_in_plain_text(pg_database: PgDatabase) 
     try:
         await users.create_user(conn, username="alice")
         made = [await users.create_key(conn, username="alice")]
-        made.append(await users.rotate_key(conn, key_id=made[0].key_id))
+        made.append((await users.rotate_key(conn, key_id=made[0].key_id)).new)
         made.append(await users.create_key(conn, username="alice"))
         await users.revoke_key(conn, key_id=made[-1].key_id)
         tables = await conn.fetch(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Final, Literal
 
 import asyncpg
 
@@ -208,13 +209,30 @@ async def revoke_key(conn: asyncpg.Connection, *, key_id: str) -> bool:
     raise NoSuchKey(f"no such key: {key_id}")
 
 
+KEEP: Final = "keep"  # rotate_key: the new key expires when the old one would have
+NewExpiry = datetime | None | Literal["keep"]  # None: never
+
+
+@dataclass(frozen=True)
+class Rotated:
+    new: NewKey
+    username: str
+    expires_at: datetime | None
+
+
 async def rotate_key(
-    conn: asyncpg.Connection, *, key_id: str, expires_at: datetime | None = None
-) -> NewKey:
-    """A new key for the same user, and the old one revoked, in one transaction."""
+    conn: asyncpg.Connection, *, key_id: str, expires_at: NewExpiry = KEEP
+) -> Rotated:
+    """A new key for the same user, and the old one revoked, in one transaction.
+
+    By default the new key expires when the old one would have: a key given for a
+    month stays a key for that month. An expired key needs an expiry of its own (or
+    None, never), since keeping it would make a key already expired.
+    """
     async with conn.transaction():
         row = await conn.fetchrow(
-            """SELECT u.username, k.revoked_at FROM api_keys k JOIN users u ON u.id = k.user_id
+            """SELECT u.username, k.revoked_at, k.expires_at, k.expires_at <= now() AS expired
+               FROM api_keys k JOIN users u ON u.id = k.user_id
                WHERE k.key_id = $1 FOR UPDATE OF k""",
             key_id,
         )
@@ -222,9 +240,19 @@ async def rotate_key(
             raise NoSuchKey(f"no such key: {key_id}")
         if row["revoked_at"] is not None:
             raise InvalidValue(f"key {key_id} is revoked: give {row['username']} a new one")
-        new = await create_key(conn, username=row["username"], expires_at=expires_at)
+        expiry: datetime | None
+        if isinstance(expires_at, str):  # KEEP
+            if row["expired"]:
+                raise InvalidValue(
+                    f"key {key_id} has expired: give the new key an expiry (e.g. "
+                    "--expires-in 30d, or --expires-in never)"
+                )
+            expiry = row["expires_at"]
+        else:
+            expiry = expires_at
+        new = await create_key(conn, username=row["username"], expires_at=expiry)
         await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = $1", key_id)
-    return new
+    return Rotated(new, row["username"], expiry)
 
 
 async def get_key(conn: asyncpg.Connection, *, key_id: str) -> Key | None:
