@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import chart, cpu, fairness, machine, model, overhead, report, targets
+from bench import chart, cpu, fairness, machine, memory, model, overhead, report, targets
 from bench.integrity import Ledger
 from bench.load import Target
 from bench.progress import say
@@ -159,8 +159,11 @@ def _engine(run: Run, engine: str) -> dict[str, Any]:
         entry.update(threads=machine.threads(stack.settings()), build=machine.engine_build(stack))
         census = cpu.Census(stack.pids)
         census.start()
+        held = memory.Watch(stack.service_pids())  # the model loaded, before any request
+        held.start()
         _measure_engine(run, engine, entry)
         entry["machine"] = census.result()
+        entry["memory"] = held.result()
         say(f"d) {engine}: looking up the request log")
         run.ledger.verify(stack)
     finally:

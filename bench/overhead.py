@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench import cpu, load
+from bench import cpu, load, memory
 from bench.integrity import Ledger
 from bench.load import Batch, Client, Target
 from bench.mock_engine import MODEL
@@ -92,15 +92,18 @@ def run(stack: Stack, mock: MockSettings, quick: bool, ledger: Ledger) -> dict[s
         via = Target(gateway.url, key, MODEL)
         census = cpu.Census(stack.pids)
         census.start()
+        held = memory.Watch({"gateway": gateway.pid, "mock engine": engine.pid})
+        held.start()
         measured = load.run(_measure(direct, via, cases(quick, mock), meter))
         machine = census.result()
+        resident = held.result()
     results = []
     for m in measured:
         ledger.add(f"overhead {m.case.name} gateway", m.gateway, gateway=True)
         ledger.add(f"overhead {m.case.name} direct", m.direct, gateway=False)
         results.append(_compare(m))
     ledger.verify(stack)
-    return {"mock": asdict(mock), "cases": results, "machine": machine}
+    return {"mock": asdict(mock), "cases": results, "machine": machine, "memory": resident}
 
 
 @contextmanager

@@ -12,7 +12,7 @@ Row = Sequence[object]
 
 def table(results: dict[str, Any]) -> str:
     sections = [_header(results), _overhead(results), _model(results), _fairness(results),
-                _integrity(results), _targets(results)]  # fmt: skip
+                _memory(results), _integrity(results), _targets(results)]  # fmt: skip
     return "\n\n".join(section for section in sections if section)
 
 
@@ -149,6 +149,21 @@ def _fairness(results: dict[str, Any]) -> str:
         f"{plan['heavy_streams']} streams at once, light user one at a time; ms)"
     )
     return title + "\n" + grid(headers, rows)
+
+
+def _memory(results: dict[str, Any]) -> str:
+    scenarios = []
+    if results.get("overhead", {}).get("memory"):
+        scenarios.append(("a) overhead", results["overhead"]["memory"]))
+    scenarios += [(f"b) {e['engine']}", e["memory"]) for e in results.get("engines", [])
+                  if e.get("memory")]  # fmt: skip
+    rows = [[scenario, name, m["start_mib"], m["end_mib"], m["end_mib"] - m["start_mib"],
+             m["peak_mib"]]
+            for scenario, processes in scenarios for name, m in processes.items()]  # fmt: skip
+    if not rows:
+        return ""
+    title = "Memory, MiB resident, at the scenario's start (before its first request) and end"
+    return title + "\n" + grid(["scenario", "process", "start", "end", "growth", "peak"], rows)
 
 
 def _integrity(results: dict[str, Any]) -> str:

@@ -203,12 +203,17 @@ class Stack:
     def pids(self) -> list[int]:
         """The roots of the benchmark's own processes: itself (and what it spawned), and
         the engine, gateway and database that console.sh started."""
-        found = [os.getpid()]
-        for name in ("engine", "gateway"):
-            with suppress(OSError, ValueError, KeyError):
-                found.append(json.loads((self.runtime / "run" / f"{name}.pid").read_text())["pid"])
+        found = [os.getpid(), *self.service_pids().values()]
         postgres = self.postgres_pid()
         return found if postgres is None else [*found, postgres]
+
+    def service_pids(self) -> dict[str, int]:
+        """The engine's and the gateway's pids, as console.sh recorded them."""
+        found = {}
+        for name in ("engine", "gateway"):
+            with suppress(OSError, ValueError, KeyError):
+                found[name] = json.loads((self.runtime / "run" / f"{name}.pid").read_text())["pid"]
+        return found
 
     def postgres_pid(self) -> int | None:
         """The private cluster's postmaster (its first line of postmaster.pid)."""
