@@ -72,7 +72,7 @@ def ask(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -
 
 
 def _unreachable(exc: httpx.HTTPError) -> str:
-    """ "connection refused", not "[Errno 111] Connection refused"."""
+    """Why a URL cannot be reached, as the system says it: "connection refused"."""
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
@@ -83,7 +83,4 @@ def _unreachable(exc: httpx.HTTPError) -> str:
 
 def why_not_ready(url: str, headers: dict[str, str] | None = None) -> str:
     """What `url` answers now instead of 200, in a few words (its error's message)."""
-    answer = ask(url, headers)
-    if not answer.ok and answer.body is None and not answer.why_not.startswith("status"):
-        return "not answering yet"
-    return answer.why_not
+    return ask(url, headers).why_not
