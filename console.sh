@@ -11,7 +11,8 @@ usage="usage: ./console.sh start|stop|restart|status|logs [-n N] [--no-follow] [
   start     start the engine (and the gateway, with LLAMA_PROXY_ENABLED=1); wait until ready
   stop      stop what runs (SIGTERM; SIGKILL after LLAMA_STOP_TIMEOUT)
   restart   stop, then start (nothing is stopped if the config would be refused)
-  status    state, pid, address, model and uptime (exit 3 when stopped)
+  status    state, pid, address, model, uptime, whether each answers; the engines
+            the gateway sends to (exit 3 when stopped)
   logs      follow a log from its last N lines (default: the engine's, 50)"
 case "${1:-}" in
   start|stop|restart|status|logs) ;;

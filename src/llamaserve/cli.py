@@ -23,7 +23,7 @@ from llamaserve.config import (
 EXAMPLES = """\
 examples:
   llamaserve start              start the engine (and gateway) and wait until ready
-  llamaserve status             state, pid, port, model and uptime (exit 3 when stopped)
+  llamaserve status             state, pid, port, model, uptime and health (exit 3 when stopped)
   llamaserve logs -n 100        follow the engine log from its last 100 lines
   llamaserve users --help       manage users and API keys
 """
