@@ -124,6 +124,26 @@ def test_a_request_cancelled_while_queued_leaves_the_queue() -> None:
     assert asyncio.run(scenario()) == "e"
 
 
+def test_a_request_cancelled_as_its_slot_is_granted_gives_the_slot_back() -> None:
+    """The cancel and the grant in one turn of the loop: the request still ends cancelled
+    and its slot is free. (Python 3.11's asyncio.wait_for returned the slot instead,
+    swallowing the cancel: a refused request then held it for good.)"""
+
+    async def scenario() -> None:
+        engine = Engine("e", capacity=1)
+        scheduler = Scheduler([engine], Limits())
+        first = await scheduler.acquire("a")
+        waiting = asyncio.create_task(scheduler.acquire("b"))
+        await asyncio.sleep(0)  # b is queued
+        scheduler.release("a", first.engine)  # grants b the slot...
+        waiting.cancel()  # ...as b's request is refused
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert engine.in_flight == 0 and scheduler.waiting == 0
+
+    asyncio.run(scenario())
+
+
 def test_no_healthy_engine_is_503_at_once() -> None:
     async def scenario() -> None:
         scheduler = Scheduler([Engine("e", healthy=False)], Limits())
@@ -163,7 +183,8 @@ def test_the_fewest_generating_are_served_first() -> None:
         tasks = [asyncio.create_task(wait(u)) for u in ("a", "b")]
         await asyncio.sleep(0)
         scheduler.release("a", engine)  # one slot frees: b (nothing generating) gets it
-        await asyncio.sleep(0)
+        for _ in range(10):  # the grant reaches b's task in a few turns of the loop
+            await asyncio.sleep(0)
         for task in tasks:
             task.cancel()
         return order

@@ -83,7 +83,8 @@ class Exchange:
         self.started = False  # the response's status line has gone out
         self.streaming = False
         self._admission: asyncio.Future[Admission | None] | None = None  # until settled
-        self._cleared = asyncio.Event()  # admitted: the answer may go out
+        self._cleared = asyncio.Event()  # the admission is settled: `_refused` says how
+        self._refused = False
         self._relay: asyncio.Future[None] | None = None
 
     async def run(self) -> None:
@@ -146,8 +147,21 @@ class Exchange:
         raising its refusal; once admitted, the relay may answer."""
         if self._admission is not None:
             admission, self._admission = self._admission, None
-            self._settle(await admission)
-            self._cleared.set()
+            try:
+                self._settle(await admission)
+            except BaseException:
+                self._refused = True
+                raise
+            finally:
+                self._cleared.set()
+
+    async def _gate(self) -> None:
+        """Wait until the request is admitted. A refused request's relay ends here: it is
+        being cancelled, and must never answer (nor wait for a clearance that will not
+        come, if the cancel was lost on its way)."""
+        await self._cleared.wait()
+        if self._refused:
+            raise asyncio.CancelledError
 
     def _settle(self, admission: Admission | None) -> None:
         if admission is None:  # the key was deleted with its user
@@ -313,7 +327,7 @@ class Exchange:
             self.row.error = _error_message(raw)
             await self._whole(reply.status, b"application/json", raw)
         else:
-            await self._cleared.wait()
+            await self._gate()
             await self._fail(error, status=reply.status)
 
     async def _relay_stream(self, reply: Reply, wants_usage: bool) -> None:
@@ -356,7 +370,7 @@ class Exchange:
             self.row.completion_tokens = usage.get("completion_tokens")
 
     async def _start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        await self._cleared.wait()
+        await self._gate()
         self.row.status = status
         self.started = True
         await self._send(

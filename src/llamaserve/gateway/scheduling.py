@@ -101,19 +101,21 @@ class Scheduler:
         waiter = self._enqueue(user, exclude, again)
         self.dispatch()  # a free slot may be held back only from users at their limit
         wait = self.limits.max_wait if max_wait is None else max(0.0, max_wait)
+        # asyncio.wait, not wait_for: a cancel that comes as the slot is granted must end
+        # the request (Python 3.11's wait_for returned the slot and swallowed the cancel).
         try:
-            engine = await asyncio.wait_for(asyncio.shield(waiter.future), wait)
-        except TimeoutError:
+            granted, _ = await asyncio.wait({waiter.future}, timeout=wait)
+        except asyncio.CancelledError:
+            self._abandon(waiter)  # the client went away, or the request was refused
+            raise
+        if not granted:
             self._abandon(waiter)
             raise ServiceUnavailable(
                 f"The server is busy: no engine was free within {self.limits.max_wait:.0f}s.",
                 code="queue_timeout",
                 headers=retry_soon(),
-            ) from None
-        except asyncio.CancelledError:
-            self._abandon(waiter)  # the client went away while queued
-            raise
-        return Grant(engine, time.monotonic() - began)
+            )
+        return Grant(waiter.future.result(), time.monotonic() - began)
 
     def any_engine(self, exclude: Engine | None = None) -> Engine:
         """A healthy engine for a request that takes no slot (such as /v1/models)."""
