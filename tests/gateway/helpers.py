@@ -139,10 +139,13 @@ class MockEngine:
         self.url = f"http://127.0.0.1:{self.port}"
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self.hung = False  # while True, it takes connections and answers nothing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        while self.hung:
+            await asyncio.sleep(0.05)
         if scope["path"] == "/health":
             await _send_json(send, {"status": "ok", "slots": self.slots})
         elif scope["path"] == "/v1/models":

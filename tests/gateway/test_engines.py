@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llamaserve.gateway.upstream import PROBE_SECONDS
 from tests.conftest import free_port
 from tests.gateway.conftest import Stack, start_stack
 from tests.gateway.helpers import MockEngine, extra_gateway
@@ -136,6 +137,34 @@ def test_requests_route_around_a_killed_engine_and_retry_once(stack: Stack) -> N
         for mock in (first, second):
             if mock._thread is not None and mock._thread.is_alive():
                 mock.kill()
+
+
+def test_an_engine_that_hangs_is_taken_out(stack: Stack) -> None:
+    """An engine that takes connections and answers nothing (stopped, wedged): its health
+    probe fails within PROBE_SECONDS, and new requests go to the other engine. Before,
+    the probe waited for LLAMA_PROXY_UPSTREAM_TIMEOUT (10 minutes): the engine was never
+    taken out, half the requests hung, and /ready hung with them."""
+    key = stack.create_user("hung-engine")
+    first, second = MockEngine(slots=1).start(), MockEngine(slots=1).start()
+    try:
+        with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=f"{first.url},{second.url}",
+                           LLAMA_PROXY_HEALTH_INTERVAL="0.5") as url:  # fmt: skip
+            first.hung = True
+            time.sleep(PROBE_SECONDS + 1.5)  # a probe of it times out
+            began = time.monotonic()
+            assert httpx.get(f"{url}/ready", timeout=30).status_code == 200  # one is enough
+            assert time.monotonic() - began < PROBE_SECONDS + 1
+            responses = asyncio.run(send_all(url, [(key, body(f"h{i}")) for i in range(4)]))
+            assert [r.status_code for r in responses] == [200] * 4
+            assert first.arrivals == [] and sorted(second.arrivals) == [f"h{i}" for i in range(4)]
+            first.hung = False  # it answers again: it is probed back in
+            time.sleep(1.5)
+            responses = asyncio.run(send_all(url, [(key, body(f"b{i}")) for i in range(4)]))
+            assert [r.status_code for r in responses] == [200] * 4 and first.arrivals
+    finally:
+        first.hung = False
+        for mock in (first, second):
+            mock.kill()
 
 
 def test_status_says_which_engine_is_out() -> None:

@@ -34,6 +34,7 @@ from llamaserve.errors import APIError, ServiceUnavailable, UpstreamFailed, Upst
 # server is closing; one that does is sent again on a new connection (see `_Stale`).
 KEEPALIVE_SECONDS = 3.0
 CONNECT_SECONDS = 5.0
+PROBE_SECONDS = 3.0  # a health probe's whole answer
 # An answer buffered beyond this (a client reading slower than the engine writes)
 # stops reading from the engine until half of it has been relayed.
 HIGH_WATER = 256 * 1024
@@ -347,18 +348,21 @@ class Upstream:
         """The engine's slots if it is healthy, else None.
 
         Llamaserve's engines say their slots in /health; an engine that does not is
-        counted as one slot once its /v1/models answers.
+        counted as one slot once its /v1/models answers. An engine that does not answer
+        within PROBE_SECONDS is not healthy: it is hung (stopped, swapping, wedged), and
+        requests sent to it would wait for LLAMA_PROXY_UPSTREAM_TIMEOUT.
         """
         try:
-            async with self.send(url, "GET", "/health", b"") as reply:
-                raw = await reply.read()
-            if reply.status == 200:
-                slots = json.loads(raw).get("slots", 1)
-                return slots if isinstance(slots, int) and slots > 0 else 1
-            if reply.status != 404:
-                return None
-            async with self.send(url, "GET", "/v1/models", b"") as reply:
-                await reply.read()
-            return 1 if reply.status == 200 else None
-        except (APIError, ValueError, AttributeError):
+            async with asyncio.timeout(PROBE_SECONDS):  # not the answers' long silence
+                async with self.send(url, "GET", "/health", b"") as reply:
+                    raw = await reply.read()
+                if reply.status == 200:
+                    slots = json.loads(raw).get("slots", 1)
+                    return slots if isinstance(slots, int) and slots > 0 else 1
+                if reply.status != 404:
+                    return None
+                async with self.send(url, "GET", "/v1/models", b"") as reply:
+                    await reply.read()
+                return 1 if reply.status == 200 else None
+        except (APIError, ValueError, AttributeError, TimeoutError):
             return None
