@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -260,7 +261,13 @@ def test_status_and_start_again_while_running(engine: Engine) -> None:
     changed = run([str(ROOT / "console.sh"), "start"], env)
     assert changed.returncode == 0, changed.stdout + changed.stderr
     assert "runs with other values of LLAMA_SERVER_API_KEY, LLAMA_N_CTX" in changed.stdout
-    assert key not in changed.stdout + (engine.project.runtime / "run" / "engine.pid").read_text()
+    pidfile = engine.project.runtime / "run" / "engine.pid"
+    assert key not in changed.stdout + pidfile.read_text()
+    # The record is the owner's alone, and its key's fingerprint is salted: no table of
+    # common keys' or passwords' hashes finds the running key in it.
+    assert pidfile.stat().st_mode & 0o777 == 0o600
+    plain = hashlib.sha256(engine.api_key.encode()).hexdigest()[:12]
+    assert plain not in pidfile.read_text()
     gateway_only = run([str(ROOT / "console.sh"), "start"],
                        {**engine.project.env, "LLAMA_PROXY_QUEUE_TIMEOUT": "5"})  # fmt: skip
     assert "warning" not in gateway_only.stdout  # not the engine's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import socket
 import sys
 import time
@@ -80,7 +81,7 @@ def plan_engine(settings: Settings, layout: Layout) -> Plan:
             "host": host,
             "port": port,
             "engine": settings.llama_engine,
-            "settings": settings_of(settings, "engine"),
+            **_settings_record(settings, "engine"),
         },
     )
 
@@ -115,7 +116,7 @@ def plan_gateway(settings: Settings, layout: Layout) -> Plan:
             "host": proxy_host,
             "port": port,
             "backend": settings.llama_server_backend_url,
-            "settings": settings_of(settings, "gateway"),
+            **_settings_record(settings, "gateway"),
         },
     )
 
@@ -130,9 +131,15 @@ _NOT_COMPARED = {
 _SHARED = {"llama_server_api_key", "llama_stop_timeout"}
 
 
-def settings_of(settings: Settings, service: str) -> dict[str, str]:
+def _settings_record(settings: Settings, service: str) -> dict[str, Any]:
+    salt = secrets.token_hex(16)
+    return {"salt": salt, "settings": settings_of(settings, service, salt)}
+
+
+def settings_of(settings: Settings, service: str, salt: str) -> dict[str, str]:
     """The settings a service runs with, by name, so that `start` can tell which changed
-    since it started; a secret only as a fingerprint (the record is a plain file)."""
+    since it started; a secret only as a fingerprint salted with the record's own salt
+    (no table of common passwords' hashes finds it)."""
     values = {}
     for name in Settings.model_fields:
         of_gateway = name.startswith(("llama_proxy_", "postgres_"))
@@ -140,7 +147,7 @@ def settings_of(settings: Settings, service: str) -> dict[str, str]:
             continue
         value = getattr(settings, name)
         if isinstance(value, SecretStr):
-            value = hashlib.sha256(value.get_secret_value().encode()).hexdigest()[:12]
+            value = hashlib.sha256((salt + value.get_secret_value()).encode()).hexdigest()[:12]
         values[name.upper()] = str(value)
     return values
 
@@ -221,10 +228,11 @@ def _already_running(plan: Plan, settings: Settings, out: TextIO) -> bool:
     name = plan.service.name
     print(f"llamaserve: {name} is already running (pid {record.pid})", file=out)
     stale = {key: record.info.get(key) for key, value in plan.info.items()
-             if key != "settings" and record.info.get(key) != value}  # fmt: skip
+             if key not in ("settings", "salt") and record.info.get(key) != value}  # fmt: skip
     ran_with = record.info.get("settings")  # none in the records of older versions
+    now = settings_of(settings, name, str(record.info.get("salt", "")))
     changed = [] if not isinstance(ran_with, dict) else [
-        name for name, value in plan.info["settings"].items() if ran_with.get(name) != value
+        setting for setting, value in now.items() if ran_with.get(setting) != value
     ]  # fmt: skip
     if not stale and not changed:
         return True

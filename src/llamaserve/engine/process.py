@@ -85,7 +85,10 @@ class Service:
         ticks = start_ticks(proc.pid) or 0
         record = ProcessRecord(proc.pid, ticks, time.time(), info)
         tmp = self.pidfile.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(record)))
+        tmp.unlink(missing_ok=True)
+        # Mode 600: the record names the settings the process runs with.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(json.dumps(asdict(record)))
         tmp.replace(self.pidfile)
         return proc
 
