@@ -309,19 +309,21 @@ def test_delete_user_asks_and_keeps_log_rows(cli: Cli) -> None:
 
 def test_usage_and_logs(cli: Cli) -> None:
     alice = cli.json("create-user", "--username", "alice")
-    rows = [  # (minutes ago, status, outcome, latency, prompt and completion tokens)
-        (1, 200, "ok", 120.0, 10, 30),
-        (2, 200, "ok", 80.0, 5, 15),
-        (3, 429, "rejected", 1.0, None, None),
-        (4, 200, "cancelled", 40.0, None, None),  # a stream the client left
-        (120, 200, "ok", 60.0, 1, 1),
+    engine = "http://127.0.0.1:8000"
+    rows = [  # (minutes ago, status, outcome, latency, prompt and completion tokens, engine)
+        (1, 200, "ok", 120.0, 10, 30, engine),
+        (2, 200, "ok", 80.0, 5, 15, engine),
+        (3, 429, "rejected", 1.0, None, None, None),
+        (4, 200, "cancelled", 40.0, None, None, engine),  # a stream the client left
+        (5, 503, "error", 2.0, None, None, None),  # the database away: no engine had it
+        (120, 200, "ok", 60.0, 1, 1, engine),
     ]
-    for minutes, status, outcome, latency, prompt, completion in rows:
+    for minutes, status, outcome, latency, prompt, completion, sent_to in rows:
         cli.database.execute(
             "INSERT INTO llama_requests (request_id, created_at, user_id, username, key_id, "
             "method, path, status, outcome, latency_ms, prompt_tokens, completion_tokens, "
-            "bytes_in, bytes_out) VALUES ($1, now() - $2::interval, $3, 'alice', $4, 'POST', "
-            "'/v1/chat/completions', $5, $6, $7, $8, $9, 100, 2000)",
+            "bytes_in, bytes_out, engine) VALUES ($1, now() - $2::interval, $3, 'alice', $4, "
+            "'POST', '/v1/chat/completions', $5, $6, $7, $8, $9, 100, 2000, $10)",
             f"req-{minutes}",
             timedelta(minutes=minutes),
             alice["id"],
@@ -331,16 +333,18 @@ def test_usage_and_logs(cli: Cli) -> None:
             latency,
             prompt,
             completion,
+            sent_to,
         )
     [usage] = cli.json("usage", "--user", "alice", "--since", "30m")
     assert set(usage) == USAGE_FIELDS
-    assert (usage["requests"], usage["errors"], usage["prompt_tokens"]) == (4, 2, 15)
+    assert (usage["requests"], usage["errors"], usage["prompt_tokens"]) == (5, 3, 15)
+    # Uncounted: the stream left on the engine, not the request no engine ever had.
     assert (usage["completion_tokens"], usage["uncounted"]) == (45, 1)
-    assert (usage["bytes_in"], usage["p50_ms"]) == (400, 100.0)
-    assert cli.json("usage", "--since", "1d")[0]["requests"] == 5
+    assert (usage["bytes_in"], usage["p50_ms"]) == (500, 100.0)
+    assert cli.json("usage", "--since", "1d")[0]["requests"] == 6
     text = cli.ok("usage", "--since", "30m")
     assert "requests in the last 30m" in text and "UNCOUNTED" in text
-    assert re.search(r"^alice\s+4\s+2\s+15\s+45\s+1\s+400 B\s+8.0 kB\s+100\s+118$", text, re.M)
+    assert re.search(r"^alice\s+5\s+3\s+15\s+45\s+1\s+500 B\s+10.0 kB\s+100\s+118$", text, re.M)
     assert "no requests in the last 1m" in cli.ok("usage", "--since", "1m")
 
     logged = cli.json("logs", "-n", "2")

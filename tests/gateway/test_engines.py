@@ -126,6 +126,7 @@ def test_requests_route_around_a_killed_engine_and_retry_once(stack: Stack) -> N
             assert Counter(second.arrivals) == Counter(f"r{i}" for i in range(6))
             rows = [stack.row(r.headers["x-request-id"]) for r in responses]
             assert all(row["outcome"] == "ok" for row in rows)
+            assert {row["engine"] for row in rows} == {second.url}  # where each was served
             ready = httpx.get(f"{url}/ready")
             assert ready.status_code == 200  # one engine is enough
             second.kill()
@@ -133,6 +134,7 @@ def test_requests_route_around_a_killed_engine_and_retry_once(stack: Stack) -> N
                               headers={"Authorization": f"Bearer {key}"})  # fmt: skip
             assert down.status_code == 503
             assert json.loads(down.text)["error"]["type"] == "service_unavailable"
+            assert stack.row(down.headers["x-request-id"])["engine"] is None  # none had it
     finally:
         for mock in (first, second):
             if mock._thread is not None and mock._thread.is_alive():

@@ -30,7 +30,7 @@ def test_plain_request_row_matches_the_engine_usage(stack: Stack, alice: str) ->
     assert row["model"] == stack.model and row["path"] == "/v1/chat/completions"
     assert row["bytes_in"] > 0 and row["bytes_out"] == len(raw.content)
     assert row["latency_ms"] > 0 and row["client_addr"] == "127.0.0.1"
-    assert row["key_id"] == alice.split("_")[1]
+    assert row["key_id"] == alice.split("_")[1] and row["engine"] == stack.engine_url
 
 
 def test_the_engines_own_refusals_are_logged_as_rejected(stack: Stack, alice: str) -> None:

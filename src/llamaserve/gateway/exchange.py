@@ -244,10 +244,13 @@ class Exchange:
         tried: Engine | None = None
         for last in (False, True):
             async with self._engine(exclude=tried) as engine:
+                self.row.engine = engine.url
                 try:
                     await self._exchange(engine.url, body, stream, wants_usage, last)
                     return
                 except (ServiceUnavailable, UpstreamFailed) as error:
+                    if isinstance(error, ServiceUnavailable) and not self.started:
+                        self.row.engine = None  # not reachable, or it refused: it had nothing
                     if self.started or last:
                         raise
                     self.gateway.watch.take_out(engine, error.message)

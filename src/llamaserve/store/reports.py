@@ -20,8 +20,9 @@ class Usage:
     errors: int  # status >= 400, or an outcome other than ok
     prompt_tokens: int
     completion_tokens: int
-    # Generation requests that ended before the engine counted their tokens (cancelled,
-    # failed, or cut off at a stop): whatever they generated is not in the totals.
+    # Generation requests sent to an engine that ended before it counted their tokens
+    # (cancelled, failed, or cut off at a stop): whatever they generated is not in the
+    # totals.
     uncounted: int
     bytes_in: int
     bytes_out: int
@@ -52,6 +53,7 @@ class LoggedRequest:
     completion_tokens: int | None
     client_addr: str | None
     error: str | None
+    engine: str | None
 
 
 async def usage(
@@ -65,6 +67,7 @@ async def usage(
                   coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
                   coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
                   count(*) FILTER (WHERE completion_tokens IS NULL
+                                   AND engine IS NOT NULL
                                    AND outcome IN ('cancelled', 'error')
                                    AND path IN ('/v1/chat/completions', '/v1/completions'))
                       AS uncounted,
@@ -92,7 +95,8 @@ async def recent(
         """SELECT * FROM (
                SELECT id, request_id, created_at, user_id, username, key_id, method, path,
                       model, stream, status, outcome, latency_ms, ttft_ms, queue_ms,
-                      bytes_in, bytes_out, prompt_tokens, completion_tokens, client_addr, error
+                      bytes_in, bytes_out, prompt_tokens, completion_tokens, client_addr, error,
+                      engine
                FROM llama_requests
                WHERE $1::text IS NULL OR username = $1
                ORDER BY created_at DESC, id DESC

@@ -33,6 +33,7 @@ class RequestRow:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    engine: str | None = None  # the URL of the engine it was sent to
 
 
 COLUMNS = tuple(f.name for f in fields(RequestRow))
