@@ -161,7 +161,21 @@ def test_the_launcher_exits_non_zero_when_llama_server_dies(tmp_path: Path) -> N
     try:
         wait_until(lambda: answers(f"http://127.0.0.1:{port}/health"), timeout=60.0)
         children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-        os.kill(int(children[0]), signal.SIGKILL)
+        key = read_setting(project, "LLAMA_SERVER_API_KEY")
+        base, headers = f"http://127.0.0.1:{port}/v1", {"Authorization": f"Bearer {key}"}
+        model = httpx.get(f"{base}/models", headers=headers).json()["data"][0]["id"]
+        chat = {"model": model, "messages": [{"role": "user", "content": "Tell a long story."}],
+                "max_tokens": 2000, "stream": True}  # fmt: skip
+        url = f"{base}/chat/completions"
+        with httpx.stream("POST", url, json=chat, headers=headers, timeout=60) as answer:
+            lines = answer.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # it generates
+            os.kill(int(children[0]), signal.SIGKILL)  # llama-server dies mid-answer
+            rest = [line for line in lines if line.startswith("data: ")]
+        # The stream ends with an error in words, then [DONE]: not cut, not a class name.
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert error["message"] == "llama-server stopped in the middle of the answer."
         assert launcher.wait(timeout=10) == 1
     finally:
         launcher.kill()
@@ -169,11 +183,15 @@ def test_the_launcher_exits_non_zero_when_llama_server_dies(tmp_path: Path) -> N
 
 
 def read_port(project: Project) -> str:
+    return read_setting(project, "LLAMA_SERVER_PORT")
+
+
+def read_setting(project: Project, name: str) -> str:
     config = (project.runtime / "config.env").read_text()
     return next(
         line.split("=", 1)[1].strip('"')
         for line in config.splitlines()
-        if line.startswith("LLAMA_SERVER_PORT=")
+        if line.startswith(f"{name}=")
     )
 
 

@@ -286,8 +286,10 @@ def map_errors() -> Iterator[None]:
         yield
     except aiohttp.ClientConnectorError as exc:
         raise ServiceUnavailable("llama-server is not reachable (starting or stopped).") from exc
+    except aiohttp.ClientPayloadError as exc:  # the connection broke mid-answer
+        raise UpstreamFailed("llama-server stopped in the middle of the answer.") from exc
     except aiohttp.ClientError as exc:
-        raise UpstreamFailed(f"llama-server failed: {type(exc).__name__}.") from exc
+        raise UpstreamFailed(f"llama-server failed ({type(exc).__name__}).") from exc
 
 
 async def until_disconnected(work: Coroutine[Any, Any, None], receive: Receive) -> None:
