@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from llamaserve import console
-from llamaserve.config import Settings
+from llamaserve.config import Layout, Settings
 from llamaserve.console import unused_engine_warning
 from llamaserve.engine.process import Service, start_ticks
 from tests.conftest import ENGINES, ROOT, Engine, Project, free_port, make_project, run
@@ -209,10 +209,12 @@ def test_a_backend_list_without_the_engine_started_here_is_named(
         llama_server_port=8000,
         llama_server_backend_url=backends,
     )
-    warning = unused_engine_warning(settings)
+    layout = Layout(ROOT, ROOT / "runtime2", ROOT / "models")  # LLAMA_RUNTIME_DIR=runtime2
+    warning = unused_engine_warning(settings, layout)
     assert (warning is not None) == warned
     if warning:
         assert "http://" + ("127.0.0.1" if host == "127.0.0.1" else host) + ":8000" in warning
+        assert "in runtime2/config.env unless" in warning  # the file the settings came from
 
 
 def test_llama_server_missing_is_one_line(tmp_path: Path) -> None:

@@ -218,6 +218,14 @@ class Layout:
         return self.runtime / "config.env"
 
     @property
+    def config_name(self) -> str:
+        """The config file as messages name it: relative to the project when inside it
+        (runtime/config.env, or LLAMA_RUNTIME_DIR's)."""
+        if self.config_file.is_relative_to(self.root):
+            return str(self.config_file.relative_to(self.root))
+        return str(self.config_file)
+
+    @property
     def env_file(self) -> Path:
         return self.root / ".env"
 

@@ -91,7 +91,7 @@ def plan_gateway(settings: Settings, layout: Layout) -> Plan:
     if _bypassable(settings, host):
         raise ConfigError(
             f"LLAMA_PROXY_ENABLED=1 but the engine would listen on {host}, where users could "
-            'bypass the gateway: set LLAMA_SERVER_HOST="127.0.0.1" in runtime/config.env '
+            f'bypass the gateway: set LLAMA_SERVER_HOST="127.0.0.1" in {layout.config_name} '
             '(or LLAMA_PROXY_ALLOW_PUBLIC_ENGINE="1" to accept that)'
         )
     urls = settings.backend_urls()
@@ -157,7 +157,7 @@ def _bypassable(settings: Settings, engine_host: str) -> bool:
     return engine_host not in LOOPBACK and not settings.llama_proxy_allow_public_engine
 
 
-def unused_engine_warning(settings: Settings) -> str | None:
+def unused_engine_warning(settings: Settings, layout: Layout) -> str | None:
     """A warning when the gateway would not forward to the engine this console starts:
     most often LLAMA_SERVER_PORT changed and LLAMA_SERVER_BACKEND_URL did not."""
     host, port = settings.llama_server_host, settings.llama_server_port
@@ -172,7 +172,7 @@ def unused_engine_warning(settings: Settings) -> str | None:
         f"LLAMA_SERVER_BACKEND_URL ({settings.llama_server_backend_url}) does not include the "
         f"engine this console starts ({connect_host(host)}:{port}): the gateway will not use "
         f'it. Set LLAMA_SERVER_BACKEND_URL="http://{connect_host(host)}:{port}" in '
-        "runtime/config.env unless that is what you want."
+        f"{layout.config_name} unless that is what you want."
     )
 
 
@@ -204,10 +204,10 @@ def start(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
     plans = [plan_engine(settings, layout)]
     if settings.llama_proxy_enabled:
         plans.append(plan_gateway(settings, layout))
-        warning = unused_engine_warning(settings)
+        warning = unused_engine_warning(settings, layout)
         if warning:
             print(f"llamaserve: warning: {warning}", file=out)
-    pending = [plan for plan in plans if not _already_running(plan, settings, out)]
+    pending = [plan for plan in plans if not _already_running(plan, settings, layout, out)]
     for plan in pending:
         check_port_free(plan.host, plan.port)
     for plan in pending:
@@ -219,7 +219,7 @@ def start(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
     return 0
 
 
-def _already_running(plan: Plan, settings: Settings, out: TextIO) -> bool:
+def _already_running(plan: Plan, settings: Settings, layout: Layout, out: TextIO) -> bool:
     """Whether the service runs; said, with how it differs from the config. ConfigError
     when the gateway is to start in front of a running engine users could reach around it."""
     record = plan.service.running()
@@ -244,10 +244,10 @@ def _already_running(plan: Plan, settings: Settings, out: TextIO) -> bool:
     if moved and _bypassable(settings, str(stale["host"])):
         raise ConfigError(
             f"the engine is running on {stale['host']}, where users could bypass the "
-            "gateway: run ./console.sh restart to start it as runtime/config.env says"
+            f"gateway: run ./console.sh restart to start it as {layout.config_name} says"
         )
     print(
-        f"llamaserve: warning: the {name} runs with {running}, not as runtime/config.env "
+        f"llamaserve: warning: the {name} runs with {running}, not as {layout.config_name} "
         "now says: ./console.sh restart applies the config",
         file=out,
     )
