@@ -81,6 +81,32 @@ def test_waiting_too_long_is_503(stack: Stack, engine: MockEngine) -> None:
     assert (row["outcome"], row["status"]) == ("error", 503) and row["queue_ms"] > 250  # of 300
 
 
+def test_a_key_revoked_while_its_requests_wait_sends_none_of_them(
+    stack: Stack, engine: MockEngine
+) -> None:
+    """A leaked key's backlog: revoked while its requests wait in the queue, none of them
+    reaches the engine (the one already generating finishes)."""
+    key = stack.create_user("revoked-backlog")
+    calls = [(key, body("running", 2.5))] + [(key, body(f"queued{i}")) for i in range(3)]
+
+    async def revoke_meanwhile(url: str) -> list[httpx.Response]:
+        sending = asyncio.create_task(send_all(url, calls))
+        await asyncio.sleep(1.0)  # the first generates, the others wait for its slot
+        revoked = await asyncio.to_thread(stack.cli, "revoke-key", "--key-id", key.split("_")[1])
+        assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+        return await sending
+
+    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=engine.url) as url:
+        responses = asyncio.run(revoke_meanwhile(url))
+    assert [r.status_code for r in responses] == [200, 401, 401, 401]
+    assert {r.json()["error"]["code"] for r in responses[1:]} == {"key_revoked"}
+    assert engine.arrivals == ["running"]
+    rows = [stack.row(r.headers["x-request-id"]) for r in responses[1:]]
+    assert {(row["status"], row["outcome"], row["engine"]) for row in rows} == {
+        (401, "rejected", None)
+    }
+
+
 def test_a_client_gone_while_queued_never_reaches_the_engine(
     stack: Stack, engine: MockEngine
 ) -> None:

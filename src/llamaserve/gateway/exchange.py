@@ -34,7 +34,12 @@ from llamaserve.errors import (
     server_stopping,
     sse_error_event,
 )
-from llamaserve.gateway.limits import rate_limit_headers, refuse_unless_admitted
+from llamaserve.gateway.database import database_errors
+from llamaserve.gateway.limits import (
+    rate_limit_headers,
+    refuse_unless_admitted,
+    refuse_unless_usable,
+)
 from llamaserve.gateway.scheduling import Engine
 from llamaserve.gateway.streaming import (
     DONE,
@@ -46,6 +51,7 @@ from llamaserve.gateway.streaming import (
 )
 from llamaserve.gateway.upstream import Reply
 from llamaserve.routes import check_route
+from llamaserve.store import limits
 from llamaserve.store.limits import Admission
 from llamaserve.store.requests import RequestRow
 
@@ -55,6 +61,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("llamaserve.gateway")
 
 RETRYABLE = frozenset({502, 503, 504})  # the engine could not take the request
+# A request that waited this long (seconds) in the queue checks its key again as it
+# leaves: a key revoked meanwhile is refused. Shorter waits skip the round trip.
+RECHECK_AFTER = 1.0
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -292,6 +301,8 @@ class Exchange:
                 raise
             self.row.queue_ms = (self.row.queue_ms or 0.0) + grant.waited * 1000
             try:
+                if grant.waited >= RECHECK_AFTER:
+                    await self._still_usable()
                 lease = await leases.take(user)
             except BaseException:
                 scheduler.release(user, grant.engine)
@@ -301,6 +312,14 @@ class Exchange:
             leases.hold(user)  # before the slot goes back: not to this user again
             scheduler.release(user, grant.engine)
             again = True
+
+    async def _still_usable(self) -> None:
+        """A key revoked, expired or whose user was disabled while its request waited is
+        refused when the request leaves the queue: a leaked key's backlog never runs."""
+        assert self.row.key_id is not None  # authenticated
+        with database_errors():
+            state = await limits.key_state(self.gateway.pool, key_id=self.row.key_id)
+        refuse_unless_usable(state)
 
     async def _exchange(
         self, url: str, body: bytes, stream: bool, wants_usage: bool, last: bool

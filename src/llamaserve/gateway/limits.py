@@ -125,11 +125,18 @@ class Admissions:
 
 
 def refuse_unless_admitted(admission: Admission) -> None:
-    if admission.state == "disabled":
+    refuse_unless_usable(admission.state)
+
+
+def refuse_unless_usable(state: str | None) -> None:
+    """The refusal of a key in this state (see store.limits.key_state); None: it is gone."""
+    if state is None:
+        raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
+    if state == "disabled":
         raise PermissionDenied("This user is disabled.", code="user_disabled")
-    if admission.state == "revoked":
+    if state == "revoked":
         raise AuthenticationFailed("This API key has been revoked.", code="key_revoked")
-    if admission.state == "expired":
+    if state == "expired":
         raise AuthenticationFailed("This API key has expired.", code="key_expired")
 
 

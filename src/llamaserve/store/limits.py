@@ -102,6 +102,17 @@ async def key_hash(conn: Any, *, key_id: str) -> bytes | None:
     return bytes(stored) if stored is not None else None
 
 
+async def key_state(conn: Any, *, key_id: str) -> str | None:
+    """Whether a key may still be used (ok, disabled, revoked, expired), without taking
+    from its user's rate limit; None if it is gone (its user deleted)."""
+    row = await conn.fetchrow(
+        """SELECT u.enabled, k.revoked_at, k.expires_at, now() AS now
+           FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_id = $1""",
+        key_id,
+    )
+    return None if row is None else _state(row)
+
+
 async def admit(
     conn: Any, *, key_ids: Sequence[str], default_limit: int, default_window: int
 ) -> list[Admission | None]:
