@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         description="Chat format of llama-cpp-python (e.g. gemma, chatml, "
         "chatml-function-calling); empty = the model's own template.",
     )
+    llama_engine_enabled: bool = Field(
+        True,
+        description="Run an engine on this machine; 0 = only the gateway, in front of the "
+        "engines of LLAMA_SERVER_BACKEND_URL on other machines.",
+    )
     llama_engine: Literal["llama-cpp-python", "llama-server"] = Field(
         "llama-server", description="Which llama.cpp server runs the model."
     )

@@ -58,12 +58,34 @@ def services(layout: Layout) -> list[Service]:
     return [engine_service(layout), gateway_service(layout)]
 
 
-def plan_engine(settings: Settings, layout: Layout) -> Plan:
-    """Check everything `start` can check before launching; ConfigError says what is wrong."""
-    model = resolve_model(settings, layout)
-    problem = settings.api_key_problem()
+def enabled_services(settings: Settings, layout: Layout) -> list[Service]:
+    """What this machine runs, in start order: the engine unless LLAMA_ENGINE_ENABLED=0,
+    the gateway with LLAMA_PROXY_ENABLED=1."""
+    return [service for service, enabled in (
+        (engine_service(layout), settings.llama_engine_enabled),
+        (gateway_service(layout), settings.llama_proxy_enabled),
+    ) if enabled]  # fmt: skip
+
+
+def plans(settings: Settings, layout: Layout) -> list[Plan]:
+    """Check everything `start` can check before launching anything; ConfigError says
+    what is wrong."""
+    if not settings.llama_engine_enabled and not settings.llama_proxy_enabled:
+        raise ConfigError(
+            f"LLAMA_ENGINE_ENABLED=0 and LLAMA_PROXY_ENABLED=0 in {layout.config_name}: "
+            "nothing to run on this machine"
+        )
+    problem = settings.api_key_problem()  # the engine's key, and the gateway's to engines
     if problem:
         raise ConfigError(f"{problem}: set it in {layout.config_file} (install.sh generates one)")
+    found = [plan_engine(settings, layout)] if settings.llama_engine_enabled else []
+    if settings.llama_proxy_enabled:
+        found.append(plan_gateway(settings, layout))
+    return found
+
+
+def plan_engine(settings: Settings, layout: Layout) -> Plan:
+    model = resolve_model(settings, layout)
     if settings.llama_engine == "llama-server":
         llama_server.find_binary(settings, layout.root)
     env = _child_env(layout, LLAMA_MODEL=str(model))
@@ -88,7 +110,7 @@ def plan_engine(settings: Settings, layout: Layout) -> Plan:
 
 def plan_gateway(settings: Settings, layout: Layout) -> Plan:
     host = settings.llama_server_host
-    if _bypassable(settings, host):
+    if settings.llama_engine_enabled and _bypassable(settings, host):
         raise ConfigError(
             f"LLAMA_PROXY_ENABLED=1 but the engine would listen on {host}, where users could "
             f'bypass the gateway: set LLAMA_SERVER_HOST="127.0.0.1" in {layout.config_name} '
@@ -126,7 +148,7 @@ def plan_gateway(settings: Settings, layout: Layout) -> Plan:
 _NOT_COMPARED = {
     "llama_server_host", "llama_server_port", "llama_model", "llama_engine",
     "llama_proxy_host", "llama_proxy_port", "llama_server_backend_url",
-    "llama_start_timeout", "llama_runtime_dir",
+    "llama_start_timeout", "llama_runtime_dir", "llama_engine_enabled",
 }  # fmt: skip
 _SHARED = {"llama_server_api_key", "llama_stop_timeout"}
 
@@ -201,13 +223,12 @@ def check_port_free(host: str, port: int) -> None:
 
 def start(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
     """Start what is not running yet: the engine, then the database and gateway if enabled."""
-    plans = [plan_engine(settings, layout)]
-    if settings.llama_proxy_enabled:
-        plans.append(plan_gateway(settings, layout))
+    planned = plans(settings, layout)
+    if settings.llama_proxy_enabled and settings.llama_engine_enabled:
         warning = unused_engine_warning(settings, layout)
         if warning:
             print(f"llamaserve: warning: {warning}", file=out)
-    pending = [plan for plan in plans if not _already_running(plan, settings, layout, out)]
+    pending = [plan for plan in planned if not _already_running(plan, settings, layout, out)]
     for plan in pending:
         check_port_free(plan.host, plan.port)
     for plan in pending:
@@ -215,7 +236,7 @@ def start(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
             cluster.ensure_running(settings, layout)
         if not launch(plan, settings.llama_start_timeout, settings.llama_stop_timeout, out):
             return 1
-    print_ready(plans[-1], layout, out)
+    print_ready(planned[-1], layout, out)
     return 0
 
 
@@ -322,9 +343,7 @@ def print_ready(plan: Plan, layout: Layout, out: TextIO) -> None:
 def restart(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
     """Stop, then start; a config that `start` would refuse stops nothing."""
     try:
-        plan_engine(settings, layout)
-        if settings.llama_proxy_enabled:
-            plan_gateway(settings, layout)
+        plans(settings, layout)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (nothing was stopped)") from None
     stop(settings, layout, out)
@@ -332,9 +351,10 @@ def restart(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int
 
 
 def stop(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
+    enabled = [service.name for service in enabled_services(settings, layout)]
     for service in reversed(services(layout)):
         was_running = service.stop(settings.llama_stop_timeout)
-        if was_running or service.name == "engine" or settings.llama_proxy_enabled:
+        if was_running or service.name in enabled:
             state = "stopped" if was_running else "was not running"
             print(f"llamaserve: {service.name} {state}", file=out)
     if cluster.stop(layout, settings.llama_stop_timeout):
@@ -346,7 +366,7 @@ def status(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
     """One line per process, whether it answers, then one per engine the gateway sends
     to; exit 0 when everything enabled runs, 3 otherwise."""
     code = 0
-    expected = services(layout) if settings.llama_proxy_enabled else [engine_service(layout)]
+    expected = enabled_services(settings, layout)
     lines: dict[str, str] = {}
     questions: dict[str, str] = {}  # what to ask, by line
     for service in expected:

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from openai import OpenAI
 
+from llamaserve.config import Layout, load_settings
 from llamaserve.gateway.upstream import PROBE_SECONDS
-from tests.conftest import free_port
+from llamaserve.store import cluster
+from tests.conftest import ROOT, free_port, make_project
 from tests.gateway.conftest import Stack, start_stack
 from tests.gateway.helpers import MockEngine, extra_gateway
 from tests.gateway.helpers import mock_request as body
@@ -225,3 +228,50 @@ def test_status_says_which_engine_is_out() -> None:
     finally:
         stack.project.console("stop")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_gateway_on_a_machine_of_its_own(stack: Stack) -> None:
+    """LLAMA_ENGINE_ENABLED=0: console.sh runs only a gateway, here a second one on the
+    stack's database, in front of the stack's engine (as if on another machine)."""
+    base = Path(tempfile.mkdtemp(prefix="llamaserve-gateway-only-"))
+    port = free_port()
+    project = make_project(
+        base / "runtime",
+        LLAMA_ENGINE_ENABLED="0",
+        LLAMA_PROXY_ENABLED="1",
+        LLAMA_PROXY_HOST="127.0.0.1",
+        LLAMA_PROXY_PORT=str(port),
+        LLAMA_SERVER_BACKEND_URL=stack.engine_url,
+        LLAMA_SERVER_API_KEY=stack.engine_key,
+        POSTGRES_AUTH_HOST=str(cluster.socket_dir(stack_layout(stack))),
+        POSTGRES_AUTH_DB="llamaserve",
+        POSTGRES_AUTH_USER="llamaserve",
+    )
+    try:
+        started = project.console("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "starting engine" not in started.stdout
+        assert not (project.runtime / "run" / "engine.pid").exists()
+        status = project.console("status")
+        lines = dict(line.split(": ", 1) for line in status.stdout.strip().splitlines())
+        assert status.returncode == 0 and "engine" not in lines, status.stdout
+        assert lines["gateway"].endswith(", ready")
+        assert lines[f"backend {stack.engine_url}"].startswith("answering")
+
+        key = stack.create_user("elsewhere")  # one database: a user of every gateway
+        with OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model=stack.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+            )
+        assert raw.parse().choices[0].finish_reason in ("stop", "length")
+        assert stack.row(raw.headers["x-request-id"])["engine"] == stack.engine_url
+
+        stopped = project.console("stop")
+        assert "gateway stopped" in stopped.stdout and "engine" not in stopped.stdout
+    finally:
+        project.console("stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def stack_layout(stack: Stack) -> Layout:
+    return load_settings(ROOT, runtime=stack.project.runtime)[1]
