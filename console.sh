@@ -8,7 +8,8 @@ if [ ! -x "$root/.venv/bin/llamaserve" ]; then
 fi
 usage="usage: ./console.sh start|stop|restart|status|logs [-n N] [--no-follow] [--service engine|gateway]
 
-  start     start the engine (and the gateway, with LLAMA_PROXY_ENABLED=1); wait until ready
+  start     start the engine (unless LLAMA_ENGINE_ENABLED=0) and the gateway (with
+            LLAMA_PROXY_ENABLED=1); wait until ready
   stop      stop what runs (SIGTERM; SIGKILL after LLAMA_STOP_TIMEOUT)
   restart   stop, then start (nothing is stopped if the config would be refused)
   status    state, pid, address, model, uptime, whether each answers; the engines
