@@ -300,6 +300,7 @@ class Exchange:
                 self.row.queue_ms = (self.row.queue_ms or 0.0) + (time.monotonic() - began) * 1000
                 raise
             self.row.queue_ms = (self.row.queue_ms or 0.0) + grant.waited * 1000
+            heard = leases.heard(user)
             try:
                 if grant.waited >= RECHECK_AFTER:
                     await self._still_usable()
@@ -309,7 +310,7 @@ class Exchange:
                 raise
             if lease is not None:
                 return grant.engine, lease
-            leases.hold(user)  # before the slot goes back: not to this user again
+            leases.hold(user, since=heard)  # before the slot goes back: not to this user again
             scheduler.release(user, grant.engine)
             again = True
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -36,6 +37,7 @@ class Leases:
         self._pool = pool
         self._scheduler = scheduler
         self._ended: list[UUID] = []  # leases to give back
+        self._heard: Counter[int] = Counter()  # by user: how many of their leases ended
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -77,10 +79,20 @@ class Leases:
             self._ended.append(lease)
             self._wake.set()
 
-    def hold(self, user_id: int) -> None:
-        """Keep the user's requests waiting until one of theirs ends (or `RETRY`)."""
+    def heard(self, user_id: int) -> int:
+        """How many of the user's leases this gateway has heard end: read it before a
+        `take`, and give it to `hold` if the take fails."""
+        return self._heard[user_id]
+
+    def hold(self, user_id: int, since: int) -> bool:
+        """Keep the user's requests waiting until one of theirs ends (or `RETRY`); False,
+        holding nothing, when one ended since `since` (while the take that failed was
+        under way: its announcement has come and gone, and the take may succeed now)."""
+        if self._heard[user_id] != since:
+            return False
         self._scheduler.block(user_id)
         asyncio.get_running_loop().call_later(RETRY, self._scheduler.unblock, user_id)
+        return True
 
     async def _give_back(self) -> None:
         while True:
@@ -132,4 +144,6 @@ class Leases:
                 await conn.remove_listener(generating.FREED, self._freed)
 
     def _freed(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        self._scheduler.unblock(int(payload))
+        user_id = int(payload)
+        self._heard[user_id] += 1
+        self._scheduler.unblock(user_id)
