@@ -122,6 +122,20 @@ def test_restart_with_a_config_start_would_refuse_stops_nothing(tmp_path: Path) 
         assert engine.poll() is None
 
 
+def test_restart_onto_a_port_another_program_holds_stops_nothing(tmp_path: Path) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        project = make_project(tmp_path / "rt", LLAMA_SERVER_PORT=str(port))
+        with running_engine(project, "127.0.0.1") as engine:  # on port 8000
+            said = project.console("restart")
+            one_line_error(
+                said, f"port {port} on 127.0.0.1 is already in use", "nothing was stopped"
+            )
+            assert engine.poll() is None  # before, it was stopped, and start then failed
+
+
 @pytest.mark.parametrize(
     ("name", "value", "says"),
     [("LLAMA_SERVER_PORT", "80a0", "valid integer"), ("LLAMA_SERVER_PORT", "99999", "65535"),
@@ -256,7 +270,7 @@ def test_status_and_start_again_while_running(engine: Engine) -> None:
                 {**engine.project.env, "LLAMA_SERVER_PORT": str(port + 1)})  # fmt: skip
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert f"runs with port {port}" in moved.stdout
-    assert "./console.sh restart applies the config" in moved.stdout
+    assert "./console.sh restart applies them" in moved.stdout
     # Any setting the engine runs with, not only its address; a key by name only.
     key = "k" * 40
     env = {**engine.project.env, "LLAMA_N_CTX": "1024", "LLAMA_SERVER_API_KEY": key}

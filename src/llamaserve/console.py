@@ -268,8 +268,8 @@ def _already_running(plan: Plan, settings: Settings, layout: Layout, out: TextIO
             f"gateway: run ./console.sh restart to start it as {layout.config_name} says"
         )
     print(
-        f"llamaserve: warning: the {name} runs with {running}, not as {layout.config_name} "
-        "now says: ./console.sh restart applies the config",
+        f"llamaserve: warning: the {name} runs with {running}, not as the settings now say "
+        f"({layout.config_name}, .env or the environment): ./console.sh restart applies them",
         file=out,
     )
     return True
@@ -341,9 +341,14 @@ def print_ready(plan: Plan, layout: Layout, out: TextIO) -> None:
 
 
 def restart(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
-    """Stop, then start; a config that `start` would refuse stops nothing."""
+    """Stop, then start; a config that `start` would refuse stops nothing, nor does a
+    port that another program holds (one of ours is freed by the stop)."""
     try:
-        plans(settings, layout)
+        planned = plans(settings, layout)
+        ours = {r.info.get("port") for s in services(layout) if (r := s.running()) is not None}
+        for plan in planned:
+            if plan.port not in ours:
+                check_port_free(plan.host, plan.port)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (nothing was stopped)") from None
     stop(settings, layout, out)
