@@ -152,6 +152,8 @@ def test_an_invalid_setting_is_one_line_and_stop_still_stops(
     assert str(config) in line
     assert project.console("status").stderr.strip() == line
     with running_engine(project, "127.0.0.1") as engine:
+        one_line_error(project.console("restart"), f"invalid {name}", "(nothing was stopped)")
+        assert engine.poll() is None
         stopped = project.console("stop")
         assert stopped.returncode == 0 and "engine stopped" in stopped.stdout
         assert "stopping with the default settings" in stopped.stderr

@@ -120,7 +120,12 @@ def run(args: argparse.Namespace) -> int:
         return console.logs(base_layout(), args.lines, not args.no_follow, args.service)
     if args.command == "stop":
         return console.stop(*_settings_to_stop())
-    settings, layout = load_settings()
+    try:
+        settings, layout = load_settings()
+    except ConfigError as exc:
+        if args.command == "restart":
+            raise ConfigError(f"{exc} (nothing was stopped)") from None
+        raise
     if args.command in ("start", "restart"):
         for warning in unknown_settings(layout):
             print(f"llamaserve: warning: {warning}", file=sys.stderr)
