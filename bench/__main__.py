@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -79,6 +80,7 @@ def _names(allowed: Sequence[str]) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stopped)  # like Ctrl-C: the stack is stopped on the way out
     passthrough = _take_environment()
     mode = "quick" if args.quick else "full"
     stem = "bench-" + time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
@@ -98,9 +100,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; its stack is stopped", file=sys.stderr)
+        return 130
     results["meta"]["load_average_end"] = list(os.getloadavg())
     _finish(args, results, ledger, stem)
     return 0
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _take_environment() -> dict[str, str]:
