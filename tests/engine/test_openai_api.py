@@ -143,6 +143,27 @@ def test_penalties_change_a_repetitive_continuation(
     assert complete_text(client, engine, temperature=0, extra_body=extra, **penalty) != baseline
 
 
+def test_system_and_developer_messages_reach_the_model(client: OpenAI, engine: Engine) -> None:
+    """The gemma format has no system turn: llama_cpp's dropped system messages and
+    refused `developer` ones; both now go before the user's text, as llama.cpp's own
+    gemma template puts them, on both engines alike."""
+
+    def prompt_tokens(messages: list[dict[str, str]]) -> int:
+        response = client.chat.completions.create(
+            model=engine.model,
+            messages=messages,
+            max_tokens=1,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        assert response.usage is not None
+        return response.usage.prompt_tokens
+
+    alone = prompt_tokens(CHAT)
+    instruction = "You are a pirate. Answer like one."
+    for role in ("system", "developer"):
+        assert prompt_tokens([{"role": role, "content": instruction}, *CHAT]) > alone + 5, role
+
+
 def test_logit_bias_bans_a_token(client: OpenAI, engine: Engine, vocab: Any) -> None:
     def tokens(**params: object) -> list[str]:
         response = client.completions.create(

@@ -75,13 +75,23 @@ class Rewritten:
 
 
 def rewrite_request(
-    raw: bytes, model_id: str, path: str, schema: type[BaseModel] | None = None
+    raw: bytes,
+    model_id: str,
+    path: str,
+    schema: type[BaseModel] | None = None,
+    *,
+    fold_system: bool = False,
 ) -> Rewritten:
     """The request for the engine: checked as the other engine's front checks it, then
-    by the engine's own `schema`."""
+    by the engine's own `schema`. `fold_system`: the chat format has no system turn."""
     body = parse_request(raw, model_id)
     CHECKS[path](body)
     body["response_format"] = _engine_response_format(body.get("response_format"))
+    # OpenAI applies no repetition penalty unless asked, nor does llama-server; llama_cpp's
+    # default is 1.1, which would make the same request answer otherwise on this engine.
+    body.setdefault("repeat_penalty", 1.0)
+    if isinstance(body.get("messages"), list):
+        body["messages"] = _engine_messages(body["messages"], fold_system)
     stream_options = body.pop("stream_options", None) or {}
     if schema is not None:
         validate(schema, body)
@@ -92,6 +102,38 @@ def rewrite_request(
         [prompt] = prompts(body["prompt"])  # one: see check_completion
         echo = prompt if isinstance(prompt, str) else None
     return Rewritten(json.dumps(body).encode(), include_usage, echo)
+
+
+def _engine_messages(messages: list[Any], fold_system: bool) -> list[Any]:
+    """`developer` messages as `system` ones (OpenAI's newer name, which llama_cpp does
+    not know). With `fold_system` (the gemma format, whose template has no system turn and
+    drops such messages), system messages go before the next user message's text, as
+    llama.cpp's own gemma template puts them."""
+    found: list[Any] = []
+    system = ""
+    for message in messages:
+        if message.get("role") == "developer":
+            message = {**message, "role": "system"}
+        if fold_system and message.get("role") == "system":
+            system += _text(message.get("content")).strip()
+            continue
+        if system and message.get("role") == "user":
+            message = {**message, "content": _prefixed(system + "\n\n", message.get("content"))}
+            system = ""
+        found.append(message)
+    return found
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):  # text parts (others are refused by check_chat)
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _prefixed(prefix: str, content: Any) -> Any:
+    if isinstance(content, list):
+        return [{"type": "text", "text": prefix}, *content]
+    return prefix + (content if isinstance(content, str) else "")
 
 
 def _engine_response_format(fmt: Any) -> Any:
@@ -108,11 +150,13 @@ class CompatMiddleware:
         api_key: SecretStr,
         model_id: str,
         schemas: dict[str, type[BaseModel]] | None = None,
+        fold_system: bool = False,
     ) -> None:
         self.app = app
         self.key = api_key.get_secret_value().encode()
         self.model_id = model_id
         self.schemas = schemas or {}
+        self.fold_system = fold_system
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,7 +182,9 @@ class CompatMiddleware:
             try:
                 raw = await read_body(receive)
                 schema = self.schemas.get(scope["path"])
-                rewritten = rewrite_request(raw, self.model_id, scope["path"], schema)
+                rewritten = rewrite_request(
+                    raw, self.model_id, scope["path"], schema, fold_system=self.fold_system
+                )
             except APIError as error:
                 await send_error(send, error)
                 return

@@ -89,7 +89,11 @@ def build_app(settings: Settings, model: Path) -> CompatMiddleware:
         "/v1/completions": server_app.CreateCompletionRequest,
     }
     return CompatMiddleware(
-        app, api_key=settings.llama_server_api_key, model_id=model.name, schemas=schemas
+        app,
+        api_key=settings.llama_server_api_key,
+        model_id=model.name,
+        schemas=schemas,
+        fold_system=settings.llama_chat_format == "gemma",  # llama_cpp's drops system turns
     )
 
 
