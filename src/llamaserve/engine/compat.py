@@ -246,6 +246,7 @@ class ResponseMender:
         self._start: Message | None = None
         self._error_body = b""
         self._last_chunk: dict[str, Any] = {}
+        self._named: set[tuple[int, int | str]] = set()  # (choice, call) whose name went out
         self.streaming = False
         self.started = False
         self.finished = False
@@ -299,6 +300,10 @@ class ResponseMender:
         chunk: bytes = message.get("body", b"")
         if self._echo is not None and chunk.startswith(b"data: {"):
             chunk = self._echoed(chunk)
+        if chunk.startswith(b"data: {") and (
+            b'"tool_calls"' in chunk or b'"function_call"' in chunk
+        ):
+            chunk = self._named_once(chunk)
         if self._usage is not None and b"data: [DONE]" in chunk:
             before, _, after = chunk.partition(b"data: [DONE]")
             chunk = before + self._usage_event() + b"data: [DONE]" + after
@@ -314,6 +319,27 @@ class ResponseMender:
         for choice in event.get("choices") or []:
             choice["text"] = f"{self._echo}{choice.get('text') or ''}"
         self._echo = None
+        ending = chunk[len(chunk.rstrip()) :]
+        return b"data: " + json.dumps(event).encode() + ending
+
+    def _named_once(self, chunk: bytes) -> bytes:
+        """A streamed call's id, type and name in its first delta only, as OpenAI sends
+        them: llama_cpp repeats them in every delta, which clients that join the deltas
+        (the SDK's stream helper) turn into the name written over and over."""
+        event = json.loads(chunk[len(b"data: ") :])
+        for choice in event.get("choices") or []:
+            delta = choice.get("delta") or {}
+            calls = [(call.get("index", 0), call) for call in delta.get("tool_calls") or []]
+            if isinstance(delta.get("function_call"), dict):
+                calls.append(("function_call", {"function": delta["function_call"]}))
+            for index, call in calls:
+                if (choice.get("index", 0), index) not in self._named:
+                    self._named.add((choice.get("index", 0), index))
+                    continue
+                call.pop("id", None)
+                call.pop("type", None)
+                if isinstance(call.get("function"), dict):
+                    call["function"].pop("name", None)
         ending = chunk[len(chunk.rstrip()) :]
         return b"data: " + json.dumps(event).encode() + ending
 
