@@ -70,11 +70,16 @@ def test_unusable_api_key(tmp_path: Path, key: str, reason: str) -> None:
     one_line_error(project.console("start"), "LLAMA_SERVER_API_KEY", reason)
 
 
-def test_port_already_taken(tmp_path: Path) -> None:
+@contextmanager
+def port_held_by_another_program() -> Iterator[int]:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
+        yield taken.getsockname()[1]
+
+
+def test_port_already_taken(tmp_path: Path) -> None:
+    with port_held_by_another_program() as port:
         project = make_project(tmp_path / "rt", LLAMA_SERVER_PORT=str(port))
         one_line_error(project.console("start"), f"port {port}", "already in use")
     assert not (project.runtime / "run" / "engine.pid").exists()
@@ -123,10 +128,7 @@ def test_restart_with_a_config_start_would_refuse_stops_nothing(tmp_path: Path) 
 
 
 def test_restart_onto_a_port_another_program_holds_stops_nothing(tmp_path: Path) -> None:
-    with socket.socket() as other:
-        other.bind(("127.0.0.1", 0))
-        other.listen()
-        port = other.getsockname()[1]
+    with port_held_by_another_program() as port:
         project = make_project(tmp_path / "rt", LLAMA_SERVER_PORT=str(port))
         with running_engine(project, "127.0.0.1") as engine:  # on port 8000
             said = project.console("restart")

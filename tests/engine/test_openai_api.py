@@ -249,15 +249,18 @@ def test_response_format_json_schema(client: OpenAI, engine: Engine) -> None:
     jsonschema.validate(json.loads(response.choices[0].message.content or ""), PERSON)
 
 
+# A request whose answer must be a call of `record` with a PERSON.
+FORCED_RECORD: dict[str, Any] = {
+    "messages": [{"role": "user", "content": "Jason is 30 years old."}],
+    "max_tokens": 60,
+    "temperature": 0,
+    "tools": [{"type": "function", "function": {"name": "record", "parameters": PERSON}}],
+    "tool_choice": {"type": "function", "function": {"name": "record"}},
+}
+
+
 def test_forced_tool_call_validates(client: OpenAI, engine: Engine) -> None:
-    response = client.chat.completions.create(
-        model=engine.model,
-        messages=[{"role": "user", "content": "Jason is 30 years old."}],
-        max_tokens=60,
-        temperature=0,
-        tools=[{"type": "function", "function": {"name": "record", "parameters": PERSON}}],
-        tool_choice={"type": "function", "function": {"name": "record"}},
-    )
+    response = client.chat.completions.create(model=engine.model, **FORCED_RECORD)
     calls = response.choices[0].message.tool_calls
     assert calls and calls[0].function.name == "record"
     jsonschema.validate(json.loads(calls[0].function.arguments), PERSON)
@@ -266,14 +269,7 @@ def test_forced_tool_call_validates(client: OpenAI, engine: Engine) -> None:
 def test_a_streamed_tool_call_joins_into_one_call(client: OpenAI, engine: Engine) -> None:
     """The SDK's stream helper joins the deltas: a name or id sent again in every delta
     (llama_cpp did so) came out as "recordrecordrecord..."."""
-    with client.chat.completions.stream(
-        model=engine.model,
-        messages=[{"role": "user", "content": "Jason is 30 years old."}],
-        max_tokens=60,
-        temperature=0,
-        tools=[{"type": "function", "function": {"name": "record", "parameters": PERSON}}],
-        tool_choice={"type": "function", "function": {"name": "record"}},
-    ) as stream:
+    with client.chat.completions.stream(model=engine.model, **FORCED_RECORD) as stream:
         final = stream.get_final_completion()
     calls = final.choices[0].message.tool_calls
     assert calls and len(calls) == 1 and calls[0].function.name == "record"
