@@ -326,7 +326,10 @@ class ResponseMender:
         """A streamed call's id, type and name in its first delta only, as OpenAI sends
         them: llama_cpp repeats them in every delta, which clients that join the deltas
         (the SDK's stream helper) turn into the name written over and over."""
-        event = json.loads(chunk[len(b"data: ") :])
+        try:
+            event = json.loads(chunk[len(b"data: ") :])
+        except ValueError:  # not one event: passed on as it is
+            return chunk
         for choice in event.get("choices") or []:
             delta = choice.get("delta") or {}
             calls = [(call.get("index", 0), call) for call in delta.get("tool_calls") or []]
