@@ -20,7 +20,7 @@ from llamaserve.config import ConfigError, Layout, Settings, is_engine_url, spli
 from llamaserve.engine import llama_server
 from llamaserve.engine.models import resolve_model
 from llamaserve.engine.process import ProcessRecord, Service
-from llamaserve.readiness import Answer, Start, ask, wait_until_ready, why_not_ready
+from llamaserve.readiness import Answer, Start, ask, wait_until_ready
 from llamaserve.store import cluster
 
 EXIT_STOPPED = 3
@@ -285,7 +285,7 @@ def launch(plan: Plan, timeout: float, stop_timeout: float, out: TextIO) -> bool
         plan.ready_url, proc, min(timeout, NOTICE), headers=plan.headers, interval=0.25
     )
     if start is Start.TIMED_OUT and timeout > NOTICE:  # say what it waits for
-        reason = why_not_ready(plan.ready_url, plan.headers)
+        reason = ask(plan.ready_url, plan.headers).why_not
         print(
             f"llamaserve: {service.name} not ready yet ({reason}); waiting up to {timeout:.0f}s",
             file=out,

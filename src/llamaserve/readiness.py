@@ -30,17 +30,10 @@ def wait_until_ready(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return Start.EXITED
-        if answers(url, headers):
+        if ask(url, headers, timeout=2.0).ok:
             return Start.READY
         time.sleep(interval)
     return Start.TIMED_OUT
-
-
-def answers(url: str, headers: dict[str, str] | None = None) -> bool:
-    try:
-        return httpx.get(url, headers=headers, timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -79,8 +72,3 @@ def _unreachable(exc: httpx.HTTPError) -> str:
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror.lower()
     return str(exc).lower() or type(exc).__name__
-
-
-def why_not_ready(url: str, headers: dict[str, str] | None = None) -> str:
-    """What `url` answers now instead of 200, in a few words (its error's message)."""
-    return ask(url, headers).why_not

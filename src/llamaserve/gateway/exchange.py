@@ -37,7 +37,6 @@ from llamaserve.errors import (
 from llamaserve.gateway.database import database_errors
 from llamaserve.gateway.limits import (
     rate_limit_headers,
-    refuse_unless_admitted,
     refuse_unless_usable,
 )
 from llamaserve.gateway.scheduling import Engine
@@ -176,7 +175,7 @@ class Exchange:
         if admission is None:  # the key was deleted with its user
             raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
         self.row.user_id, self.row.username = admission.user_id, admission.username
-        refuse_unless_admitted(admission)
+        refuse_unless_usable(admission.state)
         self.headers += rate_limit_headers(admission)
         if not admission.allowed:
             retry = max(1, round(admission.retry_after + 0.5))

@@ -124,10 +124,6 @@ class Admissions:
         self._under_way = +self._under_way  # without the users at zero
 
 
-def refuse_unless_admitted(admission: Admission) -> None:
-    refuse_unless_usable(admission.state)
-
-
 def refuse_unless_usable(state: str | None) -> None:
     """The refusal of a key in this state (see store.limits.key_state); None: it is gone."""
     if state is None:
