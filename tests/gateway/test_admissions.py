@@ -25,13 +25,16 @@ class CountingPool:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
         self.statements = 0
+        self.events: list[str] = []  # "database" when a statement is sent, among others
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         self.statements += 1
+        self.events.append("database")
         return await self.pool.fetch(sql, *args)
 
     async def execute(self, sql: str, *args: Any) -> str:
         self.statements += 1
+        self.events.append("database")
         return await self.pool.execute(sql, *args)
 
 
@@ -73,6 +76,26 @@ async def test_a_lone_request_is_sent_at_once(pool: CountingPool) -> None:
         admission = await admissions.admit(key)
         assert admission is not None and admission.remaining == expected
     assert await admissions.admit("lsk_no_such_key") is None
+
+
+async def test_the_round_trip_starts_after_the_work_of_its_turn(pool: CountingPool) -> None:
+    """A request expected to pass is sent to its engine in a task made after its
+    admission was submitted (`Exchange._forward`); that task's first step, which writes
+    the request to the engine, comes before the database round trip, not after it."""
+    key = await key_of(pool, "bob", rate_limit=100)
+    admissions = Admissions(pool, default_limit=60, default_window=60)
+    await admissions.admit(key)
+    pool.events.clear()
+
+    async def relay() -> None:
+        pool.events.append("relay")
+
+    pending = admissions.submit(key)
+    assert pending.expected is not None
+    sent = asyncio.ensure_future(relay())
+    await asyncio.gather(pending.future, sent)
+
+    assert pool.events == ["relay", "database"]
 
 
 async def test_a_client_that_leaves_drops_only_its_own_answer(pool: CountingPool) -> None:

@@ -85,6 +85,10 @@ class Admissions:
     async def _run(self) -> None:
         # Not cancelled with any one request: a client that leaves only drops its future.
         try:
+            # One turn of the loop first, so that the requests of this turn expected to
+            # pass are written to their engines before the round trip's own work: it
+            # came first, and delayed a lone request by about 0.15 ms on this machine.
+            await asyncio.sleep(0)
             while self._waiting:
                 batch = self._waiting[: self._max_batch]
                 del self._waiting[: self._max_batch]
