@@ -175,7 +175,7 @@ def serve(command: str, settings: Settings, layout: Layout) -> int:
     if command == "serve-gateway":
         from llamaserve.gateway import server
 
-        server.serve(settings)
+        server.serve(settings, layout)
         return 0
     from llamaserve.engine.models import resolve_model
 

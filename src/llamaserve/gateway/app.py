@@ -7,8 +7,6 @@ import asyncio
 import gc
 import json
 import logging
-import signal
-from types import FrameType
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -112,27 +110,12 @@ class Gateway:
         # sight, a full collection no longer walks it, pausing every request in flight.
         gc.collect()
         gc.freeze()
-        self._watch_stop_signals()
 
-    def _watch_stop_signals(self) -> None:
-        """On SIGTERM (`console.sh stop`) or SIGINT granian stops taking connections and
-        waits for the requests in flight; they get `Settings.stop_grace` seconds, then those still
-        going are ended with a clear error (see `Exchange.cut_off`), so that none is cut
-        off silently when the worker exits, and each has its row.
-
-        granian handles these signals on the event loop (`add_signal_handler`). A handler
-        set with `signal.signal` replaces only the Python-level one, which the loop's does
-        nothing in: the signal still reaches the loop through its wakeup fd, and granian's
-        handler with it."""
-        loop = asyncio.get_running_loop()
-
-        def stop_signalled(signum: int, frame: FrameType | None) -> None:
-            loop.call_soon_threadsafe(self._begin_stop)
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, stop_signalled)
-
-    def _begin_stop(self) -> None:
+    def begin_stop(self) -> None:
+        """The server stops taking connections (`console.sh stop`): requests in flight
+        get `Settings.stop_grace` seconds, then those still going are ended with a clear
+        error (see `Exchange.cut_off`), so that none is cut off silently, and each has
+        its row."""
         if self._stopping is None:
             grace = self.settings.stop_grace()
             log.warning("stopping: requests in flight get %gs to finish", grace)

@@ -1,54 +1,69 @@
-"""Runs the gateway under granian (`llamaserve serve-gateway`).
+"""Runs the gateway under uvicorn (`llamaserve serve-gateway`).
 
-granian parses HTTP and writes the answers on a Rust thread of its own, beside the
-Python event loop that runs the gateway, and sends a whole answer in one write (status
-line, headers and body). At 32 clients on two shared cores that lowered the gateway's
-added latency against uvicorn, for more CPU per request (the hand-offs between the
-two threads); figures in the README's "Process".
+One process and one thread: uvicorn parses HTTP with httptools on the uvloop event loop
+that runs the gateway, so a request never waits for a hand-off between threads (the
+fair queue and the engines' slots are one process's state). Figures in the README's
+"Process".
 
-One worker process, forked by a supervisor that forwards signals to it and exits with
-it: the fair queue and the engines' slots are one process's state.
+On SIGTERM (`console.sh stop`) or SIGINT uvicorn stops taking connections and waits for
+the requests in flight; the gateway gives them `Settings.stop_grace` seconds, then ends
+those still going with a clear error (`Gateway.begin_stop`), so that none is cut off
+silently, and each has its row. uvicorn's own graceful timeout is only the last resort.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import socket
+from collections.abc import Iterator
 
-from granian.constants import HTTPModes, Interfaces, Loops
-from granian.log import LogLevels
-from granian.server import Server
+import uvicorn
 
-from llamaserve.config import Settings, load_settings
+from llamaserve.config import Layout, Settings
 from llamaserve.gateway.app import Gateway
 
 
-def serve(settings: Settings) -> None:
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self._gateway = gateway
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._gateway.begin_stop()
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # The stop a signal asked for is done: exit 0, not by the signal raised again
+            # (uvicorn's way, for programs that embed it).
+            self._captured_signals.clear()
+
+
+def serve(settings: Settings, layout: Layout) -> None:
+    """Serve until stopped. A gateway that cannot start (its database, its port) logs
+    why and exits with uvicorn's status 3 (1 for a port it cannot bind)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(
         f"llamaserve gateway: {settings.llama_proxy_host}:{settings.llama_proxy_port} -> "
         f"{settings.llama_server_backend_url}",
         flush=True,
     )
-    Server(
-        "llamaserve.gateway.server:worker_app",
-        factory=True,  # made in the worker, from the same settings
-        address=settings.llama_proxy_host,
+    gateway = Gateway(settings, layout)
+    config = uvicorn.Config(
+        gateway,
+        host=settings.llama_proxy_host,
         port=settings.llama_proxy_port,
-        interface=Interfaces.ASGI,  # with lifespan: pools, clients, background tasks
-        http=HTTPModes.http1,
-        loop=Loops.uvloop,
-        workers=1,
-        runtime_threads=1,  # the Rust side's I/O thread; Python runs on the worker's own
-        blocking_threads=1,
-        log_level=LogLevels.warning,
-        log_access=False,  # the gateway writes its own line per request, without secrets
-        # The gateway ends what is still in flight after its grace (`Settings.stop_grace`) and
-        # writes the rows; this is the last resort, before `console.sh stop`'s SIGKILL.
-        workers_kill_timeout=max(1, math.ceil(settings.llama_stop_timeout) - 1),
-    ).serve()
-
-
-def worker_app() -> Gateway:
-    """The gateway of the worker process: settings read as the supervisor read them."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return Gateway(*load_settings())
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",  # pools, clients, background tasks; a failed startup stops it
+        log_level="warning",
+        access_log=False,  # the gateway writes its own line per request, without secrets
+        # The gateway ends what is still in flight after its grace and writes the rows;
+        # this is the last resort, before `console.sh stop`'s SIGKILL.
+        timeout_graceful_shutdown=max(1, math.ceil(settings.llama_stop_timeout) - 1),
+    )
+    _Server(config, gateway).run()
