@@ -54,6 +54,16 @@ def test_unknown_path_404_and_wrong_method_405(stack: Stack, alice: str) -> None
     assert_envelope(httpx.get(f"{stack.gateway_url}/v1/chat/completions"), 405)
 
 
+def test_a_websocket_upgrade_is_an_ordinary_request(stack: Stack, alice: str) -> None:
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+    headers = {"Authorization": f"Bearer {alice}", **upgrade}
+    models = httpx.get(f"{stack.gateway_url}/v1/models", headers=headers, timeout=30)
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == stack.model
+    unknown = httpx.get(f"{stack.gateway_url}/v1/realtime", headers=headers, timeout=30)
+    assert_envelope(unknown, 404)
+
+
 def test_unknown_model_is_404(stack: Stack, alice: str) -> None:
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     error = assert_envelope(post(stack.gateway_url, alice, json.dumps(body)), 404)

@@ -33,6 +33,17 @@ def test_plain_request_row_matches_the_engine_usage(stack: Stack, alice: str) ->
     assert row["key_id"] == alice.split("_")[1] and row["engine"] == stack.engine_url
 
 
+def test_the_client_address_is_the_connections_not_what_a_header_claims(
+    stack: Stack, alice: str
+) -> None:
+    raw = stack.client(alice).chat.completions.with_raw_response.create(
+        model=stack.model, messages=CHAT, max_tokens=1,
+        extra_headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"},
+    )  # fmt: skip
+    assert stack.row(raw.headers["x-request-id"])["client_addr"] == "127.0.0.1"
+    assert "server" not in raw.headers  # the gateway does not name its HTTP server
+
+
 def test_the_engines_own_refusals_are_logged_as_rejected(stack: Stack, alice: str) -> None:
     client = stack.client(alice)
     with pytest.raises(openai.NotFoundError) as unknown:  # the engine's 404, passed through

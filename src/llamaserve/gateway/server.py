@@ -59,9 +59,14 @@ def serve(settings: Settings, layout: Layout) -> None:
         port=settings.llama_proxy_port,
         loop="uvloop",
         http="httptools",
+        ws="none",  # no WebSocket: an upgrade is an ordinary request, refused as such
         lifespan="on",  # pools, clients, background tasks; a failed startup stops it
         log_level="warning",
         access_log=False,  # the gateway writes its own line per request, without secrets
+        # The client address logged is the connection's: an X-Forwarded-For from a local
+        # client is not believed (uvicorn's default trusts it from 127.0.0.1).
+        proxy_headers=False,
+        server_header=False,
         # The gateway ends what is still in flight after its grace and writes the rows;
         # this is the last resort, before `console.sh stop`'s SIGKILL.
         timeout_graceful_shutdown=max(1, math.ceil(settings.llama_stop_timeout) - 1),
