@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -62,6 +64,21 @@ def test_a_websocket_upgrade_is_an_ordinary_request(stack: Stack, alice: str) ->
     assert models.status_code == 200 and models.json()["data"][0]["id"] == stack.model
     unknown = httpx.get(f"{stack.gateway_url}/v1/realtime", headers=headers, timeout=30)
     assert_envelope(unknown, 404)
+
+
+def test_an_idle_client_connection_outlives_the_clients_keep_alive(stack: Stack) -> None:
+    """The OpenAI SDK's client keeps an idle connection 5 s; the gateway must not close
+    it first, or a request sent just then meets a closing connection."""
+    host, port = stack.gateway_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        for _ in range(2):
+            conn.request("GET", "/health")  # on the same connection, idle meanwhile
+            answer = conn.getresponse()
+            assert (answer.status, answer.read()) == (200, b'{"status": "ok"}')
+            time.sleep(6)  # beyond the client's keep-alive and uvicorn's default
+    finally:
+        conn.close()
 
 
 def test_unknown_model_is_404(stack: Stack, alice: str) -> None:

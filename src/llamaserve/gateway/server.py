@@ -24,6 +24,8 @@ import uvicorn
 from llamaserve.config import Layout, Settings
 from llamaserve.gateway.app import Gateway
 
+KEEP_ALIVE_SECONDS = 75  # as nginx's default
+
 
 class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
@@ -67,6 +69,10 @@ def serve(settings: Settings, layout: Layout) -> None:
         # client is not believed (uvicorn's default trusts it from 127.0.0.1).
         proxy_headers=False,
         server_header=False,
+        # Idle client connections stay open longer than clients keep them (httpx, the
+        # OpenAI SDK's client: 5 s; aiohttp: 15 s), so that a client never sends a
+        # request on a connection the gateway is closing as idle (uvicorn's default: 5 s).
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         # The gateway ends what is still in flight after its grace and writes the rows;
         # this is the last resort, before `console.sh stop`'s SIGKILL.
         timeout_graceful_shutdown=max(1, math.ceil(settings.llama_stop_timeout) - 1),
