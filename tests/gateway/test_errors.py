@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 from collections.abc import Iterator
 
@@ -79,6 +80,26 @@ def test_an_idle_client_connection_outlives_the_clients_keep_alive(stack: Stack)
             time.sleep(6)  # beyond the client's keep-alive and uvicorn's default
     finally:
         conn.close()
+
+
+def test_a_request_head_over_64_kib_is_431(stack: Stack, alice: str) -> None:
+    """Headers are bounded before they are parsed whole: the head is refused once 64 KiB
+    came without its end, with the envelope, and the connection is closed."""
+    host, port = stack.gateway_url.removeprefix("http://").split(":")
+    head = f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nX-Big: ".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(head + b"a" * (66 * 1024))  # its end never comes
+        answer = b""
+        while chunk := conn.recv(65536):  # until the gateway closes the connection
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert set(error) == ENVELOPE and error["code"] == "request_header_fields_too_large"
+
+    big_but_fine = {"Authorization": f"Bearer {alice}", "X-Big": "a" * (32 * 1024)}
+    models = httpx.get(f"{stack.gateway_url}/v1/models", headers=big_but_fine, timeout=30)
+    assert models.status_code == 200
 
 
 def test_unknown_model_is_404(stack: Stack, alice: str) -> None:

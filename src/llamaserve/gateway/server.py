@@ -14,17 +14,65 @@ silently, and each has its row. uvicorn's own graceful timeout is only the last 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from llamaserve.config import Layout, Settings
+from llamaserve.errors import error_body
 from llamaserve.gateway.app import Gateway
 
 KEEP_ALIVE_SECONDS = 75  # as nginx's default
+
+
+# A request's line and headers; more is refused before it is parsed whole (httptools
+# holds a header until it ends, and uvicorn sets no bound). Real clients send a few KiB.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, refusing with 431 a request whose head is larger than
+    MAX_HEAD_BYTES, as soon as that many bytes came without its end."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head: int | None = 0  # bytes of the head so far; None once it is whole
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is not None:
+            self._head += len(data)
+        super().data_received(data)
+        if self._head is not None and self._head > MAX_HEAD_BYTES:
+            self._refuse_head()
+
+    def on_headers_complete(self) -> None:
+        self._head = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head = 0  # the next request's, on this connection
+
+    def _refuse_head(self) -> None:
+        if self.transport.is_closing():
+            return
+        message = f"The request's line and headers are larger than {MAX_HEAD_BYTES} bytes."
+        body = json.dumps(
+            error_body(message, "invalid_request_error", code="request_header_fields_too_large")
+        ).encode()
+        head = (
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % len(body)
+        )
+        self.transport.write(head + body)
+        self.transport.close()
 
 
 class _Server(uvicorn.Server):
@@ -60,7 +108,7 @@ def serve(settings: Settings, layout: Layout) -> None:
         host=settings.llama_proxy_host,
         port=settings.llama_proxy_port,
         loop="uvloop",
-        http="httptools",
+        http=_Protocol,  # httptools
         ws="none",  # no WebSocket: an upgrade is an ordinary request, refused as such
         lifespan="on",  # pools, clients, background tasks; a failed startup stops it
         log_level="warning",
