@@ -352,9 +352,12 @@ def test_stale_pidfile_with_a_reused_pid_is_never_signalled(project: Project) ->
         stranger.wait()
 
 
-def test_a_process_that_ignores_sigterm_is_killed_with_its_children(tmp_path: Path) -> None:
-    # Like the gateway's supervisor and its worker: the child must not outlive the kill.
-    service = Service("stubborn", tmp_path / "run", tmp_path / "log")
+def test_a_process_that_ignores_sigterm_is_killed_with_its_children_and_stop_says_so(
+    tmp_path: Path,
+) -> None:
+    # Like llama-server under the engine's launcher: the child must not outlive the kill.
+    project = make_project(tmp_path / "rt", LLAMA_STOP_TIMEOUT="0.5")
+    service = Service("engine", project.runtime / "run", project.runtime / "logs")
     pidfile = tmp_path / "child.pid"
     script = (
         "import pathlib, signal, subprocess, sys, time\n"
@@ -369,8 +372,13 @@ def test_a_process_that_ignores_sigterm_is_killed_with_its_children(tmp_path: Pa
         assert time.monotonic() < deadline, service.tail()
         time.sleep(0.05)
     child = int(pidfile.read_text())
-    assert service.stop(timeout=0.5)
+    stopped = project.console("stop")
+    assert stopped.returncode == 0, stopped.stderr
     assert proc.wait(timeout=5) == -signal.SIGKILL
+    assert stopped.stdout.startswith(
+        "llamaserve: warning: engine killed: still running 0.5s after SIGTERM (LLAMA_STOP_TIMEOUT)"
+    ), stopped.stdout
+    assert "engine stopped" not in stopped.stdout
     deadline = time.monotonic() + 5
     while start_ticks(child) is not None:
         assert time.monotonic() < deadline, "the child outlived its parent's SIGKILL"

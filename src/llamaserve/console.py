@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from llamaserve.config import ConfigError, Layout, Settings, is_engine_url, split_urls
 from llamaserve.engine import llama_server
 from llamaserve.engine.models import resolve_model
-from llamaserve.engine.process import ProcessRecord, Service
+from llamaserve.engine.process import ProcessRecord, Service, Stopped
 from llamaserve.readiness import Answer, Start, ask, wait_until_ready
 from llamaserve.store import cluster
 
@@ -357,11 +357,17 @@ def restart(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int
 
 def stop(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
     enabled = [service.name for service in enabled_services(settings, layout)]
+    timeout = settings.llama_stop_timeout
     for service in reversed(services(layout)):
-        was_running = service.stop(settings.llama_stop_timeout)
-        if was_running or service.name in enabled:
-            state = "stopped" if was_running else "was not running"
-            print(f"llamaserve: {service.name} {state}", file=out)
+        stopped = service.stop(timeout)
+        if stopped is Stopped.KILLED:
+            print(
+                f"llamaserve: warning: {service.name} killed: still running {timeout:g}s after "
+                f"SIGTERM (LLAMA_STOP_TIMEOUT); its log: {service.logfile}",
+                file=out,
+            )
+        elif stopped is Stopped.STOPPED or service.name in enabled:
+            print(f"llamaserve: {service.name} {stopped.value}", file=out)
     if cluster.stop(layout, settings.llama_stop_timeout):
         print("llamaserve: database stopped", file=out)
     return 0

@@ -61,7 +61,7 @@ def test_requests_in_flight_finish_when_the_gateway_is_stopped(
 def test_requests_still_going_after_the_grace_end_with_an_error_and_keep_their_rows(
     stack: Stack, engine: MockEngine
 ) -> None:
-    # With LLAMA_STOP_TIMEOUT=6 the requests get 3 s, and the worker is killed at 5.
+    # With LLAMA_STOP_TIMEOUT=6 the requests get 3 s; uvicorn's own graceful timeout is 5.
     key = stack.create_user("shutdown-cut-off")
     env = {"LLAMA_SERVER_BACKEND_URL": engine.url, "LLAMA_STOP_TIMEOUT": "6"}
     with running_gateway(stack.project.env, **env) as (url, proc), ThreadPoolExecutor(2) as pool:

@@ -8,6 +8,7 @@ recognised and that program is never signalled.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import signal
@@ -17,6 +18,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+class Stopped(enum.Enum):
+    """What `Service.stop` found and did."""
+
+    NOT_RUNNING = "was not running"
+    STOPPED = "stopped"
+    KILLED = "killed"
 
 
 @dataclass(frozen=True)
@@ -92,18 +101,21 @@ class Service:
         tmp.replace(self.pidfile)
         return proc
 
-    def stop(self, timeout: float) -> bool:
-        """SIGTERM, then SIGKILL after `timeout` seconds. True if a process of ours was stopped."""
+    def stop(self, timeout: float) -> Stopped:
+        """SIGTERM, then SIGKILL (its whole group) if it is still running `timeout` seconds
+        later."""
         record = self.running()
         if record is None:
             self.pidfile.unlink(missing_ok=True)
-            return False
+            return Stopped.NOT_RUNNING
         _signal(record, signal.SIGTERM)
+        outcome = Stopped.STOPPED
         if not self._wait_gone(record, timeout):
             _signal(record, signal.SIGKILL, group=True)
             self._wait_gone(record, 5.0)
+            outcome = Stopped.KILLED
         self.pidfile.unlink(missing_ok=True)
-        return True
+        return outcome
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -124,7 +136,7 @@ class Service:
 
 def _signal(record: ProcessRecord, sig: signal.Signals, group: bool = False) -> None:
     """Signal our process, or with `group` its whole process group (`spawn` makes it the
-    leader of a session of its own): a child it started, such as the gateway's worker,
+    leader of a session of its own): a child it started, such as the engine's llama-server,
     must not outlive a SIGKILL of its parent."""
     # Re-check identity right before signalling: the pid may have been reused meanwhile.
     if start_ticks(record.pid) == record.start_ticks:
