@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     llama_proxy_health_interval: float = Field(
         2.0, gt=0, description="Seconds between the gateway's health probes of each engine."
     )
+    llama_proxy_header_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a client has to send a request's line and headers, from the "
+        "connection's opening or the request's first byte (408 after).",
+    )
     llama_proxy_upstream_timeout: float = Field(
         600.0, gt=0, description="Seconds the gateway waits for the engine between two reads (504)."
     )

@@ -15,8 +15,10 @@ from tests.conftest import free_port
 from tests.gateway.conftest import Stack
 from tests.gateway.helpers import (
     ENVELOPE,
+    MockEngine,
     assert_envelope,
     extra_gateway,
+    mock_request,
     post,
     running_mock_engine,
 )
@@ -100,6 +102,48 @@ def test_a_request_head_over_64_kib_is_431(stack: Stack, alice: str) -> None:
     big_but_fine = {"Authorization": f"Bearer {alice}", "X-Big": "a" * (32 * 1024)}
     models = httpx.get(f"{stack.gateway_url}/v1/models", headers=big_but_fine, timeout=30)
     assert models.status_code == 200
+
+
+def test_a_request_head_not_whole_within_the_header_timeout_is_408(
+    stack: Stack, alice: str
+) -> None:
+    """A client that never ends its request's head gets 408 and its connection is
+    closed; one that sends nothing is closed. A slow answer and an idle kept-alive
+    connection are not the head's time."""
+    engine = MockEngine().start()
+    try:
+        with extra_gateway(stack, LLAMA_PROXY_HEADER_TIMEOUT="1",
+                           LLAMA_SERVER_BACKEND_URL=engine.url) as url:  # fmt: skip
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                conn.sendall(f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\n".encode())
+                answer = b""
+                while chunk := conn.recv(65536):  # until the gateway closes the connection
+                    answer += chunk
+            status_line, _, rest = answer.partition(b"\r\n")
+            assert status_line == b"HTTP/1.1 408 Request Timeout"
+            error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+            assert set(error) == ENVELOPE and error["code"] == "request_timeout"
+
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                assert conn.recv(65536) == b""  # closed, nothing said
+
+            kept = http.client.HTTPConnection(host, int(port), timeout=10)
+            try:
+                slow = json.dumps(mock_request("slow", delay=2))
+                headers = {"Authorization": f"Bearer {alice}",
+                           "Content-Type": "application/json"}  # fmt: skip
+                kept.request("POST", "/v1/chat/completions", slow, headers)
+                answer = kept.getresponse()
+                assert (answer.status, json.loads(answer.read())["id"]) == (200, "m")
+                time.sleep(1.5)  # idle, longer than the header timeout
+                kept.request("GET", "/v1/models", headers=headers)
+                models = kept.getresponse()
+                assert models.status == 200 and json.loads(models.read())["data"]
+            finally:
+                kept.close()
+    finally:
+        engine.kill()
 
 
 def test_unknown_model_is_404(stack: Stack, alice: str) -> None:

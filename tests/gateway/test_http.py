@@ -1,12 +1,18 @@
 """The gateway's HTTP: an answer goes out in one piece, its status line and headers
-with its body (uvicorn writes them apart, which wakes a client twice per answer)."""
+with its body (uvicorn writes them apart, which wakes a client twice per answer); the
+gateway may open as many files (connections) as the system lets it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import resource
 import socket
+from pathlib import Path
 
 from tests.gateway.conftest import Stack
+from tests.gateway.helpers import running_gateway
 
 
 def test_an_answer_goes_out_in_one_piece(stack: Stack, alice: str) -> None:
@@ -31,3 +37,20 @@ def test_an_answer_goes_out_in_one_piece(stack: Stack, alice: str) -> None:
             )  # fmt: skip
             assert head.startswith(b"HTTP/1.1 200") and len(content) == length
             assert json.loads(content)
+
+
+def test_the_gateway_raises_its_open_files_limit(stack: Stack) -> None:
+    """A usual soft limit is 1024 open files: a few hundred streams (a client's and an
+    engine's connection each) would exhaust it. The gateway raises it to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.ExitStack() as running:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # what the gateway inherits
+        try:
+            _, proc = running.enter_context(running_gateway(stack.project.env))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+    found = re.search(r"^Max open files\s+(\d+)\s+(\S+)", limits, re.M)
+    assert found, limits
+    expected = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    assert int(found[1]) == expected > 256
