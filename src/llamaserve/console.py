@@ -368,7 +368,7 @@ def stop(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
             )
         elif stopped is Stopped.STOPPED or service.name in enabled:
             print(f"llamaserve: {service.name} {stopped.value}", file=out)
-    if cluster.stop(layout, settings.llama_stop_timeout):
+    if cluster.stop(layout, timeout):
         print("llamaserve: database stopped", file=out)
     return 0
 

@@ -7,6 +7,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -87,17 +88,10 @@ def test_an_idle_client_connection_outlives_the_clients_keep_alive(stack: Stack)
 def test_a_request_head_over_64_kib_is_431(stack: Stack, alice: str) -> None:
     """Headers are bounded before they are parsed whole: the head is refused once 64 KiB
     came without its end, with the envelope, and the connection is closed."""
-    host, port = stack.gateway_url.removeprefix("http://").split(":")
-    head = f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\nX-Big: ".encode()
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(head + b"a" * (66 * 1024))  # its end never comes
-        answer = b""
-        while chunk := conn.recv(65536):  # until the gateway closes the connection
-            answer += chunk
-    status_line, _, rest = answer.partition(b"\r\n")
+    head = b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\nX-Big: " + b"a" * (66 * 1024)
+    status_line, error = refusal(stack.gateway_url, head)  # its end never comes
     assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
-    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
-    assert set(error) == ENVELOPE and error["code"] == "request_header_fields_too_large"
+    assert error["code"] == "request_header_fields_too_large"
 
     big_but_fine = {"Authorization": f"Bearer {alice}", "X-Big": "a" * (32 * 1024)}
     models = httpx.get(f"{stack.gateway_url}/v1/models", headers=big_but_fine, timeout=30)
@@ -114,16 +108,11 @@ def test_a_request_head_not_whole_within_the_header_timeout_is_408(
     try:
         with extra_gateway(stack, LLAMA_PROXY_HEADER_TIMEOUT="1",
                            LLAMA_SERVER_BACKEND_URL=engine.url) as url:  # fmt: skip
-            host, port = url.removeprefix("http://").split(":")
-            with socket.create_connection((host, int(port)), timeout=10) as conn:
-                conn.sendall(f"GET /v1/models HTTP/1.1\r\nHost: {host}\r\n".encode())
-                answer = b""
-                while chunk := conn.recv(65536):  # until the gateway closes the connection
-                    answer += chunk
-            status_line, _, rest = answer.partition(b"\r\n")
+            status_line, error = refusal(url, b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\n")
             assert status_line == b"HTTP/1.1 408 Request Timeout"
-            error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
-            assert set(error) == ENVELOPE and error["code"] == "request_timeout"
+            assert error["code"] == "request_timeout"
+
+            host, port = url.removeprefix("http://").split(":")
 
             with socket.create_connection((host, int(port)), timeout=10) as conn:
                 assert conn.recv(65536) == b""  # closed, nothing said
@@ -192,3 +181,18 @@ def test_over_the_limit_is_429_with_retry_after(stack: Stack) -> None:
     response = httpx.get(f"{stack.gateway_url}/v1/models", headers=headers)
     assert_envelope(response, 429)
     assert int(response.headers["retry-after"]) > 0
+
+
+def refusal(url: str, head: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Send a request's head that never ends: the status line the gateway answers, and
+    its error (in OpenAI's envelope), read until it closes the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(head)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    error: dict[str, Any] = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert set(error) == ENVELOPE
+    return status_line, error
