@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from openai import OpenAI
@@ -94,6 +95,7 @@ def project(tmp_path: Path) -> Project:
     return make_project(tmp_path / "runtime")
 
 
+ENVELOPE = {"message", "type", "param", "code"}  # OpenAI's error object
 ENGINES = ("llama-cpp-python", "llama-server")
 
 
@@ -157,3 +159,18 @@ def engine(
 def client(engine: Engine) -> Iterator[OpenAI]:
     with engine.client() as client:
         yield client
+
+
+def refusal(url: str, head: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Send a request's head that never ends: the status line the server answers, and
+    its error (in OpenAI's envelope), read until it closes the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(head)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    error: dict[str, Any] = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert set(error) == ENVELOPE
+    return status_line, error

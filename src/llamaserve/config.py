@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     llama_start_timeout: float = Field(
         300.0, gt=0, description="Seconds `console.sh start` waits for the model to load."
     )
+    llama_header_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a client of the engine or the gateway has to send a request's "
+        "line and headers, from the connection's opening or the request's first byte "
+        "(408 after).",
+    )
     llama_stop_timeout: float = Field(
         15.0,
         gt=0,
@@ -151,12 +158,6 @@ class Settings(BaseSettings):
     )
     llama_proxy_health_interval: float = Field(
         2.0, gt=0, description="Seconds between the gateway's health probes of each engine."
-    )
-    llama_proxy_header_timeout: float = Field(
-        30.0,
-        gt=0,
-        description="Seconds a client has to send a request's line and headers, from the "
-        "connection's opening or the request's first byte (408 after).",
     )
     llama_proxy_upstream_timeout: float = Field(
         600.0, gt=0, description="Seconds the gateway waits for the engine between two reads (504)."

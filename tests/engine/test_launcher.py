@@ -21,7 +21,17 @@ from openai import OpenAI
 from llamaserve.config import Settings, new_engine_key
 from llamaserve.engine.llama_server import build_argv
 from llamaserve.engine.process import start_ticks
-from tests.conftest import ENGINES, ROOT, Engine, Project, free_port, make_project, raw_post
+from tests.conftest import (
+    ENGINES,
+    ROOT,
+    Engine,
+    Project,
+    default_model,
+    free_port,
+    make_project,
+    raw_post,
+    refusal,
+)
 
 LLAMA_SERVER = pytest.mark.parametrize("engine", ["llama-server"], indirect=True)
 # A continuation the model never ends by itself: slots stay busy until cancelled.
@@ -229,6 +239,31 @@ def test_llama_server_gets_the_thread_settings(tmp_path: Path) -> None:
     assert threads(llama_n_threads=3) == ("3", str(os.cpu_count()))
     assert threads(llama_n_threads=1, llama_n_threads_batch=5) == ("1", "5")
     assert threads() == (str(max(1, (os.cpu_count() or 1) - 1)), str(os.cpu_count()))
+
+
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_request_heads_are_bounded_in_size_and_time(tmp_path: Path, engine_name: str) -> None:
+    """The engine listens on a public address when it serves alone: a head that never
+    ends must not hold its connection (as in the gateway, see heads.py)."""
+    key, port = new_engine_key(), free_port()
+    project = make_project(
+        tmp_path / "rt", LLAMA_ENGINE=engine_name, LLAMA_HEADER_TIMEOUT="1",
+        LLAMA_SERVER_API_KEY=key, LLAMA_SERVER_PORT=str(port),
+    )  # fmt: skip
+    try:
+        started = project.console("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        url = f"http://127.0.0.1:{port}"
+        head = b"GET /v1/models HTTP/1.1\r\nHost: engine\r\n"
+        status_line, error = refusal(url, head + b"X-Big: " + b"a" * (66 * 1024))
+        assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
+        assert error["code"] == "request_header_fields_too_large"
+        status_line, error = refusal(url, head)
+        assert status_line == b"HTTP/1.1 408 Request Timeout" and error["code"] == "request_timeout"
+        client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        assert client.models.list().data[0].id == default_model().name  # served as before
+    finally:
+        project.console("stop")
 
 
 @pytest.mark.parametrize("engine_name", ENGINES)

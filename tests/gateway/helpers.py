@@ -19,7 +19,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from llamaserve.readiness import Start, wait_until_ready
-from tests.conftest import ROOT, free_port
+from tests.conftest import ENVELOPE, ROOT, free_port
 from tests.gateway.conftest import Stack
 
 
@@ -200,9 +200,6 @@ async def _send_json(send: Send, payload: dict[str, Any]) -> None:
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-ENVELOPE = {"message", "type", "param", "code"}
 
 
 def assert_envelope(

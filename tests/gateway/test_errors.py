@@ -7,12 +7,11 @@ import json
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, refusal
 from tests.gateway.conftest import Stack
 from tests.gateway.helpers import (
     ENVELOPE,
@@ -106,7 +105,7 @@ def test_a_request_head_not_whole_within_the_header_timeout_is_408(
     connection are not the head's time."""
     engine = MockEngine().start()
     try:
-        with extra_gateway(stack, LLAMA_PROXY_HEADER_TIMEOUT="1",
+        with extra_gateway(stack, LLAMA_HEADER_TIMEOUT="1",
                            LLAMA_SERVER_BACKEND_URL=engine.url) as url:  # fmt: skip
             status_line, error = refusal(url, b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\n")
             assert status_line == b"HTTP/1.1 408 Request Timeout"
@@ -181,18 +180,3 @@ def test_over_the_limit_is_429_with_retry_after(stack: Stack) -> None:
     response = httpx.get(f"{stack.gateway_url}/v1/models", headers=headers)
     assert_envelope(response, 429)
     assert int(response.headers["retry-after"]) > 0
-
-
-def refusal(url: str, head: bytes) -> tuple[bytes, dict[str, Any]]:
-    """Send a request's head that never ends: the status line the gateway answers, and
-    its error (in OpenAI's envelope), read until it closes the connection."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(head)
-        answer = b""
-        while chunk := conn.recv(65536):
-            answer += chunk
-    status_line, _, rest = answer.partition(b"\r\n")
-    error: dict[str, Any] = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
-    assert set(error) == ENVELOPE
-    return status_line, error

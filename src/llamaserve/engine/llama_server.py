@@ -169,6 +169,7 @@ class Launcher:
             host=self.settings.llama_server_host,
             port=self.settings.llama_server_port,
             grace=self.settings.stop_grace(),
+            header_timeout=self.settings.llama_header_timeout,
         )
         print(_banner(self.settings, self.model, self.binary, self.port), flush=True)
         self._server.run()

@@ -116,4 +116,5 @@ def serve(settings: Settings, model: Path) -> None:
         host=settings.llama_server_host,
         port=settings.llama_server_port,
         grace=settings.stop_grace(),
+        header_timeout=settings.llama_header_timeout,
     ).run()

@@ -17,6 +17,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamaserve.errors import send_error, server_stopping, sse_error_event
+from llamaserve.heads import bounded_heads
 
 
 class _InFlight:
@@ -90,11 +91,18 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(app: ASGIApp, *, host: str, port: int, grace: float) -> uvicorn.Server:
+def serve(
+    app: ASGIApp, *, host: str, port: int, grace: float, header_timeout: float
+) -> uvicorn.Server:
     """The server for an engine's front `app` (not yet running)."""
     ending = EndOnStop(app)
     config = uvicorn.Config(
-        ending, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(grace) + 2
+        ending,
+        host=host,
+        port=port,
+        http=bounded_heads(header_timeout),  # httptools, heads bounded (see heads.py)
+        log_level="info",
+        timeout_graceful_shutdown=int(grace) + 2,
     )
     logging.getLogger("uvicorn.access").addFilter(_without_health_probes)  # after its setup
     return Server(config, ending, grace)

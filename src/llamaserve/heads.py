@@ -1,0 +1,106 @@
+"""Bounds on a request's head (its line and headers) for the gateway's and the engines'
+uvicorn servers, which set none under httptools: a header is held until it ends, and a
+client that never ends its head holds its connection for ever (enough of them hold every
+file the process may open).
+
+A head larger than MAX_HEAD_BYTES is refused with 431 as soon as that many bytes came
+without its end; one not whole `header_timeout` seconds after the connection opened or
+the head began gets 408 (as nginx's client_header_timeout), and a connection that sent
+nothing by then is closed without a word. Both answers are in OpenAI's envelope, and the
+connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from llamaserve.errors import error_body
+
+# Real clients send a few KiB.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class BoundedHeads(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools), with a request's head bounded in size and
+    in time; `bounded_heads` makes one with its timeout."""
+
+    header_timeout = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head: int | None = 0  # bytes of the head so far; None once it is whole
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is not None:
+            self._head += len(data)
+            self._await_head()
+        super().data_received(data)
+        if self._head is not None and self._head > MAX_HEAD_BYTES:
+            message = f"The request's line and headers are larger than {MAX_HEAD_BYTES} bytes."
+            self._refuse(431, "Request Header Fields Too Large", message,
+                         "request_header_fields_too_large")  # fmt: skip
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._await_head()  # a pipelined request's, begun in the read that ended the last
+
+    def on_headers_complete(self) -> None:
+        self._head = None
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head = 0  # the next request's, on this connection
+
+    def _await_head(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_late)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._await_head()  # the answer before it is still going out: never cut it
+            return
+        if self._head == 0:  # not a byte of it: closed as an idle connection is
+            self.transport.close()
+            return
+        message = f"The request's line and headers did not arrive within {self.header_timeout:g}s."
+        self._refuse(408, "Request Timeout", message, "request_timeout")
+
+    def _refuse(self, status: int, reason: str, message: str, code: str) -> None:
+        """Answer in OpenAI's envelope and close the connection."""
+        if self.transport.is_closing():
+            return
+        body = json.dumps(error_body(message, "invalid_request_error", code=code)).encode()
+        head = (
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n" % (status, reason.encode(), len(body))
+        )
+        self.transport.write(head + body)
+        self.transport.close()
+
+
+def bounded_heads(
+    header_timeout: float, base: type[BoundedHeads] = BoundedHeads
+) -> type[BoundedHeads]:
+    """`base` with its heads due within `header_timeout` seconds, for uvicorn's `http`."""
+    return type(base.__name__, (base,), {"header_timeout": header_timeout})
