@@ -306,6 +306,18 @@ def test_the_engine_log_leaves_out_health_probes_that_succeed(engine: Engine) ->
     assert '"GET /health HTTP/1.1" 200' not in log
 
 
+def test_the_engine_log_names_the_connection_not_a_forwarded_address(engine: Engine) -> None:
+    # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: a local client could
+    # write any address into the engine's log.
+    import httpx
+
+    headers = {"Authorization": f"Bearer {engine.api_key}", "X-Forwarded-For": "203.0.113.9"}
+    assert httpx.get(f"{engine.base_url}/v1/models", headers=headers).status_code == 200
+    log = (engine.project.runtime / "logs" / "engine.log").read_text()
+    assert "203.0.113.9" not in log
+    assert "127.0.0.1:" in log.splitlines()[-1]  # the line of that request
+
+
 def test_logs_shows_the_last_lines(engine: Engine) -> None:
     result = engine.project.console("logs", "-n", "3", "--no-follow")
     assert result.returncode == 0

@@ -101,6 +101,9 @@ def serve(
         host=host,
         port=port,
         http=bounded_heads(header_timeout),  # httptools, heads bounded (see heads.py)
+        # The access log names the connection's address: an X-Forwarded-For from a local
+        # client is not believed (uvicorn's default trusts it from 127.0.0.1).
+        proxy_headers=False,
         log_level="info",
         timeout_graceful_shutdown=int(grace) + 2,
     )
