@@ -9,8 +9,9 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -245,25 +246,14 @@ def test_llama_server_gets_the_thread_settings(tmp_path: Path) -> None:
 def test_request_heads_are_bounded_in_size_and_time(tmp_path: Path, engine_name: str) -> None:
     """The engine listens on a public address when it serves alone: a head that never
     ends must not hold its connection (as in the gateway, see heads.py)."""
-    key, port = new_engine_key(), free_port()
-    project = make_project(
-        tmp_path / "rt", LLAMA_ENGINE=engine_name, LLAMA_HEADER_TIMEOUT="1",
-        LLAMA_SERVER_API_KEY=key, LLAMA_SERVER_PORT=str(port),
-    )  # fmt: skip
-    try:
-        started = project.console("start")
-        assert started.returncode == 0, started.stdout + started.stderr
-        url = f"http://127.0.0.1:{port}"
+    with started_engine(tmp_path, engine_name, LLAMA_HEADER_TIMEOUT="1") as (url, client, _):
         head = b"GET /v1/models HTTP/1.1\r\nHost: engine\r\n"
         status_line, error = refusal(url, head + b"X-Big: " + b"a" * (66 * 1024))
         assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
         assert error["code"] == "request_header_fields_too_large"
         status_line, error = refusal(url, head)
         assert status_line == b"HTTP/1.1 408 Request Timeout" and error["code"] == "request_timeout"
-        client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
         assert client.models.list().data[0].id == default_model().name  # served as before
-    finally:
-        project.console("stop")
 
 
 @pytest.mark.parametrize("engine_name", ENGINES)
@@ -271,15 +261,7 @@ def test_requests_still_going_at_the_end_of_the_stop_grace_end_with_an_error(
     tmp_path: Path, engine_name: str
 ) -> None:
     # With LLAMA_STOP_TIMEOUT=10 the requests get 5 s, the engine 5 more to exit.
-    key, port = new_engine_key(), free_port()
-    project = make_project(
-        tmp_path / "rt", LLAMA_ENGINE=engine_name, LLAMA_STOP_TIMEOUT="10",
-        LLAMA_SERVER_API_KEY=key, LLAMA_SERVER_PORT=str(port),
-    )  # fmt: skip
-    try:
-        started = project.console("start")
-        assert started.returncode == 0, started.stdout + started.stderr
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    with started_engine(tmp_path, engine_name, LLAMA_STOP_TIMEOUT="10") as (_, client, project):
         model = client.models.list().data[0].id
         with ThreadPoolExecutor(1) as pool:
             stream = client.completions.create(model=model, stream=True, **ENDLESS)
@@ -304,5 +286,21 @@ def test_requests_still_going_at_the_end_of_the_stop_grace_end_with_an_error(
         assert refused.value.status_code == 503 and refused.value.code == "server_stopping"
         log = (project.runtime / "logs" / "engine.log").read_text()
         assert "timeout graceful shutdown exceeded" not in log
+
+
+@contextmanager
+def started_engine(
+    tmp_path: Path, engine_name: str, **config: str
+) -> Iterator[tuple[str, OpenAI, Project]]:
+    """An engine of its own, started with `console.sh start` and `config`: its URL, a
+    client and its project; stopped at the end."""
+    key, port = new_engine_key(), free_port()
+    project = make_project(tmp_path / "rt", LLAMA_ENGINE=engine_name, LLAMA_SERVER_API_KEY=key,
+                           LLAMA_SERVER_PORT=str(port), **config)  # fmt: skip
+    try:
+        started = project.console("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        url = f"http://127.0.0.1:{port}"
+        yield url, OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0), project
     finally:
         project.console("stop")
