@@ -33,6 +33,7 @@ class BoundedHeads(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head: int | None = 0  # bytes of the head so far; None once it is whole
+        self._begun = False  # a request began and its head is not whole yet
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -46,19 +47,25 @@ class BoundedHeads(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._head is not None:
             self._head += len(data)
-            self._await_head()
         super().data_received(data)
-        if self._head is not None and self._head > MAX_HEAD_BYTES:
+        if self._head is None:
+            return
+        if self._head > MAX_HEAD_BYTES:
             message = f"The request's line and headers are larger than {MAX_HEAD_BYTES} bytes."
             self._refuse(431, "Request Header Fields Too Large", message,
                          "request_header_fields_too_large")  # fmt: skip
+        elif self._head or self._begun:
+            # Part of a head came, not its end. Looked at after parsing, so that a head
+            # whole in one read (the usual case) costs no timer.
+            self._await_head()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._await_head()  # a pipelined request's, begun in the read that ended the last
+        self._begun = True
 
     def on_headers_complete(self) -> None:
         self._head = None
+        self._begun = False
         self._stop_head_timer()
         super().on_headers_complete()
 
