@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Receive, Scope, Send
 
+from llamaserve.bodies import parse_object
 from llamaserve.errors import AuthenticationFailed, InvalidRequest, NotFound, bearer_token
 from llamaserve.routes import check_route
 
@@ -31,9 +32,20 @@ class ContentPart(_Open):
     type: Literal["text", "image_url", "input_audio", "file", "refusal"]
 
 
+class ToolCallFunction(_Open):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Open):
+    type: str
+    function: ToolCallFunction | None = None
+
+
 class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class FunctionDefinition(_Open):
@@ -109,12 +121,27 @@ def check_chat(body: dict[str, Any]) -> None:
                     param=f"messages.{i}.content",
                     code="unsupported_content",
                 )
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            _check_call(call, f"messages.{i}.tool_calls.{j}")
     if body.get("tool_choice") not in (None, "none") and not body.get("tools"):
         raise InvalidRequest(
             "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
             "are specified.",
             param="tool_choice",
         )
+
+
+def _check_call(call: dict[str, Any], where: str) -> None:
+    """A tool call in a conversation's history is one the engines can render: a function's."""
+    if call["type"] != "function":
+        raise InvalidRequest(
+            f"This server runs function tools only: {where} is of type '{call['type']}'.",
+            param=f"{where}.type",
+            code="unsupported_tool_call_type",
+        )
+    if call.get("function") is None:
+        raise InvalidRequest(f"Missing required parameter: '{where}.function'.",
+                             param=f"{where}.function")  # fmt: skip
 
 
 def check_completion(body: dict[str, Any]) -> None:
@@ -126,6 +153,9 @@ def check_completion(body: dict[str, Any]) -> None:
             f"this request has {len(found)}.",
             param="prompt",
         )
+
+
+CHECKS = {"/v1/chat/completions": check_chat, "/v1/completions": check_completion}
 
 
 def prompts(prompt: Any) -> list[Any]:
@@ -156,19 +186,73 @@ def check_route_and_key(scope: Scope, key: bytes) -> None:
 
 def parse_request(raw: bytes, model_id: str) -> dict[str, Any]:
     """The body of a generation request, checked as both engines check it."""
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError:
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = body.get("model")
-    if model is not None and model != model_id:
-        raise _no_such_model(model, model_id)
-    if (body.get("n") or 1) != 1:
-        raise InvalidRequest("Only n=1 is supported.", param="n")
+    body = parse_object(raw or b"{}")
+    normalise(body)
+    if body["model"] != model_id:
+        raise _no_such_model(body["model"], model_id)
     body["model"] = model_id  # else an engine names the model by its file path
     return body
+
+
+def check_request(path: str, raw: bytes) -> tuple[dict[str, Any], bool]:
+    """A generation request as the gateway checks it before any engine sees it: the same
+    checks as the engines', but for the model it serves (that is the engine's to say).
+    Returns the body and whether `normalise` changed it."""
+    body = parse_object(raw)
+    changed = normalise(body)
+    CHECKS[path](body)
+    return body, changed
+
+
+def normalise(body: dict[str, Any]) -> bool:
+    """Refuse what no generation route takes, and fold llama.cpp's other names for
+    `max_tokens` into it, so that `max_tokens` is the one bound on what a request
+    generates; True if the body changed."""
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if not isinstance(model, str):
+        raise InvalidRequest(
+            f"Invalid type for 'model': expected a string, but got {_kind(model)} instead.",
+            param="model",
+        )
+    for name in ("n", "n_cmpl"):  # n_cmpl: llama-server's own name for n
+        if (body.get(name) or 1) != 1:
+            raise InvalidRequest("Only n=1 is supported.", param=name)
+    return _fold_lengths(body)
+
+
+# llama-server takes these for `max_tokens`, the last one given winning; llama_cpp
+# ignored them. `n_predict` below 0 is llama.cpp's "no bound".
+LENGTH_ALIASES = ("max_completion_tokens", "n_predict")
+
+
+def _fold_lengths(body: dict[str, Any]) -> bool:
+    found = [(name, body.pop(name)) for name in LENGTH_ALIASES if name in body]
+    bounds = [_length(name, value) for name, value in found]
+    bounds = [bound for bound in bounds if bound is not None]
+    current = body.get("max_tokens")
+    if bounds and (current is None or _is_int(current)):  # another type: refused later
+        body["max_tokens"] = min(bounds + ([current] if current is not None else []))
+    return bool(found)
+
+
+def _length(name: str, value: Any) -> int | None:
+    """The bound an alias of `max_tokens` sets, if any."""
+    if value is None or (name == "n_predict" and _is_int(value) and value < 0):
+        return None
+    if not _is_int(value):
+        raise InvalidRequest(
+            f"Invalid type for '{name}': expected an integer, but got {_kind(value)} instead.",
+            param=name,
+        )
+    if value < 1:
+        raise InvalidRequest(f"Invalid value for '{name}': it must be at least 1.", param=name)
+    return int(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def retrieve_model(listing: dict[str, Any], model: str, model_id: str) -> dict[str, Any]:
