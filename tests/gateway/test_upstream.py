@@ -20,7 +20,7 @@ import pytest
 import uvloop
 from pydantic import SecretStr
 
-from llamaserve.errors import ServiceUnavailable, UpstreamFailed, UpstreamTimeout
+from llamaserve.errors import InvalidRequest, ServiceUnavailable, UpstreamFailed, UpstreamTimeout
 from llamaserve.gateway.upstream import Upstream
 from tests.conftest import free_port
 
@@ -136,6 +136,59 @@ def test_a_connection_the_engine_closed_as_idle_is_sent_again_on_a_new_one(run: 
         async with engine(closes_after_one) as (url, connections):
             client = upstream()
             assert await post(client, url) == (200, b'{"connection": 1}')
+            assert await post(client, url) == (200, b'{"connection": 2}')
+            assert connections == [1, 2]
+            await client.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/x HTTP/1.1\r\nHost: a\r\n\r\nGET /v1/models/M",
+        "/v1/models/x\nGET /v1/models/M",
+        "/v1/models/\x00",
+        "/v1/models/\u2028",
+        "v1/models",
+    ],
+)
+def test_a_request_line_that_could_carry_a_second_request_is_never_written(
+    run: Any, path: str
+) -> None:
+    """Only printable ASCII without spaces reaches the request line: a CR/LF there would
+    write a second request, with the engine's key, whose answer another user would read."""
+
+    async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        raise AssertionError("the engine was connected to")
+
+    async def scenario() -> None:
+        async with engine(never) as (url, connections):
+            with pytest.raises(InvalidRequest, match="cannot be forwarded"):
+                async with upstream().send(url, "GET", path, b""):
+                    pass
+            assert connections == []
+
+    run(scenario())
+
+
+def test_bytes_after_an_answer_are_never_read_as_the_next_ones(run: Any) -> None:
+    """An engine that sent more than its answer (a second answer it was tricked into): the
+    connection is closed, and the next request has its own answer on a new one."""
+
+    async def talkative(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int
+    ) -> None:
+        while True:
+            await read_request(reader)
+            stray = answer(b'{"stray": true}') if number == 1 else b""
+            writer.write(answer(b'{"connection": %d}' % number) + stray)
+
+    async def scenario() -> None:
+        async with engine(talkative) as (url, connections):
+            client = upstream()
+            assert await post(client, url) == (200, b'{"connection": 1}')
+            assert await post(client, url) == (200, b'{"connection": 2}')
             assert await post(client, url) == (200, b'{"connection": 2}')
             assert connections == [1, 2]
             await client.close()

@@ -17,14 +17,16 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from starlette.types import Message, Receive, Scope, Send
 
+from llamaserve.bodies import parse_object
+from llamaserve.engine.protocol import check_request
 from llamaserve.errors import (
     APIError,
     AuthenticationFailed,
     InternalError,
-    InvalidRequest,
     RateLimited,
     RequestTooLarge,
     ServiceUnavailable,
@@ -186,26 +188,23 @@ class Exchange:
                 headers={"Retry-After": str(retry)},
             )
 
-    def _prepare(self, body: bytes) -> tuple[bytes, bool, bool]:
-        """The body for the engine, whether it streams, and whether the client wants usage."""
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            raise InvalidRequest("The request body is not valid JSON.") from None
-        if not isinstance(payload, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        model = payload.get("model")
-        self.row.model = model if isinstance(model, str) else None
-        self.row.stream = stream = payload.get("stream") is True
-        if not stream:
-            return body, False, False
-        options = payload.get("stream_options")
-        options = options if isinstance(options, dict) else {}
-        if options.get("include_usage") is True:
-            return body, True, True
-        # Ask for usage anyway, to account it exactly; that chunk is not passed on.
-        payload["stream_options"] = {**options, "include_usage": True}
-        return json.dumps(payload).encode(), True, False
+    def _prepare(self, raw: bytes) -> tuple[bytes, bool, bool]:
+        """The body for the engine, whether it streams, and whether the client wants usage.
+        It is checked as the engines check it (`check_request`), so that no route lets
+        through what another refuses, and sent as it came unless a check changed it."""
+        if self.row.path == "/v1/embeddings":  # refused by the engines, in their words
+            self.row.model = _model(parse_object(raw))
+            return raw, False, False
+        body, changed = check_request(self.row.path, raw)
+        self.row.model = body["model"]
+        self.row.stream = stream = body.get("stream") is True
+        options = body.get("stream_options") or {}
+        wants_usage = options.get("include_usage") is True
+        if stream and not wants_usage:
+            # Ask for usage anyway, to account it exactly; that chunk is not passed on.
+            body["stream_options"] = {**options, "include_usage": True}
+            changed = True
+        return (json.dumps(body).encode() if changed else raw), stream, wants_usage
 
     async def _forward(self, body: bytes, stream: bool, wants_usage: bool) -> None:
         """Relay the engine's answer. A client that goes away cancels the engine's work, and
@@ -324,7 +323,10 @@ class Exchange:
     async def _exchange(
         self, url: str, body: bytes, stream: bool, wants_usage: bool, last: bool
     ) -> None:
-        async with self.gateway.upstream.send(url, self.row.method, self.row.path, body) as reply:
+        # The path as parsed, encoded again: what the client sent percent-encoded is never
+        # decoded into the request line (a CR/LF there would write a second request).
+        path = quote(self.row.path, safe="/")
+        async with self.gateway.upstream.send(url, self.row.method, path, body) as reply:
             if reply.status in RETRYABLE and not last:
                 raise ServiceUnavailable(f"The engine answered {reply.status}.")
             if reply.status >= 400:
@@ -478,6 +480,11 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
+
+
+def _model(body: dict[str, Any]) -> str | None:
+    model = body.get("model")
+    return model if isinstance(model, str) else None
 
 
 def _error_message(raw: bytes) -> str | None:

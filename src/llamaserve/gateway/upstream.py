@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 import time
 from collections import deque
@@ -27,7 +28,13 @@ import httptools
 from pydantic import SecretStr
 
 from llamaserve.config import is_engine_url
-from llamaserve.errors import APIError, ServiceUnavailable, UpstreamFailed, UpstreamTimeout
+from llamaserve.errors import (
+    APIError,
+    InvalidRequest,
+    ServiceUnavailable,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
 
 # Idle connections are dropped before the server's own keep-alive timeout (5 s for
 # uvicorn and llama-server), so that a request seldom goes out on a connection the
@@ -38,6 +45,16 @@ PROBE_SECONDS = 3.0  # a health probe's whole answer
 # An answer buffered beyond this (a client reading slower than the engine writes)
 # stops reading from the engine until half of it has been relayed.
 HIGH_WATER = 256 * 1024
+# What a request line's method and target may hold: a token, and printable ASCII
+# without spaces starting with '/'. Anything else (a decoded CR/LF, a space) would let
+# one client's path write a second request, with the engine's key, on the connection.
+_METHOD = re.compile(r"[A-Z]+")
+_TARGET = re.compile(r"/[!-~]*")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+class _Stray(Exception):
+    """Bytes after a whole answer: never read as another request's answer."""
 
 
 class _Stale(Exception):
@@ -181,6 +198,7 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # After a whole answer (bytes that follow it), only the connection goes.
             self._fail(UpstreamFailed(f"The engine's answer is not valid HTTP ({exc})."))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -202,6 +220,10 @@ class _Connection(asyncio.Protocol):
             self.content_type = value.decode("latin-1").partition(";")[0].strip().lower()
         elif name in (b"content-length", b"transfer-encoding"):
             self._framed = True
+
+    def on_message_begin(self) -> None:
+        if self._complete:  # bytes after the answer: stop parsing, close the connection
+            raise _Stray
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -252,6 +274,8 @@ class Upstream:
         self, engine_key: SecretStr, read_timeout: float, connect_timeout: float = CONNECT_SECONDS
     ) -> None:
         self._auth = b"Bearer " + engine_key.get_secret_value().encode("latin-1")
+        if _CONTROL.search(self._auth):
+            raise ValueError("The engine's key holds a control character.")
         self._timeout = read_timeout
         self._connect_timeout = connect_timeout
         self._origins: dict[str, _Origin] = {}
@@ -280,8 +304,12 @@ class Upstream:
             self._release(url, connection)
 
     def _request(self, origin: _Origin, method: str, path: str, body: bytes) -> bytes:
+        """The request's bytes, from parts checked first: nothing is written otherwise."""
+        target = origin.prefix + path
+        if not (_METHOD.fullmatch(method) and _TARGET.fullmatch(target)):
+            raise InvalidRequest(f"The request's path cannot be forwarded: {path!r}.")
         head = [
-            f"{method} {origin.prefix}{path} HTTP/1.1".encode("latin-1"),
+            f"{method} {target} HTTP/1.1".encode("ascii"),
             b"Host: " + origin.authority,
             b"Authorization: " + self._auth,
         ]
