@@ -4,9 +4,10 @@ client that never ends its head holds its connection for ever (enough of them ho
 file the process may open).
 
 A head larger than MAX_HEAD_BYTES is refused with 431 as soon as that many bytes came
-without its end; one not whole `header_timeout` seconds after the connection opened or
-the head began gets 408 (as nginx's client_header_timeout), and a connection that sent
-nothing by then is closed without a word. Both answers are in OpenAI's envelope, and the
+without its end, however the client cut its writes; one not whole `header_timeout`
+seconds after the connection opened or the head began gets 408 (as nginx's
+client_header_timeout), and a connection that sent nothing by then is closed without a
+word. A head uvicorn cannot parse is a 400. Each answer is in OpenAI's envelope, and the
 connection is closed.
 """
 
@@ -34,6 +35,7 @@ class BoundedHeads(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head: int | None = 0  # bytes of the head so far; None once it is whole
         self._begun = False  # a request began and its head is not whole yet
+        self._heads_ended = 0  # on this connection
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -45,19 +47,38 @@ class BoundedHeads(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._head is not None and self._head + len(data) > MAX_HEAD_BYTES:
+            self._beyond_bound(memoryview(data))
+            return
         if self._head is not None:
             self._head += len(data)
         super().data_received(data)
-        if self._head is None:
-            return
-        if self._head > MAX_HEAD_BYTES:
-            message = f"The request's line and headers are larger than {MAX_HEAD_BYTES} bytes."
-            self._refuse(431, "Request Header Fields Too Large", message,
-                         "request_header_fields_too_large")  # fmt: skip
-        elif self._head or self._begun:
+        if self._head is not None and (self._head or self._begun):
             # Part of a head came, not its end. Looked at after parsing, so that a head
             # whole in one read (the usual case) costs no timer.
             self._await_head()
+
+    def _beyond_bound(self, data: memoryview) -> None:
+        """More came than a head may hold: the bytes up to the bound are parsed, and the
+        head must end among them, however the client cut its writes (a whole head in one
+        read was parsed before it could be measured)."""
+        assert self._head is not None
+        room = MAX_HEAD_BYTES - self._head
+        ended = self._heads_ended
+        self.data_received(data[:room])  # type: ignore[arg-type]
+        if self.transport.is_closing():  # refused as malformed meanwhile
+            return
+        if self._heads_ended == ended:
+            message = f"The request's line and headers are larger than {MAX_HEAD_BYTES} bytes."
+            self._refuse(431, "Request Header Fields Too Large", message,
+                         "request_header_fields_too_large")  # fmt: skip
+        else:
+            self.data_received(data[room:])  # type: ignore[arg-type]
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse (a NUL or a bare LF in a header, a
+        byte outside ASCII in the path...), in OpenAI's envelope rather than plain text."""
+        self._refuse(400, "Bad Request", msg, "invalid_http_request")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -65,6 +86,7 @@ class BoundedHeads(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head = None
+        self._heads_ended += 1
         self._begun = False
         self._stop_head_timer()
         super().on_headers_complete()
