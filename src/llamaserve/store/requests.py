@@ -1,4 +1,19 @@
-"""The request log: one `llama_requests` row per request the gateway answered."""
+"""The request log: one `llama_requests` row per request the gateway answered.
+
+Any row can be stored. A text value PostgreSQL refuses is stored escaped, as Python's
+`backslashreplace` writes it: NUL (which a text column cannot hold) as the four
+characters `\\x00`, a lone surrogate (which JSON's `"\\ud800"` makes and UTF-8 cannot
+encode) as `\\ud800`. The escape is for reading, not undone: a value that held those
+characters themselves reads the same. Every text value is also bounded to TEXT_LIMIT
+characters: a longer one keeps its beginning and ends with `...[cut: N characters]`, N
+its whole length (a path from a client without a key can be 64 KiB; an error from an
+engine, any size). A usual value (short, without NUL, ASCII or encodable) is checked in
+well under a microsecond and stored as it is.
+
+What PostgreSQL still refuses (a value out of its column's range, a database whose
+encoding lacks a character) is told apart from a database that cannot answer by
+`refused_for_data`: the writer then sets only the rows refused aside.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +24,8 @@ from operator import attrgetter
 from typing import Any
 
 import asyncpg
+
+TEXT_LIMIT = 4096  # characters of one stored text value, its cut mark included
 
 
 @dataclass
@@ -37,7 +54,57 @@ class RequestRow:
 
 
 COLUMNS = tuple(f.name for f in fields(RequestRow))
+TEXT_COLUMNS = tuple(f.name for f in fields(RequestRow) if str(f.type).startswith("str"))
 _record = attrgetter(*COLUMNS)  # a row's values in COLUMNS order (astuple deep-copies)
+
+
+def storable(row: RequestRow) -> RequestRow:
+    """The row as PostgreSQL can store it: the row itself, unless a text value had to be
+    escaped or cut (see the module's docstring)."""
+    changed: dict[str, Any] = {}
+    for name in TEXT_COLUMNS:
+        value = getattr(row, name)
+        if isinstance(value, str) and not _fits(value):
+            changed[name] = storable_text(value)
+    return replace(row, **changed) if changed else row
+
+
+def storable_text(value: str) -> str:
+    """`value` escaped and bounded; the same text again when it was already storable."""
+    if _fits(value):
+        return value
+    text = _escape(value[:TEXT_LIMIT])
+    if len(value) > TEXT_LIMIT or len(text) > TEXT_LIMIT:
+        mark = f"...[cut: {len(value)} characters]"
+        text = text[: TEXT_LIMIT - len(mark)] + mark
+    return text
+
+
+def _fits(value: str) -> bool:
+    if len(value) > TEXT_LIMIT or "\x00" in value:
+        return False
+    if value.isascii():  # a flag of the string: no scan
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def _escape(text: str) -> str:
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def refused_for_data(exc: BaseException) -> bool:
+    """Whether a write failed for what its rows hold, so that it would fail again with
+    them and succeed without them: PostgreSQL's data exceptions (class 22: a value out
+    of range, a character its encoding lacks) and constraint violations (class 23), or a
+    value asyncpg cannot encode (its DataError is a ValueError). Not a database or a
+    connection that cannot answer, nor a statement it refuses whatever the rows."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "")).startswith(("22", "23"))
+    return isinstance(exc, ValueError | TypeError | OverflowError)
 
 
 async def insert_requests(pool: Any, *, rows: Sequence[RequestRow]) -> None:
@@ -59,8 +126,7 @@ _EXISTING_USERS = "SELECT id FROM users WHERE id = ANY($1::bigint[])"
 
 
 async def _copy(conn: Any, rows: Sequence[RequestRow]) -> None:
+    records = [_record(storable(row)) for row in rows]
     async with conn.transaction():
         await conn.execute("SET LOCAL synchronous_commit TO on")
-        await conn.copy_records_to_table(
-            "llama_requests", records=[_record(row) for row in rows], columns=COLUMNS
-        )
+        await conn.copy_records_to_table("llama_requests", records=records, columns=COLUMNS)
