@@ -1,6 +1,7 @@
-"""What a client writes reaches the request log as text it can keep, through the real
-gateway process on a real PostgreSQL: a path or a model holding NUL or a lone surrogate
-is a row like any other (escaped)."""
+"""What a client writes reaches the request log and the gateway's log as text they can
+keep, through the real gateway process on a real PostgreSQL: a path or a model holding
+NUL or a lone surrogate is a row like any other (escaped), and a path holding CR LF
+is one line of the log, not two."""
 
 from __future__ import annotations
 
@@ -119,3 +120,15 @@ def test_a_model_holding_nul_or_a_lone_surrogate_is_a_row(gateway: Gateway) -> N
         (200, "\\ud800"),
     }
     assert stored["mock"]["model"] == "mock"
+
+
+def test_a_path_holding_cr_lf_is_one_line_of_the_log(gateway: Gateway) -> None:
+    forged = "2026-01-01 00:00:00,000 llamaserve.gateway request id=forged user=admin"
+    path = "/v1/x%0d%0a" + forged.replace(" ", "%20") + "%00%c2%85%e2%80%a8%1b[2J"
+    request_id = get(gateway.url, path).headers["x-request-id"]
+    gateway.rows(request_id)  # its line is written by now: as its row is queued
+    lines = gateway.log.read_bytes().decode().splitlines()
+    [line] = [line for line in lines if request_id in line]
+    assert "/v1/x\\r\\n2026-01-01 00:00:00,000 llamaserve.gateway" in line
+    assert "user=admin\\x00\\x85\\u2028\\x1b[2J status=404" in line
+    assert not [line for line in lines if line.startswith(forged[:20])]

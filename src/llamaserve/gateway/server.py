@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import uvicorn
 
+from llamaserve import logs
 from llamaserve.config import Layout, Settings
 from llamaserve.gateway.app import Gateway
 from llamaserve.heads import BoundedHeads, bounded_heads
@@ -90,7 +91,7 @@ class _Server(uvicorn.Server):
 def serve(settings: Settings, layout: Layout) -> None:
     """Serve until stopped. A gateway that cannot start (its database, its port) logs
     why and exits with uvicorn's status 3 (1 for a port it cannot bind)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.configure()  # every line escaped: a path may hold CR LF (see logs.py)
     print(
         f"llamaserve gateway: {settings.llama_proxy_host}:{settings.llama_proxy_port} -> "
         f"{settings.llama_server_backend_url}",
@@ -107,6 +108,7 @@ def serve(settings: Settings, layout: Layout) -> None:
         http=bounded_heads(settings.llama_header_timeout, _Protocol),  # httptools
         ws="none",  # no WebSocket: an upgrade is an ordinary request, refused as such
         lifespan="on",  # pools, clients, background tasks; a failed startup stops it
+        log_config=None,  # its lines go to the root logger's handler, escaped as all others
         log_level="warning",
         access_log=False,  # the gateway writes its own line per request, without secrets
         # The client address logged is the connection's: an X-Forwarded-For from a local
