@@ -1,0 +1,77 @@
+"""Bad input through the gateway: the request line to the engine holds none of the
+client's bytes undecoded, a body is checked as the engines check it, and nothing a client
+sends is a 5xx (against the real stack, each engine)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+
+from tests.engine.test_bad_input import BAD_BODIES, usage_of_stream
+from tests.gateway.conftest import Stack
+from tests.gateway.helpers import assert_envelope, post
+
+INJECTION = "/v1/models/x%20HTTP/1.1%0d%0aHost:%20a%0d%0a%0d%0aGET%20/v1/models/M"
+
+
+def raw_get(url: str, key: str, target: str) -> bytes:
+    """A GET of `target` exactly as given (no client library re-encodes it): the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}"
+                     "\r\nConnection: close\r\n\r\n".encode())  # fmt: skip
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_path_cannot_write_a_second_request_to_the_engine(stack: Stack, alice: str) -> None:
+    """The decoded path was written into the request line: the engine read two requests
+    (the second with the engine's key) and later answers went to the wrong clients."""
+    answer = raw_get(stack.gateway_url, alice, INJECTION)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404")
+    error = json.loads(body)["error"]
+    assert error["code"] == "model_not_found"
+    assert "x HTTP/1.1\r\nHost: a" in error["message"]  # one model id, whole
+    client = stack.client(alice)
+    for word in ("one", "two", "three"):
+        assert client.models.retrieve(stack.model).id == stack.model
+        completion = client.completions.create(
+            model=stack.model, prompt=word, max_tokens=2, echo=True, temperature=0
+        )
+        assert completion.choices[0].text.startswith(word)  # its own answer
+
+
+@pytest.mark.parametrize("model", ["%E2%80%A8", "%F0%9F%A6%99", "%ff", "%00", "a%0d%0ab"])
+def test_a_model_id_of_any_bytes_is_not_found(stack: Stack, alice: str, model: str) -> None:
+    headers = {"Authorization": f"Bearer {alice}"}
+    response = httpx.get(f"{stack.gateway_url}/v1/models/{model}", headers=headers, timeout=30)
+    assert assert_envelope(response, 404)["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("name", BAD_BODIES)
+def test_a_body_no_engine_can_take_is_a_400_at_the_gateway(
+    stack: Stack, alice: str, name: str
+) -> None:
+    body = BAD_BODIES[name].replace(b"%s", stack.model.encode())
+    assert assert_envelope(post(stack.gateway_url, alice, body), 400)["type"] == (
+        "invalid_request_error"
+    )
+
+
+def test_stream_options_are_checked_as_the_engines_check_them(stack: Stack, alice: str) -> None:
+    body = {"model": stack.model, "messages": [{"role": "user", "content": "Hi"}],
+            "stream": True, "stream_options": {"include_usage": "yes"}}  # fmt: skip
+    error = assert_envelope(post(stack.gateway_url, alice, json.dumps(body)), 400)
+    assert error["param"] == "stream_options.include_usage"
+
+
+def test_max_tokens_is_the_one_bound_through_the_gateway(stack: Stack, alice: str) -> None:
+    for lengths in ({"max_tokens": 4, "n_predict": 64}, {"max_tokens": 4, "n_predict": -1}):
+        usage = usage_of_stream(stack.gateway_url, alice, model=stack.model, **lengths)
+        assert 1 <= usage["completion_tokens"] <= 4
