@@ -31,5 +31,13 @@ def check_route(path: str, method: str) -> None:
     expected = method_of(path)
     if expected is None:
         raise NotFound(f"Unknown path {path}.", code="unknown_url")
+    check_method(path, method, expected)
+
+
+def check_method(path: str, method: str, expected: str) -> None:
+    """Refuse a method other than the one a route takes (405), naming that one in `Allow`
+    as HTTP asks of a 405."""
     if method != expected:
-        raise MethodNotAllowed(f"{path} takes {expected}, not {method}.")
+        raise MethodNotAllowed(
+            f"{path} takes {expected}, not {method}.", headers={"Allow": expected}
+        )

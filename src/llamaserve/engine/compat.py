@@ -41,7 +41,7 @@ from llamaserve.engine.protocol import (
     validate,
 )
 from llamaserve.errors import APIError, InternalError, openai_error, send_error, sse_error_event
-from llamaserve.routes import model_of
+from llamaserve.routes import check_method, model_of
 
 CHECKS = {"/v1/chat/completions": check_chat, "/v1/completions": check_completion}
 
@@ -162,10 +162,11 @@ class CompatMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["method"] == "GET" and scope["path"] == "/health":
-            await send_json(send, {"status": "ok", "slots": 1})
-            return
         try:
+            if scope["path"] == "/health":
+                check_method("/health", scope["method"], "GET")
+                await send_json(send, {"status": "ok", "slots": 1})
+                return
             check_route_and_key(scope, self.key)
         except APIError as error:
             await send_error(send, error)

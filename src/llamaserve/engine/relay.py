@@ -42,14 +42,13 @@ from llamaserve.engine.translate import (
 from llamaserve.errors import (
     APIError,
     InternalError,
-    MethodNotAllowed,
     ServiceUnavailable,
     UpstreamFailed,
     engine_error,
     send_error,
     sse_error_event,
 )
-from llamaserve.routes import model_of
+from llamaserve.routes import check_method, model_of
 
 MODEL_FIELDS = ("id", "object", "created", "owned_by")
 Hook = Callable[[], Awaitable[None]]
@@ -123,8 +122,7 @@ class Relay:
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
         if path == "/health":
-            if method != "GET":
-                raise MethodNotAllowed(f"{path} takes GET, not {method}.")
+            check_method(path, method, "GET")
             await self._health(send)
             return
         check_route_and_key(scope, self._key)

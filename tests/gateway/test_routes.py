@@ -1,0 +1,41 @@
+"""The gateway's refusals of a request's path or method, in process: they come before
+the key is read, so no database or engine is needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llamaserve.config import Settings, base_layout
+from llamaserve.gateway.app import Gateway
+from llamaserve.gateway.logbook import RequestLog
+from tests.conftest import ROOT
+from tests.gateway.helpers import assert_envelope
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Gateway:
+    """A gateway without its lifespan: its request rows are kept, never written."""
+    settings = Settings(_env_file=None, llama_runtime_dir=tmp_path)  # type: ignore[call-arg]
+    built = Gateway(settings, base_layout(ROOT, tmp_path))
+    built.requests = RequestLog(None, tmp_path / "spool")
+    return built
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [("GET", "/v1/chat/completions", "POST"), ("PUT", "/v1/completions", "POST"),
+     ("POST", "/v1/models", "GET"), ("DELETE", "/v1/models/some-model", "GET")],
+)  # fmt: skip
+async def test_a_wrong_method_is_405_naming_the_routes_method(
+    gateway: Gateway, method: str, path: str, allow: str
+) -> None:
+    transport = httpx.ASGITransport(app=gateway)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        response = await client.request(method, path)
+    assert_envelope(response, 405)
+    assert response.headers.get_list("allow") == [allow]
