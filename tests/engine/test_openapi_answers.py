@@ -1,12 +1,17 @@
 """Both engines' answers where OpenAI's API says more than the engines did: `Allow` on
-a 405."""
+a 405, `x-request-id` on every answer."""
 
 from __future__ import annotations
+
+import uuid
 
 import httpx
 import pytest
 
 from tests.conftest import ENVELOPE, Engine
+from tests.engine.test_openai_api import CHAT
+
+CLIENTS_ID = uuid.uuid4()
 
 
 @pytest.mark.parametrize(
@@ -27,3 +32,34 @@ def test_a_wrong_method_is_405_naming_the_routes_method(
     assert response.headers.get_list("allow") == [allow]
     error = response.json()["error"]
     assert set(error) == ENVELOPE and error["type"] == "invalid_request_error"
+
+
+def test_every_answer_has_a_request_id_of_its_own(engine: Engine) -> None:
+    auth = {"Authorization": f"Bearer {engine.api_key}"}
+    chat = {"model": engine.model, "messages": CHAT, "max_tokens": 2}
+    with httpx.Client(base_url=engine.base_url, timeout=60) as http:
+        answers = [
+            http.get("/health"),
+            http.get("/v1/models", headers=auth),
+            http.get("/v1/models", headers=auth),
+            http.get(f"/v1/models/{engine.model}", headers=auth),
+            http.post("/v1/chat/completions", json=chat, headers=auth),
+            http.post("/v1/chat/completions", json={**chat, "stream": True}, headers=auth),
+            http.post("/v1/completions", json={"model": engine.model}, headers=auth),
+            http.get("/v1/models"),
+            http.get("/v1/models", headers={"Authorization": "Bearer wrong-key"}),
+            http.get("/v1/unknown"),
+            http.get("/v1/chat/completions", headers=auth),
+            http.get("/v1/models/gpt-4o", headers=auth),
+            http.post("/v1/embeddings", json={"input": "Hi"}, headers=auth),
+            # A client's id is not the answer's (llama_cpp answered with it, or refused it).
+            http.get("/v1/models", headers={**auth, "X-Request-Id": "not-a-uuid"}),
+            http.get("/v1/models", headers={**auth, "X-Request-Id": str(CLIENTS_ID)}),
+            http.get("/v1/models", headers={**auth, "X-Request-Id": str(CLIENTS_ID)}),
+        ]
+    statuses = [200] * 6 + [400, 401, 401, 404, 405, 404, 404] + [200] * 3
+    assert [answer.status_code for answer in answers] == statuses
+    assert answers[5].headers["content-type"].startswith("text/event-stream")
+    ids = [answer.headers.get_list("x-request-id") for answer in answers]
+    assert all(len(found) == 1 and found[0] for found in ids), ids
+    assert len({found[0] for found in ids}) == len(answers)

@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llamaserve.engine.answers import RequestIds
 from llamaserve.errors import send_error, server_stopping, sse_error_event
 from llamaserve.heads import bounded_heads
 
@@ -97,7 +98,7 @@ def serve(
     """The server for an engine's front `app` (not yet running)."""
     ending = EndOnStop(app)
     config = uvicorn.Config(
-        ending,
+        RequestIds(ending),  # outside: the stop's own answers get their id too
         host=host,
         port=port,
         http=bounded_heads(header_timeout),  # httptools, heads bounded (see heads.py)

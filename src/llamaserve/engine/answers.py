@@ -1,0 +1,37 @@
+"""What both engines' fronts put into their answers where the engines leave out what
+OpenAI's API has: an `x-request-id` on every answer, as OpenAI and the gateway send.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class RequestIds:
+    """ASGI middleware: every answer carries an `x-request-id` of its own, never a
+    client's: llama_cpp.server answered with the id a request sent (the same on every
+    request that sends it) and refused one that is no UUID."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = (b"x-request-id", uuid.uuid4().hex.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*_without_id(message.get("headers", ())), header]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app({**scope, "headers": _without_id(scope["headers"])}, receive, send_with_id)
+
+
+def _without_id(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, value in headers if name.lower() != b"x-request-id"]
