@@ -1,5 +1,6 @@
-"""Both engines' answers where OpenAI's API says more than the engines did: `Allow` on
-a 405, `x-request-id` on every answer."""
+"""Both engines' answers against OpenAI's own OpenAPI description (tests/openapi.py), and
+the headers a fuzzing with it found missing: `Allow` on a 405, `x-request-id` on every
+answer."""
 
 from __future__ import annotations
 
@@ -8,10 +9,29 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import ENVELOPE, Engine
+from tests.conftest import ENVELOPE, Engine, default_model
 from tests.engine.test_openai_api import CHAT
+from tests.openapi import OpenAPI, openapi
 
 CLIENTS_ID = uuid.uuid4()
+
+
+@pytest.fixture(scope="module")
+def spec() -> OpenAPI:
+    return openapi()
+
+
+def test_a_models_created_is_its_files_time(engine: Engine, spec: OpenAPI) -> None:
+    """llama-server said the time of each call, llama_cpp nothing."""
+    created = int(default_model().stat().st_mtime)
+    client = engine.client()
+    for _ in range(2):  # the same on every call
+        listing = client.models.with_raw_response.list()
+        spec.check("ListModelsResponse", listing.http_response.json())
+        assert [model.created for model in listing.parse().data] == [created]
+        model = client.models.with_raw_response.retrieve(engine.model)
+        spec.check("Model", model.http_response.json())
+        assert model.parse().created == created
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,31 @@
 """What both engines' fronts put into their answers where the engines leave out what
-OpenAI's API has: an `x-request-id` on every answer, as OpenAI and the gateway send.
+OpenAI's API has: a model's `created`, which its description requires, and an
+`x-request-id` on every answer, as OpenAI and the gateway send.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+def model_list(listing: dict[str, Any], created: int) -> dict[str, Any]:
+    """An engine's `/v1/models` as OpenAI's, with `created` the model file's time:
+    llama-server says the time of the call, and llama_cpp nothing."""
+    data = [
+        {
+            "id": model.get("id"),
+            "object": "model",
+            "created": created,
+            "owned_by": model.get("owned_by"),
+        }
+        for model in listing.get("data", [])
+        if isinstance(model, dict)
+    ]
+    return {"object": "list", "data": data}
 
 
 class RequestIds:

@@ -11,7 +11,7 @@
   refused instead of silently ignored), then by llama_cpp's own models; `/v1/embeddings`
   is a 404 (the model is loaded for generation only);
 - `GET /v1/models/{model}` (OpenAI's "retrieve model", which the server lacks) answers
-  from its model list;
+  from its model list, whose models get the `created` the server leaves out;
 - `GET /health` (no key) answers `{"status": "ok", "slots": 1}`: it runs one request at a time;
 - an exception once a stream has started ends it with an error event and `[DONE]`.
 """
@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llamaserve.engine.answers import model_list
 from llamaserve.engine.protocol import (
     check_chat,
     check_completion,
@@ -149,12 +150,14 @@ class CompatMiddleware:
         *,
         api_key: SecretStr,
         model_id: str,
+        created: int,
         schemas: dict[str, type[BaseModel]] | None = None,
         fold_system: bool = False,
     ) -> None:
         self.app = app
         self.key = api_key.get_secret_value().encode()
         self.model_id = model_id
+        self.created = created  # of the model, in its listing
         self.schemas = schemas or {}
         self.fold_system = fold_system
 
@@ -171,9 +174,9 @@ class CompatMiddleware:
         except APIError as error:
             await send_error(send, error)
             return
-        model = model_of(scope["path"]) if scope["method"] == "GET" else None
-        if model is not None:
-            await self._retrieve_model(scope, receive, send, model)
+        model = model_of(scope["path"])
+        if scope["path"] == "/v1/models" or model is not None:
+            await self._models(scope, receive, send, model)
             return
         if scope["path"] == "/v1/embeddings":
             await send_error(send, no_embeddings(self.model_id))
@@ -201,8 +204,9 @@ class CompatMiddleware:
         finally:
             current_usage.reset(token)
 
-    async def _retrieve_model(self, scope: Scope, receive: Receive, send: Send, model: str) -> None:
-        """The entry of the server's own model list (which checks the key) for `model`."""
+    async def _models(self, scope: Scope, receive: Receive, send: Send, model: str | None) -> None:
+        """The server's own model list (which checks the key) as OpenAI's, or its entry
+        for `model`."""
         listing = _Captured()
         path = {"path": "/v1/models", "raw_path": b"/v1/models"}
         await self.app({**scope, **path}, receive, listing.send)
@@ -211,12 +215,13 @@ class CompatMiddleware:
             for message in listing.messages:
                 await mender.send(message)
             return
+        models = model_list(json.loads(listing.body), self.created)
         try:
-            entry = retrieve_model(json.loads(listing.body), model, self.model_id)
+            answer = models if model is None else retrieve_model(models, model, self.model_id)
         except APIError as error:
             await send_error(send, error)
             return
-        await send_json(send, entry)
+        await send_json(send, answer)
 
 
 class _Captured:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llamaserve.config import ConfigError, Layout, Settings
+from llamaserve.engine.models import model_created
 from llamaserve.install import installed_llama_server
 
 if TYPE_CHECKING:
@@ -182,6 +183,7 @@ class Launcher:
             upstream_url=f"http://127.0.0.1:{self.port}",
             api_key=self.settings.llama_server_api_key,
             model_id=self.model.name,
+            created=model_created(self.model),
             slots=self.settings.llama_parallel,
             native_tools=not self.settings.llama_chat_format,
             on_startup=self.startup,

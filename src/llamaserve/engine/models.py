@@ -49,3 +49,9 @@ def check_gguf(path: Path) -> None:
         magic = f.read(len(GGUF_MAGIC))
     if magic != GGUF_MAGIC:
         raise ConfigError(f"{path} is not a GGUF file (it does not begin with the GGUF magic)")
+
+
+def model_created(path: Path) -> int:
+    """The model's `created` in OpenAI's model list: its file's modification time, the
+    same on every call and on both engines."""
+    return int(path.stat().st_mtime)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from llamaserve.config import Settings
 from llamaserve.engine.compat import CompatMiddleware, current_usage
+from llamaserve.engine.models import model_created
 
 
 def _add_missing_request_fields() -> None:
@@ -92,6 +93,7 @@ def build_app(settings: Settings, model: Path) -> CompatMiddleware:
         app,
         api_key=settings.llama_server_api_key,
         model_id=model.name,
+        created=model_created(model),
         schemas=schemas,
         fold_system=settings.llama_chat_format == "gemma",  # llama_cpp's drops system turns
     )

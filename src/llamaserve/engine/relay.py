@@ -23,6 +23,7 @@ import aiohttp
 from pydantic import SecretStr
 from starlette.types import Receive, Scope, Send
 
+from llamaserve.engine.answers import model_list
 from llamaserve.engine.protocol import (
     check_chat,
     check_completion,
@@ -50,7 +51,6 @@ from llamaserve.errors import (
 )
 from llamaserve.routes import check_method, model_of
 
-MODEL_FIELDS = ("id", "object", "created", "owned_by")
 Hook = Callable[[], Awaitable[None]]
 
 
@@ -63,6 +63,7 @@ class Relay:
         upstream_url: str,
         api_key: SecretStr,
         model_id: str,
+        created: int,
         slots: int,
         native_tools: bool,
         on_startup: Hook | None = None,
@@ -70,6 +71,7 @@ class Relay:
     ) -> None:
         self.upstream_url = upstream_url.rstrip("/")
         self.model_id = model_id
+        self.created = created  # of the model, in its listing
         self.slots = slots
         self.native_tools = native_tools
         self._key = api_key.get_secret_value().encode()
@@ -138,9 +140,7 @@ class Relay:
             await until_disconnected(self._generate(path, translator, send), receive)
 
     async def _models(self) -> dict[str, Any]:
-        models = await self._call("GET", "/v1/models")
-        data = [{key: model.get(key) for key in MODEL_FIELDS} for model in models["data"]]
-        return {"object": "list", "data": data}
+        return model_list(await self._call("GET", "/v1/models"), self.created)
 
     async def _health(self, send: Send) -> None:
         async with self._request("GET", "/health") as response:
