@@ -1,6 +1,7 @@
 """What both engines' fronts put into their answers where the engines leave out what
-OpenAI's API has: a model's `created`, which its description requires, and an
-`x-request-id` on every answer, as OpenAI and the gateway send.
+OpenAI's API has: a chat answer's `refusal` and a model's `created`, which its
+description requires, and an `x-request-id` on every answer, as OpenAI and the gateway
+send.
 """
 
 from __future__ import annotations
@@ -10,6 +11,19 @@ from collections.abc import Iterable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+def with_refusal(choice: dict[str, Any]) -> dict[str, Any]:
+    """A chat choice with the `refusal` OpenAI's schema requires, null (these models do
+    not refuse through it): in a whole answer's `message` and in a `logprobs` object,
+    streamed or not. A stream's `delta` does not require it; a token's entry has none."""
+    message = choice.get("message")
+    if isinstance(message, dict):
+        message.setdefault("refusal", None)
+    logprobs = choice.get("logprobs")
+    if isinstance(logprobs, dict):
+        logprobs.setdefault("refusal", None)
+    return choice
 
 
 def model_list(listing: dict[str, Any], created: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@
   is a 404 (the model is loaded for generation only);
 - `GET /v1/models/{model}` (OpenAI's "retrieve model", which the server lacks) answers
   from its model list, whose models get the `created` the server leaves out;
+- a whole chat answer gets the `refusal` OpenAI requires (`answers.with_refusal`);
 - `GET /health` (no key) answers `{"status": "ok", "slots": 1}`: it runs one request at a time;
 - an exception once a stream has started ends it with an error event and `[DONE]`.
 """
@@ -27,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llamaserve.engine.answers import model_list
+from llamaserve.engine.answers import model_list, with_refusal
 from llamaserve.engine.protocol import (
     check_chat,
     check_completion,
@@ -196,7 +197,8 @@ class CompatMiddleware:
             scope, receive = _with_body(scope, rewritten.body, receive)
         usage = Usage()
         token = current_usage.set(usage)
-        mender = ResponseMender(send, usage if include_usage else None, echo)
+        chat = scope["path"] == "/v1/chat/completions"
+        mender = ResponseMender(send, usage if include_usage else None, echo, chat=chat)
         try:
             await self.app(scope, receive, mender.send)
         except Exception as exc:
@@ -243,14 +245,18 @@ class _Captured:
 
 
 class ResponseMender:
-    """Wraps `send`: envelopes error bodies, adds the usage chunk, ends failed streams cleanly."""
+    """Wraps `send`: envelopes error bodies, mends a whole chat answer (`chat`), adds the
+    usage chunk, ends failed streams cleanly."""
 
-    def __init__(self, send: Send, usage: Usage | None, echo: str | None = None) -> None:
+    def __init__(
+        self, send: Send, usage: Usage | None, echo: str | None = None, *, chat: bool = False
+    ) -> None:
         self._send = send
         self._usage = usage
         self._echo = echo
-        self._start: Message | None = None
-        self._error_body = b""
+        self._chat = chat
+        self._start: Message | None = None  # of an answer held until its body is whole
+        self._held = b""
         self._last_chunk: dict[str, Any] = {}
         self._named: set[tuple[int, int | str]] = set()  # (choice, call) whose name went out
         self.streaming = False
@@ -261,7 +267,7 @@ class ResponseMender:
         if message["type"] == "http.response.start":
             await self._on_start(message)
         elif message["type"] == "http.response.body" and self._start is not None:
-            await self._on_error_body(message)
+            await self._on_held_body(message)
         elif message["type"] == "http.response.body" and self.streaming:
             await self._on_stream_body(message)
         else:
@@ -281,26 +287,29 @@ class ResponseMender:
     async def _on_start(self, message: Message) -> None:
         headers = dict(message.get("headers", []))
         content_type = headers.get(b"content-type", b"")
-        if message["status"] >= 400 and content_type.startswith(b"application/json"):
-            self._start = message  # hold it until the whole error body is seen
+        if content_type.startswith(b"application/json") and (
+            message["status"] >= 400 or self._chat
+        ):
+            self._start = message  # an error to envelope, or a chat answer to mend
             return
         self.streaming = content_type.startswith(b"text/event-stream")
         self.started = True
         await self._send(message)
 
-    async def _on_error_body(self, message: Message) -> None:
-        self._error_body += message.get("body", b"")
+    async def _on_held_body(self, message: Message) -> None:
+        self._held += message.get("body", b"")
         if message.get("more_body"):
             return
         assert self._start is not None
-        status = self._start["status"]
-        error = openai_error(status, self._error_body)
+        start, body = self._start, self._held
         self.started = self.finished = True
-        if error is None:
-            await self._send(self._start)
-            await self._send({"type": "http.response.body", "body": self._error_body})
-        else:
-            await send_error(self._send, error, status=status)
+        if start["status"] < 400:  # a chat answer
+            start, body = _with_refusals(start, body)
+        elif (error := openai_error(start["status"], body)) is not None:
+            await send_error(self._send, error, status=start["status"])
+            return
+        await self._send(start)
+        await self._send({"type": "http.response.body", "body": body})
 
     async def _on_stream_body(self, message: Message) -> None:
         chunk: bytes = message.get("body", b"")
@@ -368,6 +377,21 @@ class ResponseMender:
             "usage": self._usage.as_dict(),
         }
         return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def _with_refusals(start: Message, raw: bytes) -> tuple[Message, bytes]:
+    """A whole chat answer with the `refusal` OpenAI requires (llama_cpp leaves it out of
+    the message), and the start of the answer with its new length."""
+    try:
+        answer = json.loads(raw)
+        choices = answer["choices"]
+    except (ValueError, KeyError, TypeError):
+        return start, raw  # not a chat answer: passed on as it is
+    for choice in choices:
+        with_refusal(choice)
+    body = json.dumps(answer).encode()
+    headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
+    return {**start, "headers": [*headers, (b"content-length", b"%d" % len(body))]}, body
 
 
 def _with_body(scope: Scope, body: bytes, original: Receive) -> tuple[Scope, Receive]:

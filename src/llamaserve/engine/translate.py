@@ -13,7 +13,8 @@ from the chunks. On the way:
 - `json_object` is held to an object (llama-server allows any JSON value);
 - chat logprobs keep the number of alternatives asked for (llama-server gives 20 when
   none are asked for), and /v1/completions logprobs take their legacy shape;
-- usage leaves every chunk and comes, only when asked for, as a last chunk without choices.
+- usage leaves every chunk and comes, only when asked for, as a last chunk without choices;
+- a chat answer gets the `refusal` OpenAI requires (`answers.with_refusal`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from llamaserve.engine.answers import with_refusal
 from llamaserve.engine.protocol import json_schema_of, prompts
 from llamaserve.errors import InvalidRequest
 
@@ -87,7 +89,7 @@ class Translator:
         return {**self.head, "choices": [], "usage": self.usage}
 
     def _chat_choice(self, choice: dict[str, Any]) -> None:
-        logprobs = choice.get("logprobs")
+        logprobs = with_refusal(choice).get("logprobs")
         if isinstance(logprobs, dict):
             for item in logprobs.get("content") or ():
                 _trim(item, self.top_logprobs or 0)
@@ -254,7 +256,8 @@ class Assembler:
 
     def result(self, usage: dict[str, int] | None) -> dict[str, Any]:
         choices = [self.choices[index] for index in sorted(self.choices)]
-        for message in (choice["message"] for choice in choices if self.kind == "chat"):
+        for choice in choices if self.kind == "chat" else ():
+            message = with_refusal(choice)["message"]
             if message["content"] is None and not {"tool_calls", "function_call"} & set(message):
                 message["content"] = ""
         kind = "chat.completion" if self.kind == "chat" else "text_completion"
