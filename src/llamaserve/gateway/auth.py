@@ -18,14 +18,19 @@ _DUMMY_HASH = keys.hash_key("lsk_0000000000_" + "0" * 43)
 class Authenticator:
     """Turns an Authorization header into a key id, or raises AuthenticationFailed.
 
-    A key's hash never changes (rotating makes a new key id), so hashes are cached;
-    whether the key is still valid is checked on every request by the admission query.
+    A key's hash never changes (rotating makes a new key id), so the hashes of accepted
+    keys are cached and a right key passes without a round trip; whether the key is
+    still valid is checked on every request by the admission query. A key that does not
+    match is never refused from the cache: every refusal asks the database as one of an
+    unknown key id does, so that neither its time nor its answer (a 503 when the
+    database cannot answer) tells which key ids exist. Unknown ids are not remembered:
+    a key made a moment ago, through any gateway's database, works at once.
     """
 
     def __init__(self, pool: Any, engine_key: SecretStr, cache_size: int = 10_000) -> None:
         self._pool = pool
         self._engine_key = engine_key.get_secret_value().encode()
-        self._hashes: OrderedDict[str, bytes | None] = OrderedDict()
+        self._hashes: OrderedDict[str, bytes] = OrderedDict()
         self._cache_size = cache_size
 
     async def authenticate(self, authorization: bytes | None) -> str:
@@ -38,24 +43,24 @@ class Authenticator:
                     code="invalid_api_key",
                 )
             raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
-        stored = await self._stored_hash(key_id)
-        # Compare even for an unknown key id, so that timing tells nothing about which exist.
-        matches = hmac.compare_digest(keys.hash_key(key), stored or _DUMMY_HASH)
-        if stored is None or not matches:
+        digest = keys.hash_key(key)
+        cached = self._hashes.get(key_id)
+        if cached is not None and hmac.compare_digest(digest, cached):
+            self._hashes.move_to_end(key_id)
+            return key_id
+        with database_errors():
+            stored = await limits.key_hash(self._pool, key_id=key_id)
+        # Compared even for an unknown key id, so that it takes the same time as a known one;
+        # nothing is cached before the key is accepted, so that neither refusal does more.
+        if not hmac.compare_digest(digest, stored or _DUMMY_HASH) or stored is None:
             raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
+        self._remember(key_id, stored)
         return key_id
 
     def forget(self, key_id: str) -> None:
         self._hashes.pop(key_id, None)
 
-    async def _stored_hash(self, key_id: str) -> bytes | None:
-        if key_id in self._hashes:
-            self._hashes.move_to_end(key_id)
-            return self._hashes[key_id]
-        with database_errors():
-            stored = await limits.key_hash(self._pool, key_id=key_id)
-        if stored is not None:  # unknown ids are not cached: the key may be created soon
-            self._hashes[key_id] = stored
-            if len(self._hashes) > self._cache_size:
-                self._hashes.popitem(last=False)
-        return stored
+    def _remember(self, key_id: str, stored: bytes) -> None:
+        self._hashes[key_id] = stored
+        if len(self._hashes) > self._cache_size:
+            self._hashes.popitem(last=False)
