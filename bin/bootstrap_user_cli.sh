@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/llamaserve ]; then
   ./runtime/install.sh
 fi
 if [ ! -f .env ]; then
-  cp .env.example .env
+  (umask 077 && cp .env.example .env)  # never readable by others, not even for a moment
   chmod 600 .env
   echo "bootstrap_user_cli.sh: created .env from .env.example (database settings: POSTGRES_AUTH_*)"
 fi

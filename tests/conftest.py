@@ -59,6 +59,7 @@ def write_config(runtime: Path, **values: str) -> None:
         lines = [line for line in lines if not line.startswith(f"{key}=")]
         lines.append(f'{key}="{value}"')
     (runtime / "config.env").write_text("\n".join(lines) + "\n")
+    (runtime / "config.env").chmod(0o600)  # as install.sh writes it: it holds the engine's key
 
 
 def run(

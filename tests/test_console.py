@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -465,3 +466,60 @@ def test_start_says_what_a_service_slow_to_be_ready_waits_for(
     assert "gateway not ready yet (Not ready: engine: not reachable); waiting up to 3s" in said
     assert "did not become ready within 3s" in said
     assert plan.service.running() is None  # stopped
+
+
+def test_setting_files_with_a_secret_are_made_private_once(tmp_path: Path) -> None:
+    """`.env` as `cp .env.example .env` leaves it (644), with a password, and a config.env
+    readable by others: console.sh makes both 600 and says so, once."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    shutil.copy(ROOT / "console.sh", clone)
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    env_file = clone / ".env"
+    env_file.write_text('POSTGRES_AUTH_PASSWORD="pw"\n')
+    env_file.chmod(0o644)
+    project = make_project(tmp_path / "rt")
+    config = project.runtime / "config.env"
+    config.chmod(0o640)
+
+    def status() -> list[str]:
+        result = run([str(clone / "console.sh"), "status"], project.env)
+        assert result.returncode == console.EXIT_STOPPED, result.stdout + result.stderr
+        return result.stderr.splitlines()
+
+    assert status() == [
+        f"llamaserve: warning: {env_file} holds POSTGRES_AUTH_PASSWORD and was readable by "
+        "others (mode 644): made it 600",
+        f"llamaserve: warning: {config} holds LLAMA_SERVER_API_KEY and was readable by "
+        "others (mode 640): made it 600",
+    ]
+    for path in (env_file, config):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert status() == []  # said once
+
+
+def test_service_logs_are_the_operators_alone(tmp_path: Path) -> None:
+    """New logs are 600 in a 700 directory; those earlier versions left (644 in 755) are
+    tightened."""
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
+    logs.chmod(0o755)
+    (logs / "engine.log").write_text("earlier\n")
+    (logs / "engine.log").chmod(0o644)
+    for name, where in (("engine", logs), ("gateway", tmp_path / "new" / "logs")):
+        plan = console.Plan(
+            service=Service(name, tmp_path / "run", where),
+            argv=[sys.executable, "-c", "print('started')"],
+            env=dict(os.environ),
+            ready_url=f"http://127.0.0.1:{free_port()}/ready",
+            headers={},
+            host="127.0.0.1",
+            port=0,
+            info={},
+        )
+        assert not console.launch(plan, timeout=10, stop_timeout=5, out=io.StringIO())
+        assert "started" in plan.service.logfile.read_text()
+        assert stat.S_IMODE(plan.service.logfile.stat().st_mode) == 0o600
+    assert (logs / "engine.log").read_text().startswith("earlier\n")
+    assert stat.S_IMODE(logs.stat().st_mode) == 0o750  # the group is the operator's
+    assert stat.S_IMODE((tmp_path / "new" / "logs").stat().st_mode) == 0o700

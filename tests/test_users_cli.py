@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -430,3 +431,26 @@ def test_bootstrap_installs_when_needed(tmp_path: Path, cli: Cli) -> None:
     assert "running ./runtime/install.sh" in result.stdout and "install ran" in result.stdout
     assert "database OK" in result.stdout
     assert os.path.islink(root / ".venv")
+
+
+def test_bootstrap_makes_an_env_with_a_password_private(tmp_path: Path, cli: Cli) -> None:
+    root = project_copy(tmp_path)
+    env_file = root / ".env"
+    shutil.copy(root / ".env.example", env_file)  # as the README says: mode 644
+    env_file.chmod(0o644)
+
+    def bootstrap() -> list[str]:
+        result = run(root / "bin" / "bootstrap_user_cli.sh", env=cli.database.env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return [line for line in result.stderr.splitlines() if "warning" in line]
+
+    assert bootstrap() == [] and stat.S_IMODE(env_file.stat().st_mode) == 0o644  # no secret
+    text = env_file.read_text().replace('POSTGRES_AUTH_PASSWORD=""', 'POSTGRES_AUTH_PASSWORD="pw"')
+    env_file.write_text(text)
+    [warning] = bootstrap()
+    assert warning.startswith("user_management_cli.sh: warning: ")
+    assert warning.endswith(
+        ".env holds POSTGRES_AUTH_PASSWORD and was readable by others (mode 644): made it 600"
+    )
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert bootstrap() == []  # said once

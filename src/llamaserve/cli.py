@@ -17,6 +17,7 @@ from llamaserve.config import (
     Settings,
     base_layout,
     load_settings,
+    protect_setting_files,
     unknown_settings,
 )
 
@@ -116,6 +117,8 @@ class _Unread(io.TextIOBase):
 def run(args: argparse.Namespace) -> int:
     from llamaserve import console
 
+    for warning in protect_setting_files(base_layout()):
+        print(f"llamaserve: warning: {warning}", file=sys.stderr)
     if args.command == "logs":  # needs no settings: readable whatever the config says
         return console.logs(base_layout(), args.lines, not args.no_follow, args.service)
     if args.command == "stop":

@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -296,6 +297,36 @@ def unknown_settings(layout: Layout) -> list[str]:
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 warnings.append(f"{_shown(file)}: {name} is not a setting and is ignored{hint}")
     return warnings
+
+
+def protect_setting_files(layout: Layout) -> list[str]:
+    """Make each setting file that gives a secret (a password, a key) a value readable by
+    its owner alone (mode 600); a warning for each file that was readable by others."""
+    warnings = []
+    for file in _setting_files(layout):
+        try:
+            mode = stat.S_IMODE(file.stat().st_mode)
+        except OSError:  # missing: nothing to protect
+            continue
+        held = secrets_in(file)
+        if not mode & 0o077 or not held:
+            continue
+        said = f"{_shown(file)} holds {', '.join(held)} and was readable by others (mode {mode:o})"
+        try:
+            file.chmod(0o600)
+        except OSError as exc:
+            warnings.append(f"{said}; it could not be made 600 ({exc.strerror}): chmod 600 it")
+        else:
+            warnings.append(f"{said}: made it 600")
+    return warnings
+
+
+def secrets_in(file: Path) -> list[str]:
+    """The secret settings (typed SecretStr) to which a setting file gives a value."""
+    fields = Settings.model_fields.items()
+    secret = {name.upper() for name, field in fields if field.annotation is SecretStr}
+    given = [b.key.upper() for b in _bindings(file) if b.key and not b.error and b.value]
+    return sorted(secret.intersection(given))
 
 
 def _setting_files(layout: Layout) -> tuple[Path, Path]:

@@ -17,7 +17,14 @@ from datetime import timedelta
 import asyncpg
 
 from llamaserve import user_commands as commands
-from llamaserve.config import ConfigError, Layout, Settings, load_settings
+from llamaserve.config import (
+    ConfigError,
+    Layout,
+    Settings,
+    base_layout,
+    load_settings,
+    protect_setting_files,
+)
 from llamaserve.store import cluster, db, migrations
 from llamaserve.store.errors import StoreError
 from llamaserve.user_commands import CLI, Context, Duration, Handler
@@ -40,6 +47,8 @@ Add --help to any command for its options and an example.
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for warning in protect_setting_files(base_layout()):
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
         settings, layout = load_settings()
         cluster.ensure_running(settings, layout, out=sys.stderr)
         return asyncio.run(_run(args, settings, layout))

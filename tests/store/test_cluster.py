@@ -108,3 +108,26 @@ def test_a_directory_the_postgres_user_cannot_enter(pg_cluster: PgCluster, tmp_p
     private.mkdir(mode=0o700)
     with pytest.raises(ConfigError, match=r"runs as user postgres .* cannot enter .*chmod o\+x"):
         cluster.ensure_running(pg_cluster.settings("x"), layout_in(private))
+
+
+def test_the_log_is_not_for_others(pg_cluster: PgCluster, spare_root: Path) -> None:
+    """The logs directory and postgres.log as earlier versions left them (755 and 644) are
+    tightened, and the server, the postgres user when we are root, still writes its log."""
+    layout = layout_in(spare_root)
+    log = cluster.log_file(layout)
+    log.parent.mkdir(parents=True)
+    log.parent.chmod(0o755)
+    log.write_text("earlier\n")
+    log.chmod(0o644)
+    try:
+        cluster.ensure_running(pg_cluster.settings("logs"), layout)
+        assert stat.S_IMODE(log.parent.stat().st_mode) == 0o750  # no more for its group
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+        if AS_ROOT:  # the directory's group is the server's, so that it can reach its log
+            postgres = pwd.getpwnam("postgres")
+            assert log.parent.stat().st_gid == postgres.pw_gid
+            assert log.stat().st_uid == postgres.pw_uid
+        assert cluster.stop(layout, timeout=5) is True
+        assert "shut down" in log.read_text()  # written by the server to the end
+    finally:
+        cluster.stop(layout, timeout=5)
