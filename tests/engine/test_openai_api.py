@@ -517,15 +517,20 @@ def test_embeddings_are_a_404_naming_the_model(client: OpenAI, engine: Engine) -
 
 @pytest.mark.parametrize(
     ("body", "param"),
-    [(b"{not json", None), (b"[1, 2]", None), (b'{"messages": "not a list"}', "messages")],
-    ids=["malformed", "not-an-object", "wrong-type"],
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b'{"model": "MODEL", "messages": "not a list"}', "messages"),
+        (b'{"messages": [{"role": "user", "content": "Hi"}]}', "model"),
+    ],
+    ids=["malformed", "not-an-object", "wrong-type", "no-model"],
 )
 def test_bad_requests_are_400_envelopes(engine: Engine, body: bytes, param: str | None) -> None:
     import httpx
 
     response = httpx.post(
         f"{engine.base_url}/v1/chat/completions",
-        content=body,
+        content=body.replace(b"MODEL", engine.model.encode()),
         headers={"Authorization": f"Bearer {engine.api_key}", "Content-Type": "application/json"},
     )
     assert response.status_code == 400

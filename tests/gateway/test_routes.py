@@ -39,3 +39,15 @@ async def test_a_wrong_method_is_405_naming_the_routes_method(
         response = await client.request(method, path)
     assert_envelope(response, 405)
     assert response.headers.get_list("allow") == [allow]
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/health"), ("DELETE", "/ready")])
+async def test_health_and_readiness_take_get_only(gateway: Gateway, method: str, path: str) -> None:
+    """They answered 200 to any method."""
+    transport = httpx.ASGITransport(app=gateway)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        response = await client.request(method, path)
+        health = await client.get("/health")
+    assert_envelope(response, 405, proxied=False)
+    assert response.headers.get_list("allow") == ["GET"]
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})

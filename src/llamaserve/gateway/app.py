@@ -12,7 +12,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from llamaserve.config import Layout, Settings
-from llamaserve.errors import ServiceUnavailable, send_error
+from llamaserve.errors import APIError, ServiceUnavailable, send_error
 from llamaserve.gateway import database
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.engines import EngineWatch
@@ -22,6 +22,7 @@ from llamaserve.gateway.limits import Admissions
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.scheduling import Engine, Limits, Scheduler
 from llamaserve.gateway.upstream import Upstream
+from llamaserve.routes import check_method
 from llamaserve.store import db, migrations
 
 log = logging.getLogger("llamaserve.gateway")
@@ -62,12 +63,19 @@ class Gateway:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif scope["type"] == "http":
-            if scope["path"] == "/health":
-                await _send_json(send, 200, {"status": "ok"})
-            elif scope["path"] == "/ready":
-                await self._ready(send)
-            else:
+            path = scope["path"]
+            if path not in ("/health", "/ready"):
                 await Exchange(self, scope, receive, send).run()
+                return
+            try:
+                check_method(path, scope["method"], "GET")
+            except APIError as error:
+                await send_error(send, error)
+                return
+            if path == "/health":
+                await _send_json(send, 200, {"status": "ok"})
+            else:
+                await self._ready(send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
