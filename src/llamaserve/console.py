@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
-from llamaserve import logfiles
 from llamaserve.config import ConfigError, Layout, Settings, is_engine_url, split_urls
 from llamaserve.engine import llama_server
 from llamaserve.engine.models import resolve_model
 from llamaserve.engine.process import ProcessRecord, Service, Stopped
+from llamaserve.logs import private_log
 from llamaserve.readiness import Answer, Start, ask, wait_until_ready
 from llamaserve.store import cluster
 
@@ -281,7 +281,7 @@ def launch(plan: Plan, timeout: float, stop_timeout: float, out: TextIO) -> bool
     service = plan.service
     print(f"llamaserve: starting {service.name} (log: {service.logfile})", file=out, flush=True)
     began = time.monotonic()
-    logfiles.private_log(service.logfile)
+    private_log(service.logfile)
     proc = service.spawn(plan.argv, env=plan.env, info=plan.info)
     start = wait_until_ready(
         plan.ready_url, proc, min(timeout, NOTICE), headers=plan.headers, interval=0.25

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from llamaserve import logfiles
+from llamaserve import logs
 from llamaserve.config import ConfigError, Layout, Settings
 
 PORT = 5432  # names the socket file only: the private cluster listens on no TCP port
@@ -204,13 +204,13 @@ def _write_config(layout: Layout, owner: pwd.struct_passwd | None) -> None:
 
 def _prepare(layout: Layout, owner: pwd.struct_passwd | None) -> None:
     """The data and socket directories and the log file, owned by the server's user; the
-    logs' directory is ours, and the server's group may enter it (see logfiles.py)."""
+    logs' directory is ours, and the server's group may enter it (see logs.py)."""
     for directory in (data_dir(layout), socket_dir(layout)):
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o700)
         _give(directory, owner)
     # Readable by the operator (root reads any file) and the server, who appends to it.
-    logfiles.private_log(log_file(layout), group=None if owner is None else owner.pw_gid)
+    logs.private_log(log_file(layout), group=None if owner is None else owner.pw_gid)
     _give(log_file(layout), owner)
     if owner is not None:
         for path in (data_dir(layout), socket_dir(layout), log_file(layout)):
