@@ -22,7 +22,7 @@ from bench import chart, cpu, fairness, machine, memory, model, overhead, report
 from bench.integrity import Ledger
 from bench.load import Target
 from bench.progress import say
-from bench.stack import PASSTHROUGH, ROOT, BenchError, Stack
+from bench.stack import ROOT, BenchError, Stack, take_environment
 
 SCENARIOS = ("overhead", "model", "fairness")
 # Tried in this order; fairness runs on the first that starts.
@@ -81,7 +81,7 @@ def _names(allowed: Sequence[str]) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _stopped)  # like Ctrl-C: the stack is stopped on the way out
-    passthrough = _take_environment()
+    passthrough = take_environment()
     mode = "quick" if args.quick else "full"
     stem = "bench-" + time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     results: dict[str, Any] = {"meta": {**machine.machine(), "mode": mode, "argv": sys.argv}}
@@ -110,16 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _stopped(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-def _take_environment() -> dict[str, str]:
-    """The user's settings that carry over; then none are left to leak into this process's
-    own reading of the stack's settings."""
-    passthrough = {name: os.environ[name] for name in PASSTHROUGH if name in os.environ}
-    for name in list(os.environ):
-        if name.startswith(("LLAMA_", "POSTGRES_")):
-            del os.environ[name]
-    return passthrough
 
 
 @dataclass

@@ -64,6 +64,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def take_environment() -> dict[str, str]:
+    """The user's settings that carry over (PASSTHROUGH); then none are left to leak into
+    this process's own reading of the stack's settings."""
+    passthrough = {name: os.environ[name] for name in PASSTHROUGH if name in os.environ}
+    for name in list(os.environ):
+        if name.startswith(("LLAMA_", "POSTGRES_")):
+            del os.environ[name]
+    return passthrough
+
+
 def isolated_environment(environ: dict[str, str]) -> dict[str, str]:
     """The environment for the stack's commands: none of the caller's Llamaserve settings."""
     env = {k: v for k, v in environ.items() if not k.startswith(("LLAMA_", "POSTGRES_"))}
