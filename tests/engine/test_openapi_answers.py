@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import ENVELOPE, Engine, default_model
-from tests.engine.test_openai_api import CHAT, FORCED_RECORD
+from tests.engine.test_openai_api import CHAT, FORCED_RECORD, PERSON
 from tests.openapi import OpenAPI, openapi
 
 ANSWERS = {  # the request's own parameters, by case
@@ -20,6 +20,9 @@ ANSWERS = {  # the request's own parameters, by case
     "logprobs": {"messages": CHAT, "max_tokens": 4, "temperature": 0, "logprobs": True,
                  "top_logprobs": 2},
     "tool call": FORCED_RECORD,
+    "function call": {"messages": FORCED_RECORD["messages"], "max_tokens": 60, "temperature": 0,
+                      "functions": [{"name": "record", "parameters": PERSON}],
+                      "function_call": {"name": "record"}},
 }  # fmt: skip
 CLIENTS_ID = uuid.uuid4()
 
@@ -62,13 +65,9 @@ def test_a_whole_chat_answer_is_openais(engine: Engine, spec: OpenAPI, case: str
 
 
 @pytest.mark.parametrize("case", list(ANSWERS))
-def test_a_chat_stream_is_openais(
-    engine: Engine, spec: OpenAPI, case: str, request: pytest.FixtureRequest
-) -> None:
-    """OpenAI requires `refusal` (null here) in a chunk's logprobs object, not in its delta."""
-    if case == "tool call" and engine.name == "llama-cpp-python":
-        reason = "llama_cpp's call deltas carry tool_calls and function_call null: not OpenAI's"
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
+def test_a_chat_stream_is_openais(engine: Engine, spec: OpenAPI, case: str) -> None:
+    """OpenAI requires `refusal` (null here) in a chunk's logprobs object, not in its delta;
+    a delta's `role`, `tool_calls` and `function_call` are never null (llama_cpp's were)."""
     chunks = events(post(engine, "/v1/chat/completions", {**ANSWERS[case], "stream": True}))
     choices = [chunk["choices"][0] for chunk in chunks if chunk["choices"]]
     logprobs = [choice["logprobs"] for choice in choices if choice.get("logprobs")]

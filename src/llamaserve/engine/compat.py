@@ -12,7 +12,8 @@
   is a 404 (the model is loaded for generation only);
 - `GET /v1/models/{model}` (OpenAI's "retrieve model", which the server lacks) answers
   from its model list, whose models get the `created` the server leaves out;
-- a whole chat answer gets the `refusal` OpenAI requires (`answers.with_refusal`);
+- a whole chat answer gets the `refusal` OpenAI requires (`answers.with_refusal`), and
+  streamed calls OpenAI's deltas (`call_deltas`);
 - `GET /health` (no key) answers `{"status": "ok", "slots": 1}`: it runs one request at a time;
 - an exception once a stream has started ends it with an error event and `[DONE]`.
 """
@@ -29,6 +30,7 @@ from pydantic import BaseModel, SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamaserve.engine.answers import model_list, with_refusal
+from llamaserve.engine.call_deltas import CallDeltas
 from llamaserve.engine.protocol import (
     check_chat,
     check_completion,
@@ -258,7 +260,7 @@ class ResponseMender:
         self._start: Message | None = None  # of an answer held until its body is whole
         self._held = b""
         self._last_chunk: dict[str, Any] = {}
-        self._named: set[tuple[int, int | str]] = set()  # (choice, call) whose name went out
+        self._calls = CallDeltas()
         self.streaming = False
         self.started = False
         self.finished = False
@@ -318,7 +320,7 @@ class ResponseMender:
         if chunk.startswith(b"data: {") and (
             b'"tool_calls"' in chunk or b'"function_call"' in chunk
         ):
-            chunk = self._named_once(chunk)
+            chunk = self._calls_mended(chunk)
         if self._usage is not None and b"data: [DONE]" in chunk:
             before, _, after = chunk.partition(b"data: [DONE]")
             chunk = before + self._usage_event() + b"data: [DONE]" + after
@@ -337,27 +339,12 @@ class ResponseMender:
         ending = chunk[len(chunk.rstrip()) :]
         return b"data: " + json.dumps(event).encode() + ending
 
-    def _named_once(self, chunk: bytes) -> bytes:
-        """A streamed call's id, type and name in its first delta only, as OpenAI sends
-        them: llama_cpp repeats them in every delta, which clients that join the deltas
-        (the SDK's stream helper) turn into the name written over and over."""
+    def _calls_mended(self, chunk: bytes) -> bytes:
         try:
             event = json.loads(chunk[len(b"data: ") :])
         except ValueError:  # not one event: passed on as it is
             return chunk
-        for choice in event.get("choices") or []:
-            delta = choice.get("delta") or {}
-            calls = [(call.get("index", 0), call) for call in delta.get("tool_calls") or []]
-            if isinstance(delta.get("function_call"), dict):
-                calls.append(("function_call", {"function": delta["function_call"]}))
-            for index, call in calls:
-                if (choice.get("index", 0), index) not in self._named:
-                    self._named.add((choice.get("index", 0), index))
-                    continue
-                call.pop("id", None)
-                call.pop("type", None)
-                if isinstance(call.get("function"), dict):
-                    call["function"].pop("name", None)
+        self._calls.mend(event)
         ending = chunk[len(chunk.rstrip()) :]
         return b"data: " + json.dumps(event).encode() + ending
 
