@@ -98,6 +98,13 @@ def test_a_models_created_is_its_files_time(engine: Engine, spec: OpenAPI) -> No
         assert model.parse().created == created
 
 
+def test_a_model_is_owned_by_llamaserve_on_both_engines(engine: Engine) -> None:
+    """llama-server said "llamacpp", llama_cpp "me": the engine showed through."""
+    client = engine.client()
+    assert [model.owned_by for model in client.models.list().data] == ["llamaserve"]
+    assert client.models.retrieve(engine.model).owned_by == "llamaserve"
+
+
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [("GET", "/v1/chat/completions", "POST"), ("PUT", "/v1/completions", "POST"),

@@ -1,7 +1,7 @@
 """What both engines' fronts put into their answers where the engines leave out what
 OpenAI's API has: a chat answer's `refusal` and a model's `created`, which its
 description requires, and an `x-request-id` on every answer, as OpenAI and the gateway
-send.
+send; and a model's `owned_by`, the same whichever engine serves it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# A listed model's owner: this server, on both engines (llama-server said "llamacpp",
+# llama_cpp "me"), so that a client sees one listing whichever engine runs.
+OWNED_BY = "llamaserve"
 
 
 def with_refusal(choice: dict[str, Any]) -> dict[str, Any]:
@@ -28,13 +32,13 @@ def with_refusal(choice: dict[str, Any]) -> dict[str, Any]:
 
 def model_list(listing: dict[str, Any], created: int) -> dict[str, Any]:
     """An engine's `/v1/models` as OpenAI's, with `created` the model file's time:
-    llama-server says the time of the call, and llama_cpp nothing."""
+    llama-server says the time of the call, and llama_cpp nothing; and `OWNED_BY`."""
     data = [
         {
             "id": model.get("id"),
             "object": "model",
             "created": created,
-            "owned_by": model.get("owned_by"),
+            "owned_by": OWNED_BY,
         }
         for model in listing.get("data", [])
         if isinstance(model, dict)
