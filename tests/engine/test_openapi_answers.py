@@ -85,6 +85,12 @@ def test_a_completion_is_openais(engine: Engine, spec: OpenAPI, logprobs: int | 
     spec.check("CreateCompletionResponse", post(engine, "/v1/completions", body).json())
 
 
+def test_a_read_back_is_openais(engine: Engine, spec: OpenAPI) -> None:
+    """`max_tokens` 0 with `echo`: the prompt, nothing generated (see test_read_back.py)."""
+    body = {"prompt": "One, two,", "max_tokens": 0, "echo": True}
+    spec.check("CreateCompletionResponse", post(engine, "/v1/completions", body).json())
+
+
 def test_a_models_created_is_its_files_time(engine: Engine, spec: OpenAPI) -> None:
     """llama-server said the time of each call, llama_cpp nothing."""
     created = int(default_model().stat().st_mtime)

@@ -13,6 +13,7 @@ from llamaserve.engine.protocol import check_request, parse_request
 from llamaserve.errors import APIError, InvalidRequest, NotFound
 
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
@@ -100,3 +101,23 @@ def test_the_engines_name_another_model_not_found() -> None:
     with pytest.raises(NotFound):
         parse_request(body, "served")
     assert parse_request(body.replace(b"other", b"served"), "served")["model"] == "served"
+
+
+def test_max_tokens_0_reads_back_a_completions_prompt_and_is_refused_otherwise() -> None:
+    """OpenAI's read-back of a prompt (`echo`, nothing generated); any other 0 would
+    generate without end on both engines."""
+    prompt = {"prompt": "Hi", "echo": True}
+    assert checked(COMPLETIONS, max_tokens=0, **prompt)[0]["max_tokens"] == 0
+    assert checked(COMPLETIONS, max_tokens=0, n_predict=9, **prompt)[0]["max_tokens"] == 0
+    for body, param in [
+        ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "Hi", "max_tokens": 0, "echo": False}, "max_tokens"),
+        ({"max_tokens": -1, **prompt}, "max_tokens"),
+        ({"max_tokens": 0, "logprobs": 0, **prompt}, "logprobs"),  # no engine gives the prompt's
+        ({"max_completion_tokens": 0, **prompt}, "max_completion_tokens"),
+        ({"n_predict": 0, **prompt}, "n_predict"),
+        ({"messages": MESSAGES, "max_tokens": 0, "echo": True}, "max_tokens"),
+    ]:
+        path = CHAT if "messages" in body else COMPLETIONS
+        error = refusal(path, model="m", **body)
+        assert (error.status, error.param) == (400, param), body

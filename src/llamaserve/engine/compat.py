@@ -14,15 +14,18 @@
   from its model list, whose models get the `created` the server leaves out;
 - a whole chat answer gets the `refusal` OpenAI requires (`answers.with_refusal`), and
   streamed calls OpenAI's deltas (`call_deltas`);
+- a completion of `max_tokens` 0 with `echo` is answered here (`readback`), never generated;
 - `GET /health` (no key) answers `{"status": "ok", "slots": 1}`: it runs one request at a time;
 - an exception once a stream has started ends it with an error event and `[DONE]`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from llamaserve.engine.answers import model_list, with_refusal
 from llamaserve.engine.call_deltas import CallDeltas
 from llamaserve.engine.protocol import (
-    check_chat,
-    check_completion,
+    CHECKS,
     check_route_and_key,
     json_schema_of,
     no_embeddings,
@@ -44,10 +46,9 @@ from llamaserve.engine.protocol import (
     send_json,
     validate,
 )
+from llamaserve.engine.readback import ReadBack
 from llamaserve.errors import APIError, InternalError, openai_error, send_error, sse_error_event
 from llamaserve.routes import check_method, model_of
-
-CHECKS = {"/v1/chat/completions": check_chat, "/v1/completions": check_completion}
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Rewritten:
     body: bytes  # for the engine
     include_usage: bool  # the client asked for usage in the stream
     echo: str | None  # a streamed completion's prompt, to put before its text
+    read_back: ReadBack | None  # answered by the front: nothing to generate
 
 
 def rewrite_request(
@@ -90,6 +92,7 @@ def rewrite_request(
     by the engine's own `schema`. `fold_system`: the chat format has no system turn."""
     body = parse_request(raw, model_id)
     CHECKS[path](body)
+    read_back = ReadBack.of(body)
     body["response_format"] = _engine_response_format(body.get("response_format"))
     # OpenAI applies no repetition penalty unless asked, nor does llama-server; llama_cpp's
     # default is 1.1, which would make the same request answer otherwise on this engine.
@@ -105,7 +108,7 @@ def rewrite_request(
     if stream and body.get("echo") is True and path == "/v1/completions":
         [prompt] = prompts(body["prompt"])  # one: see check_completion
         echo = prompt if isinstance(prompt, str) else None
-    return Rewritten(json.dumps(body).encode(), include_usage, echo)
+    return Rewritten(json.dumps(body).encode(), include_usage, echo, read_back)
 
 
 def _engine_messages(messages: list[Any], fold_system: bool) -> list[Any]:
@@ -154,10 +157,12 @@ class CompatMiddleware:
         api_key: SecretStr,
         model_id: str,
         created: int,
+        prompt_tokens: Callable[[str], int],
         schemas: dict[str, type[BaseModel]] | None = None,
         fold_system: bool = False,
     ) -> None:
         self.app = app
+        self.prompt_tokens = prompt_tokens  # a completion prompt's, as the engine counts
         self.key = api_key.get_secret_value().encode()
         self.model_id = model_id
         self.created = created  # of the model, in its listing
@@ -194,6 +199,11 @@ class CompatMiddleware:
                 )
             except APIError as error:
                 await send_error(send, error)
+                return
+            if (read_back := rewritten.read_back) is not None:
+                assert isinstance(read_back.prompt, str)  # llama_cpp refuses token ids
+                count = await asyncio.to_thread(self.prompt_tokens, read_back.prompt)
+                await read_back.answer(send, read_back.prompt, count)
                 return
             include_usage, echo = rewritten.include_usage, rewritten.echo
             scope, receive = _with_body(scope, rewritten.body, receive)

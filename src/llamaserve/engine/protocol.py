@@ -4,7 +4,8 @@ Both engines refuse the same requests the same way, in OpenAI's words: malformed
 wrong types (strictly: `"stream": "yes"` is no boolean) and values OpenAI refuses are
 400 naming the parameter; another model than the served one is 404 `model_not_found`;
 what the engines cannot do is refused rather than silently done otherwise: `n` > 1,
-several prompts in one request, images and audio (400), embeddings (404).
+several prompts in one request, a prompt's logprobs, images and audio (400), embeddings
+(404). `max_tokens` 0 only reads back a completion's prompt (`readback`).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class ResponseFormat(_Open):
 
 class _Sampling(_Open):
     """The ranges are OpenAI's; a `max_tokens` below 1 would generate without end on
-    llama-server, holding a slot until the context is full."""
+    llama-server, holding a slot until the context is full (a completion's 0 is no
+    generation: see `check_completion`)."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -104,6 +106,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: the prompt read back (`readback`)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = None
 
@@ -152,6 +155,26 @@ def check_completion(body: dict[str, Any]) -> None:
             "One prompt per request: send a string (or a list of one); "
             f"this request has {len(found)}.",
             param="prompt",
+        )
+    if body.get("max_tokens") == 0:
+        _check_read_back(body)
+
+
+def _check_read_back(body: dict[str, Any]) -> None:
+    """`max_tokens` 0 generates nothing: OpenAI allows it to read back the prompt (`echo`),
+    and answers it with the prompt's logprobs when asked, which the engines cannot give."""
+    if body.get("echo") is not True:
+        raise InvalidRequest(
+            "Invalid value for 'max_tokens': it must be at least 1, or 0 with 'echo' true "
+            "(the prompt read back, nothing generated).",
+            param="max_tokens",
+        )
+    if body.get("logprobs") is not None:
+        raise InvalidRequest(
+            "The prompt's logprobs are not available on this server: 'logprobs' cannot be "
+            "used with 'max_tokens' 0 and 'echo'.",
+            param="logprobs",
+            code="unsupported_parameter",
         )
 
 

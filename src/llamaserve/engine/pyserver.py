@@ -64,6 +64,22 @@ def _meter(llama: Any) -> None:
     llama.generate = metered_generate
 
 
+def _prompt_counter(llama: Any) -> Callable[[str], int]:
+    """The tokens llama_cpp's usage counts for a completion's prompt (without `suffix`),
+    with the model's own tokenizer: the text's, after the BOS (or CLS) and before the EOS
+    (or SEP) its vocabulary asks for, as `Llama._create_completion` builds them."""
+    model = llama._model
+    first = model.token_cls() if model.token_cls() != -1 else llama.token_bos()
+    framing = int(model.add_bos_token() and first != -1)
+    framing += int(model.add_eos_token() or model.token_sep() != -1)
+
+    def count(prompt: str) -> int:
+        text = prompt.encode("utf-8")
+        return framing + (len(llama.tokenize(text, add_bos=False, special=True)) if text else 0)
+
+    return count
+
+
 def build_app(settings: Settings, model: Path) -> CompatMiddleware:
     _add_missing_request_fields()
     server_app: Any = importlib.import_module("llama_cpp.server.app")
@@ -83,7 +99,8 @@ def build_app(settings: Settings, model: Path) -> CompatMiddleware:
         verbose=False,
     )
     app = server_app.create_app(settings=engine_settings)
-    _meter(server_app._llama_proxy(model.name))
+    llama = server_app._llama_proxy(model.name)
+    _meter(llama)
     # After OpenAI's checks, as llama-server's front makes them (see compat), llama_cpp's own.
     schemas: dict[str, type[BaseModel]] = {
         "/v1/chat/completions": server_app.CreateChatCompletionRequest,
@@ -94,6 +111,7 @@ def build_app(settings: Settings, model: Path) -> CompatMiddleware:
         api_key=settings.llama_server_api_key,
         model_id=model.name,
         created=model_created(model),
+        prompt_tokens=_prompt_counter(llama),
         schemas=schemas,
         fold_system=settings.llama_chat_format == "gemma",  # llama_cpp's drops system turns
     )

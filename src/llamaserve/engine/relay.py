@@ -25,8 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from llamaserve.engine.answers import model_list
 from llamaserve.engine.protocol import (
-    check_chat,
-    check_completion,
+    CHECKS,
     check_route_and_key,
     no_embeddings,
     parse_request,
@@ -34,6 +33,7 @@ from llamaserve.engine.protocol import (
     retrieve_model,
     send_json,
 )
+from llamaserve.engine.readback import ReadBack
 from llamaserve.engine.translate import (
     Assembler,
     Translator,
@@ -43,6 +43,7 @@ from llamaserve.engine.translate import (
 from llamaserve.errors import (
     APIError,
     InternalError,
+    InvalidRequest,
     ServiceUnavailable,
     UpstreamFailed,
     engine_error,
@@ -136,7 +137,12 @@ class Relay:
         elif path == "/v1/embeddings":
             raise no_embeddings(self.model_id)
         else:
-            translator = self._translator(path, await read_body(receive))
+            body = parse_request(await read_body(receive), self.model_id)
+            CHECKS[path](body)
+            if (read_back := ReadBack.of(body)) is not None:
+                await self._read_back(read_back, send)
+                return
+            translator = self._translator(path, body)
             await until_disconnected(self._generate(path, translator, send), receive)
 
     async def _models(self) -> dict[str, Any]:
@@ -160,22 +166,42 @@ class Relay:
         answer: dict[str, Any] = json.loads(raw)
         return answer
 
-    def _translator(self, path: str, raw: bytes) -> Translator:
-        body = parse_request(raw, self.model_id)
+    def _translator(self, path: str, body: dict[str, Any]) -> Translator:
         if path == "/v1/chat/completions":
-            check_chat(body)
             return chat_translator(body, native_tools=self.native_tools)
-        check_completion(body)
         return completion_translator(body)
+
+    async def _read_back(self, read_back: ReadBack, send: Send) -> None:
+        """A completion of no tokens: the prompt's text and count, as llama-server's
+        completion would count it (with the BOS it adds to a text, never to token ids)."""
+        if isinstance(read_back.prompt, str):
+            text = read_back.prompt
+            asked = {"content": text, "add_special": True, "parse_special": True}
+            count = len((await self._call("POST", "/tokenize", asked))["tokens"])
+        else:
+            text, count = await self._text_of(read_back.prompt), len(read_back.prompt)
+        await read_back.answer(send, text, count)
+
+    async def _text_of(self, tokens: list[int]) -> str:
+        """The text of a prompt of token ids. An id outside the vocabulary is refused as a
+        completion refuses it (400): llama-server's /detokenize fails on it with a 500."""
+        listing = await self._call("GET", "/v1/models")
+        models: list[dict[str, Any]] = listing.get("data") or [{}]
+        size = (models[0].get("meta") or {}).get("n_vocab")
+        if isinstance(size, int) and (bad := [t for t in tokens if not 0 <= t < size]):
+            raise InvalidRequest(
+                f"Invalid token in prompt: {bad[0]}. Minimum value is 0, maximum value is "
+                f"{size - 1} (inclusive).",
+                param="prompt",
+            )
+        detokenized = await self._call("POST", "/detokenize", {"tokens": tokens})
+        return str(detokenized.get("content", ""))
 
     async def _generate(self, path: str, translator: Translator, send: Send) -> None:
         reply = Reply(send, translator)
         try:
             if translator.echo_tokens is not None:
-                detokenized = await self._call(
-                    "POST", "/detokenize", {"tokens": translator.echo_tokens}
-                )
-                translator.echo = str(detokenized.get("content", ""))
+                translator.echo = await self._text_of(translator.echo_tokens)
             async with self._request("POST", path, translator.body) as response:
                 if response.status != 200:
                     raise engine_error(response.status, await response.read())
