@@ -154,7 +154,8 @@ def test_engine_unreachable_is_503(stack: Stack, alice: str) -> None:
 def test_engine_timeout_is_504(stack: Stack, alice: str, mock_url: str) -> None:
     with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=mock_url,
                        LLAMA_PROXY_UPSTREAM_TIMEOUT="1") as url:  # fmt: skip
-        response = post(url, alice, json.dumps({"model": "hang", "messages": []}))
+        body = {"model": "hang", "messages": [{"role": "user", "content": "Hi"}]}
+        response = post(url, alice, json.dumps(body))
         assert_envelope(response, 504)
 
 
@@ -162,7 +163,8 @@ def test_a_stream_that_breaks_ends_with_an_error_event_then_done(
     stack: Stack, alice: str, mock_url: str
 ) -> None:
     with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=mock_url) as url:
-        body = json.dumps({"model": "cut", "messages": [], "stream": True})
+        messages = [{"role": "user", "content": "Hi"}]
+        body = json.dumps({"model": "cut", "messages": messages, "stream": True})
         response = post(url, alice, body)
     assert response.status_code == 200
     events = [e for e in response.text.split("\n\n") if e]
