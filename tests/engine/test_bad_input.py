@@ -103,3 +103,15 @@ def test_max_tokens_is_the_one_bound_on_generation(engine: Engine, lengths: dict
 def test_llama_cpps_own_n_is_refused(engine: Engine) -> None:
     body = json.dumps({"model": engine.model, "messages": MESSAGES, "n_cmpl": 3}).encode()
     assert error_of(post(engine.base_url, engine.api_key, body), 400)["param"] == "n_cmpl"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_parameters_given_as_null_are_as_not_given(engine: Engine, path: str) -> None:
+    """llama_cpp passed a null penalty on to C (ctypes: wrong type), a 500; found by
+    fuzzing with OpenAI's own API description (bench/fuzz.py)."""
+    nulls = {"frequency_penalty": None, "presence_penalty": None, "seed": None, "stop": None}
+    prompt = {"messages": MESSAGES} if path.endswith("chat/completions") else {"prompt": "Hi"}
+    body = json.dumps({"model": engine.model, "max_tokens": 2, **prompt, **nulls}).encode()
+    response = post(engine.base_url, engine.api_key, body, path)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= 1

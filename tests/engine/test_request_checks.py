@@ -121,3 +121,10 @@ def test_max_tokens_0_reads_back_a_completions_prompt_and_is_refused_otherwise()
         path = CHAT if "messages" in body else COMPLETIONS
         error = refusal(path, model="m", **body)
         assert (error.status, error.param) == (400, param), body
+
+
+def test_a_parameter_given_as_null_is_not_given() -> None:
+    body, changed = checked(messages=MESSAGES, frequency_penalty=None, presence_penalty=None,
+                            stop=None)  # fmt: skip
+    assert changed and set(body) == {"model", "messages"}
+    assert refusal(model=None, messages=MESSAGES).param == "model"

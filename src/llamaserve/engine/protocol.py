@@ -230,7 +230,11 @@ def check_request(path: str, raw: bytes) -> tuple[dict[str, Any], bool]:
 def normalise(body: dict[str, Any]) -> bool:
     """Refuse what no generation route takes, and fold llama.cpp's other names for
     `max_tokens` into it, so that `max_tokens` is the one bound on what a request
-    generates; True if the body changed."""
+    generates; True if the body changed. A parameter given as null is taken as not given,
+    as OpenAI takes it (llama_cpp passed a null penalty on to C: a 500)."""
+    nulls = [name for name, value in body.items() if value is None]
+    for name in nulls:
+        del body[name]
     model = body.get("model")
     if model is None:
         raise InvalidRequest("You must provide a model parameter.", param="model")
@@ -242,7 +246,7 @@ def normalise(body: dict[str, Any]) -> bool:
     for name in ("n", "n_cmpl"):  # n_cmpl: llama-server's own name for n
         if (body.get(name) or 1) != 1:
             raise InvalidRequest("Only n=1 is supported.", param=name)
-    return _fold_lengths(body)
+    return _fold_lengths(body) or bool(nulls)
 
 
 # llama-server takes these for `max_tokens`, the last one given winning; llama_cpp
