@@ -57,9 +57,6 @@ class Authenticator:
         self._remember(key_id, stored)
         return key_id
 
-    def forget(self, key_id: str) -> None:
-        self._hashes.pop(key_id, None)
-
     def _remember(self, key_id: str, stored: bytes) -> None:
         self._hashes[key_id] = stored
         if len(self._hashes) > self._cache_size:
