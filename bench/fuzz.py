@@ -41,6 +41,7 @@ the stack's logs, and figures.json: requests sent, their statuses, the server er
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -219,6 +220,10 @@ def run_schemathesis(args: argparse.Namespace, url: str, key: str, out: Path) ->
         return 0
     except SystemExit as exit:
         return int(exit.code or 0)
+    finally:
+        # schemathesis leaves each report file it checked open (cli/ext/fs.py, open_file):
+        # closed now, not whenever a later collection finds them.
+        gc.collect()
 
 
 def summarise(out: Path) -> dict[str, Any]:
