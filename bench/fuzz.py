@@ -269,7 +269,9 @@ def _shortest_by_kind(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         route = request["method"] + " " + request["url"].split("/v1", 1)[-1].split("?")[0]
         kind = (route.split("/models/")[0], str(response["status"]), _message(answer))
         body = (request.get("postData") or {}).get("text", "")
-        found = {"request": route, "body": body, "status": response["status"], "answer": answer}
+        sent = {h["name"].lower(): h["value"] for h in request["headers"]}.get("content-type")
+        found = {"request": route, "content_type": sent, "body": body,
+                 "status": response["status"], "answer": answer}  # fmt: skip
         kinds.setdefault(kind, []).append(found)
     return [
         {**min(same, key=lambda found: len(found["request"]) + len(found["body"])),
@@ -301,7 +303,10 @@ def table(figures: dict[str, Any]) -> str:
         f"server errors:   {figures['server_errors']}",
     ]
     for kind in figures["server_error_kinds"]:
-        lines.append(f"  {kind['count']} x {kind['status']} {kind['request']} {kind['body'][:300]}")
+        sent = f"(Content-Type: {kind['content_type']}) " if kind["content_type"] else ""
+        lines.append(
+            f"  {kind['count']} x {kind['status']} {kind['request']} {sent}{kind['body'][:300]}"
+        )
         lines.append(f"      -> {kind['answer'][:200]}")
     lines.append("failures by check:")
     for failure in figures["failures"]:
