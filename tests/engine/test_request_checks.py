@@ -128,3 +128,12 @@ def test_a_parameter_given_as_null_is_not_given() -> None:
                             stop=None)  # fmt: skip
     assert changed and set(body) == {"model", "messages"}
     assert refusal(model=None, messages=MESSAGES).param == "model"
+
+
+def test_a_message_without_content_is_refused_unless_it_calls_a_tool() -> None:
+    for message in ({"role": "assistant"}, {"role": "user", "content": None}):
+        error = refusal(model="m", messages=[*MESSAGES, message])
+        assert (error.status, error.param) == (400, "messages.1.content")
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    calling = {"role": "assistant", "content": None, "tool_calls": [call]}
+    assert checked(messages=[*MESSAGES, calling])[0]["messages"][1] == calling

@@ -392,8 +392,14 @@ def _with_refusals(start: Message, raw: bytes) -> tuple[Message, bytes]:
 
 
 def _with_body(scope: Scope, body: bytes, original: Receive) -> tuple[Scope, Receive]:
-    headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
+    """The request with `body`, JSON whatever type the client named (llama_cpp read a
+    text/plain body as no JSON at all: a 500)."""
+    framing = (b"content-length", b"content-type")
+    headers = [(k, v) for k, v in scope["headers"] if k not in framing]
+    headers += [
+        (b"content-length", str(len(body)).encode()),
+        (b"content-type", b"application/json"),
+    ]
     sent = False
 
     async def receive() -> Message:

@@ -126,12 +126,24 @@ def check_chat(body: dict[str, Any]) -> None:
                 )
         for j, call in enumerate(message.get("tool_calls") or ()):
             _check_call(call, f"messages.{i}.tool_calls.{j}")
+        if content is None and not _calls(message):
+            raise InvalidRequest(
+                f"Missing required parameter: 'messages.{i}.content' (only an assistant "
+                "message with tool_calls or function_call may have none).",
+                param=f"messages.{i}.content",
+            )
     if body.get("tool_choice") not in (None, "none") and not body.get("tools"):
         raise InvalidRequest(
             "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
             "are specified.",
             param="tool_choice",
         )
+
+
+def _calls(message: dict[str, Any]) -> bool:
+    """An assistant message that calls tools or a function, whose content may be null."""
+    calls = message.get("tool_calls") or message.get("function_call")
+    return message["role"] == "assistant" and bool(calls)
 
 
 def _check_call(call: dict[str, Any], where: str) -> None:
