@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from bench import chart, cpu, fairness, machine, memory, model, overhead, report
 from bench.integrity import Ledger
 from bench.load import Target
 from bench.progress import say
-from bench.stack import ROOT, BenchError, Stack, take_environment
+from bench.stack import ROOT, BenchError, Stack, guarded, take_environment
 
 SCENARIOS = ("overhead", "model", "fairness")
 # Tried in this order; fairness runs on the first that starts.
@@ -80,36 +79,28 @@ def _names(allowed: Sequence[str]) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _stopped)  # like Ctrl-C: the stack is stopped on the way out
+    return guarded("bench", lambda: _bench(args))
+
+
+def _bench(args: argparse.Namespace) -> int:
     passthrough = take_environment()
     mode = "quick" if args.quick else "full"
     stem = "bench-" + time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     results: dict[str, Any] = {"meta": {**machine.machine(), "mode": mode, "argv": sys.argv}}
     ledger = Ledger()
     say(f"setting up a private stack ({mode} run)")
+    stack = Stack.create(passthrough)
+    results["meta"]["config"] = stack.public_config()
     try:
-        stack = Stack.create(passthrough)
-        results["meta"]["config"] = stack.public_config()
-        try:
-            _run(args, stack, ledger, results)
-        finally:
-            say(f"stopping the stack; its logs go to {args.out / (stem + '-logs')}")
-            stack.destroy(keep=args.keep, logs_to=args.out / f"{stem}-logs")
-            if args.keep:
-                say(f"kept {stack.base}")
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; its stack is stopped", file=sys.stderr)
-        return 130
+        _run(args, stack, ledger, results)
+    finally:
+        say(f"stopping the stack; its logs go to {args.out / (stem + '-logs')}")
+        stack.destroy(keep=args.keep, logs_to=args.out / f"{stem}-logs")
+        if args.keep:
+            say(f"kept {stack.base}")
     results["meta"]["load_average_end"] = list(os.getloadavg())
     _finish(args, results, ledger, stem)
     return 0
-
-
-def _stopped(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 @dataclass

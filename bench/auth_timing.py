@@ -19,7 +19,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 
 from bench.overhead import MockSettings, running_mock
 from bench.progress import say
-from bench.stack import ROOT, BenchError, Stack
+from bench.stack import ROOT, BenchError, Stack, guarded
 from llamaserve.config import load_settings
 from llamaserve.store import db, keys, limits
 
@@ -64,30 +63,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for name in [name for name in os.environ if name.startswith(("LLAMA_", "POSTGRES_"))]:
         del os.environ[name]  # this process reads the stack's settings, as its commands do
-    signal.signal(signal.SIGTERM, _stopped)  # like Ctrl-C: the stack is stopped on the way out
+    return guarded("bench", lambda: _with_stack(args))
+
+
+def _with_stack(args: argparse.Namespace) -> int:
     say("setting up a private stack")
+    stack = Stack.create({})
     try:
-        stack = Stack.create({})
-        try:
-            _run(stack, args)
-        finally:
-            say("stopping the stack")
-            stack.stop()
-            if args.keep:
-                say(f"kept {stack.base}")
-            else:
-                shutil.rmtree(stack.base, ignore_errors=True)
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; its stack is stopped", file=sys.stderr)
-        return 130
+        _run(stack, args)
+    finally:
+        say("stopping the stack")
+        stack.stop()
+        if args.keep:
+            say(f"kept {stack.base}")
+        else:
+            shutil.rmtree(stack.base, ignore_errors=True)
     return 0
-
-
-def _stopped(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _run(stack: Stack, args: argparse.Namespace) -> None:

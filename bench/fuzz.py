@@ -44,7 +44,6 @@ import argparse
 import gc
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -56,7 +55,7 @@ from xml.etree import ElementTree
 import httpx
 
 from bench.progress import say
-from bench.stack import ROOT, BenchError, Stack, take_environment
+from bench.stack import ROOT, BenchError, Stack, guarded, take_environment
 
 SPEC = ROOT.parent / "shared" / "data" / "openai-openapi" / "openapi.yaml"
 OPERATIONS = ("listModels", "retrieveModel", "createChatCompletion", "createCompletion",
@@ -99,25 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.spec.is_file():
         print(f"fuzz: error: no OpenAPI description at {args.spec}", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _stopped)  # like Ctrl-C: the stack is stopped on the way out
     name = "url" if args.url else args.target
     out = args.out / f"fuzz-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        if args.url:
-            code = fuzz(args, args.url, os.environ.get("FUZZ_API_KEY", ""), out)
-        else:
-            code = _with_stack(args, out)
-    except BenchError as exc:
-        print(f"fuzz: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fuzz: interrupted; its stack is stopped", file=sys.stderr)
-        return 130
-    return code
-
-
-def _stopped(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    if args.url:
+        return guarded(
+            "fuzz", lambda: fuzz(args, args.url, os.environ.get("FUZZ_API_KEY", ""), out)
+        )
+    return guarded("fuzz", lambda: _with_stack(args, out))
 
 
 def _with_stack(args: argparse.Namespace, out: Path) -> int:

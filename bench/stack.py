@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,25 @@ class Running:
 
 class BenchError(Exception):
     """The benchmark cannot go on; the message says why."""
+
+
+def guarded(program: str, run: Callable[[], int]) -> int:
+    """A benchmark program's exit status: SIGTERM stops it as Ctrl-C does (its stack is
+    stopped on the way out), a BenchError is one line and 1, an interruption one line
+    and 130, never a traceback."""
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        return run()
+    except BenchError as exc:
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted; its stack is stopped", file=sys.stderr)
+        return 130
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def free_port() -> int:
