@@ -162,15 +162,22 @@ def client(engine: Engine) -> Iterator[OpenAI]:
         yield client
 
 
-def refusal(url: str, head: bytes) -> tuple[bytes, dict[str, Any]]:
-    """Send a request's head that never ends: the status line the server answers, and
-    its error (in OpenAI's envelope), read until it closes the connection."""
+def exchange(url: str, request: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes (no HTTP library re-encodes them); everything the server answers
+    until it closes the connection."""
     host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(head)
+    with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+        conn.sendall(request)
         answer = b""
         while chunk := conn.recv(65536):
             answer += chunk
+        return answer
+
+
+def refusal(url: str, head: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Send a request's head that never ends: the status line the server answers, and
+    its error (in OpenAI's envelope), read until it closes the connection."""
+    answer = exchange(url, head)
     status_line, _, rest = answer.partition(b"\r\n")
     error: dict[str, Any] = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
     assert set(error) == ENVELOPE

@@ -5,11 +5,11 @@ sends is a 5xx (against the real stack, each engine)."""
 from __future__ import annotations
 
 import json
-import socket
 
 import httpx
 import pytest
 
+from tests.conftest import exchange
 from tests.engine.test_bad_input import BAD_BODIES, usage_of_stream
 from tests.gateway.conftest import Stack
 from tests.gateway.helpers import assert_envelope, post
@@ -19,14 +19,10 @@ INJECTION = "/v1/models/x%20HTTP/1.1%0d%0aHost:%20a%0d%0a%0d%0aGET%20/v1/models/
 
 def raw_get(url: str, key: str, target: str) -> bytes:
     """A GET of `target` exactly as given (no client library re-encodes it): the answer."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=60) as conn:
-        conn.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}"
-                     "\r\nConnection: close\r\n\r\n".encode())  # fmt: skip
-        answer = b""
-        while chunk := conn.recv(65536):
-            answer += chunk
-    return answer
+    host = url.removeprefix("http://").split(":")[0]
+    request = (f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+               "Connection: close\r\n\r\n")  # fmt: skip
+    return exchange(url, request.encode(), timeout=60)
 
 
 def test_a_path_cannot_write_a_second_request_to_the_engine(stack: Stack, alice: str) -> None:

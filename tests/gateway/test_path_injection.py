@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import socketserver
 import threading
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from hypothesis import strategies as st
 
 from llamaserve.config import new_engine_key
 from llamaserve.store import users
+from tests.conftest import exchange
 from tests.gateway.helpers import running_gateway
 from tests.pgfixtures import PgDatabase
 
@@ -252,17 +252,6 @@ def client_requests(draw: st.DrawFn) -> ClientRequest:
     value = b"".join(draw(st.lists(PIECES, max_size=3)))
     body = json.dumps(BODIES[route]).encode() if route in BODIES else b""
     return ClientRequest(method, path, (draw(st.sampled_from(HEADERS)), value), body)
-
-
-def exchange(url: str, request: bytes) -> bytes:
-    """Send raw bytes; everything the gateway answers until it closes the connection."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(request)
-        answer = b""
-        while chunk := conn.recv(65536):
-            answer += chunk
-        return answer
 
 
 def test_any_path_reaches_the_engine_as_one_well_formed_request(
