@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from llamaserve.config import Settings, load_settings, new_engine_key
-from llamaserve.readiness import Start, wait_until_ready
+from llamaserve.ops.readiness import Start, wait_until_ready
 from llamaserve.store import db
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""A real PostgreSQL for the tests, started by the product's own store/cluster.py.
+"""A real PostgreSQL for the tests, started by the product's own ops/cluster.py.
 
 `pg_cluster` (session): a private cluster in a temporary runtime directory, started the
 way the CLI and console.sh start it (as the `postgres` user when the tests run as root).
@@ -24,7 +24,8 @@ import asyncpg
 import pytest
 
 from llamaserve.config import Layout, Settings
-from llamaserve.store import cluster, db, migrations
+from llamaserve.ops import cluster
+from llamaserve.store import db, migrations
 from tests.conftest import ROOT
 
 USER = "llamaserve"

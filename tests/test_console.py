@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from llamaserve import console
 from llamaserve.config import Layout, Settings
-from llamaserve.console import unused_engine_warning
-from llamaserve.engine.process import Service, start_ticks
+from llamaserve.ops import console
+from llamaserve.ops.console import unused_engine_warning
+from llamaserve.ops.process import Service, start_ticks
 from tests.conftest import ENGINES, ROOT, Engine, Project, free_port, make_project, run
 
 

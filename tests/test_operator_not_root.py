@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from llamaserve import install
+from llamaserve.ops import install
 from tests.conftest import ROOT, default_model, free_port
 
 OPERATOR = "nobody"

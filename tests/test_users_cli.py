@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from llamaserve import users_cli
 from llamaserve.cli import main as cli_main
+from llamaserve.ops.users import cli as users_cli
 from llamaserve.store import migrations
 from tests.conftest import ROOT, free_port
 from tests.pgfixtures import PgDatabase

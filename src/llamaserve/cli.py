@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["users"]:
-        from llamaserve import users_cli
+        from llamaserve.ops.users import cli as users_cli
 
         return users_cli.main(argv[1:])
     try:
@@ -115,7 +115,7 @@ class _Unread(io.TextIOBase):
 
 
 def run(args: argparse.Namespace) -> int:
-    from llamaserve import console
+    from llamaserve.ops import console
 
     for warning in protect_setting_files(base_layout()):
         print(f"llamaserve: warning: {warning}", file=sys.stderr)
@@ -156,7 +156,7 @@ def _settings_to_stop() -> tuple[Settings, Layout]:
 
 
 def run_install(skip_engine: bool, engines: list[str], layout: Layout) -> int:
-    from llamaserve import install
+    from llamaserve.ops import install
 
     if not skip_engine:
         install.ensure_engine(sys.stdout)

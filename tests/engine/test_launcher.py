@@ -21,7 +21,7 @@ from openai import OpenAI
 
 from llamaserve.config import Settings, new_engine_key
 from llamaserve.engine.llama_server import build_argv
-from llamaserve.engine.process import start_ticks
+from llamaserve.ops.process import start_ticks
 from tests.conftest import (
     ENGINES,
     ROOT,

@@ -18,7 +18,7 @@ import httpx
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from llamaserve.readiness import Start, wait_until_ready
+from llamaserve.ops.readiness import Start, wait_until_ready
 from tests.conftest import ENVELOPE, ROOT, free_port
 from tests.gateway.conftest import Stack
 

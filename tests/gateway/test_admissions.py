@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from llamaserve.errors import ServiceUnavailable
-from llamaserve.gateway.limits import Admissions
+from llamaserve.gateway.admission import Admissions
 from llamaserve.store import db, users
 from tests.pgfixtures import PgDatabase
 

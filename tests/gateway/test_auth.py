@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from llamaserve.config import new_engine_key
 from llamaserve.errors import APIError, AuthenticationFailed
-from llamaserve.gateway import database
+from llamaserve.gateway import db_status
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.store import db, keys, users
 from tests.gateway.conftest import Stack
@@ -128,7 +128,7 @@ async def authenticator(
     pg_database: PgDatabase, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[Authenticator, asyncpg.Pool]]:
     """An Authenticator on a real database (its pool, to close), with a status of its own."""
-    monkeypatch.setattr(database, "status", database.DatabaseStatus())
+    monkeypatch.setattr(db_status, "status", db_status.DatabaseStatus())
     pool = await db.create_pool(pg_database.settings, pg_database.layout)
     try:
         yield Authenticator(pool, SecretStr(new_engine_key())), pool

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from llamaserve.config import load_settings
-from llamaserve.store import cluster, db
+from llamaserve.ops import cluster
+from llamaserve.store import db
 from tests.conftest import ROOT, Project, make_project, run
 from tests.gateway.helpers import (
     assert_envelope,

@@ -8,15 +8,15 @@ import logging
 import asyncpg
 import pytest
 
-from llamaserve.gateway import database
-from llamaserve.gateway.database import REMIND_EVERY, DatabaseStatus
+from llamaserve.gateway import db_status
+from llamaserve.gateway.db_status import REMIND_EVERY, DatabaseStatus
 
 
 def test_an_outage_is_three_kinds_of_line_not_one_per_failure(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr(database.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(db_status.time, "monotonic", lambda: now[0])
     status = DatabaseStatus()
     caplog.set_level(logging.WARNING, logger="llamaserve.gateway")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llamaserve.gateway.limits import format_duration
+from llamaserve.gateway.admission import format_duration
 
 
 @pytest.mark.parametrize(

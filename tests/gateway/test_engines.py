@@ -20,7 +20,7 @@ from openai import OpenAI
 
 from llamaserve.config import Layout, load_settings
 from llamaserve.gateway.upstream import PROBE_SECONDS
-from llamaserve.store import cluster
+from llamaserve.store import db
 from tests.conftest import ROOT, free_port, make_project
 from tests.gateway.conftest import Stack, start_stack
 from tests.gateway.helpers import MockEngine, extra_gateway
@@ -243,7 +243,7 @@ def test_a_gateway_on_a_machine_of_its_own(stack: Stack) -> None:
         LLAMA_PROXY_PORT=str(port),
         LLAMA_SERVER_BACKEND_URL=stack.engine_url,
         LLAMA_SERVER_API_KEY=stack.engine_key,
-        POSTGRES_AUTH_HOST=str(cluster.socket_dir(stack_layout(stack))),
+        POSTGRES_AUTH_HOST=str(db.socket_dir(stack_layout(stack))),
         POSTGRES_AUTH_DB="llamaserve",
         POSTGRES_AUTH_USER="llamaserve",
     )

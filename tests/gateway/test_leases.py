@@ -10,7 +10,7 @@ from uuid import uuid4
 import pytest
 
 from llamaserve.gateway.leases import Leases
-from llamaserve.gateway.scheduling import Engine, Limits, Scheduler
+from llamaserve.gateway.scheduling import EngineState, QueueLimits, Scheduler
 from llamaserve.store import db, generating, users
 from tests.pgfixtures import PgDatabase
 
@@ -24,7 +24,7 @@ async def test_a_lease_ending_while_a_take_fails_does_not_hold_the_user(
     refused take and its holding the user back: before, the user was held until the
     next retry (1 s), with their slot idle (a helper measured 0.98 s across gateways)."""
     pool = await db.create_pool(pg_database.settings, pg_database.layout)
-    leases = Leases(pool, cap=1, scheduler=Scheduler([Engine("e", capacity=2)], Limits()))
+    leases = Leases(pool, cap=1, scheduler=Scheduler([EngineState("e", capacity=2)], QueueLimits()))
     try:
         async with pool.acquire() as conn:
             user = int((await users.create_user(conn, username="racer")).id)

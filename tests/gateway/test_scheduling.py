@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from llamaserve.errors import RateLimited, ServiceUnavailable
-from llamaserve.gateway.scheduling import Engine, Limits, Scheduler
+from llamaserve.gateway.scheduling import EngineState, QueueLimits, Scheduler
 
 
 async def run_requests(scheduler: Scheduler, plan: list[str], served: list[str]) -> None:
@@ -32,7 +32,7 @@ async def run_requests(scheduler: Scheduler, plan: list[str], served: list[str])
 
 
 def test_users_are_served_round_robin_not_first_come() -> None:
-    scheduler = Scheduler([Engine("e", capacity=1)], Limits())
+    scheduler = Scheduler([EngineState("e", capacity=1)], QueueLimits())
     served: list[str] = []
     plan = ["a1", "a2", "a3", "a4", "a5", "b1", "c1"]
     asyncio.run(run_requests(scheduler, plan, served))
@@ -41,7 +41,7 @@ def test_users_are_served_round_robin_not_first_come() -> None:
 
 
 def test_round_robin_across_several_backlogs() -> None:
-    scheduler = Scheduler([Engine("e", capacity=1)], Limits())
+    scheduler = Scheduler([EngineState("e", capacity=1)], QueueLimits())
     served: list[str] = []
     asyncio.run(run_requests(scheduler, ["a1", "a2", "a3", "b1", "b2", "c1"], served))
     # Never served first, then whoever was served least recently: a, b, a, b...
@@ -50,8 +50,8 @@ def test_round_robin_across_several_backlogs() -> None:
 
 def test_slots_of_all_engines_are_used_most_free_first() -> None:
     async def scenario() -> list[int]:
-        small, big = Engine("small", capacity=1), Engine("big", capacity=3)
-        scheduler = Scheduler([small, big], Limits())
+        small, big = EngineState("small", capacity=1), EngineState("big", capacity=3)
+        scheduler = Scheduler([small, big], QueueLimits())
         grants = [await scheduler.acquire(f"u{i}") for i in range(4)]
         assert {g.engine.url for g in grants} == {"small", "big"}
         return [small.in_flight, big.in_flight]
@@ -61,7 +61,7 @@ def test_slots_of_all_engines_are_used_most_free_first() -> None:
 
 def test_per_user_concurrency_limit_lets_others_pass() -> None:
     async def scenario() -> list[str]:
-        scheduler = Scheduler([Engine("e", capacity=2)], Limits(per_user=1))
+        scheduler = Scheduler([EngineState("e", capacity=2)], QueueLimits(per_user=1))
         await scheduler.acquire("a")
         waiting_a = asyncio.create_task(scheduler.acquire("a"))
         await asyncio.sleep(0)
@@ -75,7 +75,9 @@ def test_per_user_concurrency_limit_lets_others_pass() -> None:
 
 def test_user_queue_bound_is_429_and_total_bound_503() -> None:
     async def scenario() -> None:
-        scheduler = Scheduler([Engine("e", capacity=1)], Limits(queue_size=3, user_queue_size=2))
+        scheduler = Scheduler(
+            [EngineState("e", capacity=1)], QueueLimits(queue_size=3, user_queue_size=2)
+        )
         await scheduler.acquire("a")
         waiting = [asyncio.create_task(scheduler.acquire("a")) for _ in range(2)]
         await asyncio.sleep(0)
@@ -95,7 +97,7 @@ def test_user_queue_bound_is_429_and_total_bound_503() -> None:
 
 def test_waiting_longer_than_the_limit_is_503() -> None:
     async def scenario() -> None:
-        scheduler = Scheduler([Engine("e", capacity=1)], Limits(max_wait=0.05))
+        scheduler = Scheduler([EngineState("e", capacity=1)], QueueLimits(max_wait=0.05))
         await scheduler.acquire("a")
         with pytest.raises(ServiceUnavailable) as timed_out:
             await scheduler.acquire("b")
@@ -107,8 +109,8 @@ def test_waiting_longer_than_the_limit_is_503() -> None:
 
 def test_a_request_cancelled_while_queued_leaves_the_queue() -> None:
     async def scenario() -> str:
-        engine = Engine("e", capacity=1)
-        scheduler = Scheduler([engine], Limits())
+        engine = EngineState("e", capacity=1)
+        scheduler = Scheduler([engine], QueueLimits())
         await scheduler.acquire("a")
         gone = asyncio.create_task(scheduler.acquire("b"))
         stays = asyncio.create_task(scheduler.acquire("c"))
@@ -130,8 +132,8 @@ def test_a_request_cancelled_as_its_slot_is_granted_gives_the_slot_back() -> Non
     swallowing the cancel: a refused request then held it for good.)"""
 
     async def scenario() -> None:
-        engine = Engine("e", capacity=1)
-        scheduler = Scheduler([engine], Limits())
+        engine = EngineState("e", capacity=1)
+        scheduler = Scheduler([engine], QueueLimits())
         first = await scheduler.acquire("a")
         waiting = asyncio.create_task(scheduler.acquire("b"))
         await asyncio.sleep(0)  # b is queued
@@ -146,7 +148,7 @@ def test_a_request_cancelled_as_its_slot_is_granted_gives_the_slot_back() -> Non
 
 def test_no_healthy_engine_is_503_at_once() -> None:
     async def scenario() -> None:
-        scheduler = Scheduler([Engine("e", healthy=False)], Limits())
+        scheduler = Scheduler([EngineState("e", healthy=False)], QueueLimits())
         with pytest.raises(ServiceUnavailable):
             await scheduler.acquire("a")
 
@@ -155,8 +157,8 @@ def test_no_healthy_engine_is_503_at_once() -> None:
 
 def test_a_reserved_slot_lets_a_newcomer_start_at_once() -> None:
     async def scenario() -> tuple[int, bool]:
-        engine = Engine("e", capacity=4)
-        scheduler = Scheduler([engine], Limits(reserved=1))
+        engine = EngineState("e", capacity=4)
+        scheduler = Scheduler([engine], QueueLimits(reserved=1))
         heavy = [asyncio.create_task(scheduler.acquire("heavy")) for _ in range(10)]
         await asyncio.sleep(0)
         generating = engine.in_flight  # the heavy user alone leaves one slot free
@@ -170,8 +172,8 @@ def test_a_reserved_slot_lets_a_newcomer_start_at_once() -> None:
 
 def test_the_fewest_generating_are_served_first() -> None:
     async def scenario() -> list[str]:
-        engine = Engine("e", capacity=3)
-        scheduler = Scheduler([engine], Limits(reserved=0))
+        engine = EngineState("e", capacity=3)
+        scheduler = Scheduler([engine], QueueLimits(reserved=0))
         for _ in range(3):
             await scheduler.acquire("a")  # a fills the engine
         order: list[str] = []
@@ -194,8 +196,8 @@ def test_the_fewest_generating_are_served_first() -> None:
 
 def test_no_reserve_on_an_engine_too_small_for_one() -> None:
     async def scenario() -> int:
-        engine = Engine("e", capacity=1)
-        scheduler = Scheduler([engine], Limits(reserved=1))
+        engine = EngineState("e", capacity=1)
+        scheduler = Scheduler([engine], QueueLimits(reserved=1))
         await asyncio.wait_for(scheduler.acquire("a"), 1)
         return engine.in_flight
 
@@ -204,8 +206,8 @@ def test_no_reserve_on_an_engine_too_small_for_one() -> None:
 
 def test_looking_at_the_queue_while_no_slot_is_free_costs_no_one_their_turn() -> None:
     async def scenario() -> str:
-        engine = Engine("e", capacity=1)
-        scheduler = Scheduler([engine], Limits())
+        engine = EngineState("e", capacity=1)
+        scheduler = Scheduler([engine], QueueLimits())
         await scheduler.acquire("a")  # a generates
         waiting = [asyncio.create_task(scheduler.acquire(u)) for u in ("b", "a")]
         await asyncio.sleep(0)  # queued: b, then a

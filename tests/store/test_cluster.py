@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from llamaserve.config import ConfigError, Layout
-from llamaserve.store import cluster, db
+from llamaserve.ops import cluster
+from llamaserve.store import db
 from tests.pgfixtures import TEMPLATE, PgCluster
 
 AS_ROOT = os.geteuid() == 0
@@ -48,10 +49,10 @@ async def fetch_value(pg: PgCluster, layout: Layout, database: str, sql: str) ->
 def test_the_session_cluster(pg_cluster: PgCluster) -> None:
     layout = pg_cluster.layout
     assert (cluster.status(layout) or "").startswith("running, pid ")
-    assert stat.S_IMODE(cluster.socket_dir(layout).stat().st_mode) == 0o700
+    assert stat.S_IMODE(db.socket_dir(layout).stat().st_mode) == 0o700
     assert asyncio.run(fetch_value(pg_cluster, layout, TEMPLATE, "SHOW listen_addresses")) == ""
     if AS_ROOT:  # PostgreSQL refuses root: the cluster is the postgres user's
-        owner = cluster.data_dir(layout).stat().st_uid
+        owner = db.data_dir(layout).stat().st_uid
         assert owner == pwd.getpwnam("postgres").pw_uid
 
 

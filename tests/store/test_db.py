@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llamaserve.config import Layout, Settings
-from llamaserve.store import cluster, db
+from llamaserve.store import db
 from llamaserve.store.errors import DatabaseUnavailable
 from tests.conftest import free_port
 from tests.pgfixtures import PgCluster, PgDatabase
@@ -48,7 +48,7 @@ def test_connect_kwargs_for_a_server(tmp_path: Path) -> None:
 def test_connect_kwargs_for_the_private_cluster(tmp_path: Path) -> None:
     layout = Layout(tmp_path, tmp_path / "runtime", tmp_path / "models")
     settings = server_settings(postgres_auth_host="")
-    assert cluster.is_private(settings)
+    assert db.is_private(settings)
     assert db.connect_kwargs(settings, layout) == {
         "host": str(tmp_path / "runtime" / "pg"),
         "port": 5432,

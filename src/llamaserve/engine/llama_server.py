@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from llamaserve.config import ConfigError, Layout, Settings
 from llamaserve.engine.models import model_created
-from llamaserve.install import installed_llama_server
 
 if TYPE_CHECKING:
     from llamaserve.engine.relay import Relay
@@ -39,14 +38,29 @@ TEMPLATE_NAMES = {
 # Secrets of ours that the child has no use for.
 PRIVATE_VARIABLES = ("LLAMA_SERVER_API_KEY", "LLAMA_API_KEY", "POSTGRES_AUTH_PASSWORD")
 PR_SET_PDEATHSIG = 1
+# Where install.sh records, in the virtual environment, the llama-server it provided.
+INSTALLED_MARKER = "llamaserve-llama-server"
+
+
+def installed_llama_server() -> Path | None:
+    """The llama-server that install.sh provided last, if it recorded one."""
+    try:
+        recorded = (Path(sys.prefix) / INSTALLED_MARKER).read_text().strip()
+    except OSError:
+        return None
+    return Path(recorded) if recorded else None
 
 
 def find_binary(settings: Settings, root: Path) -> Path:
     """The llama-server to run, or a ConfigError naming the two ways to provide one."""
-    binary = root / Path(settings.llama_server_bin or installed_llama_server()).expanduser()
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
+    chosen = (
+        Path(settings.llama_server_bin) if settings.llama_server_bin else installed_llama_server()
+    )
+    binary = root / chosen.expanduser() if chosen else None
+    if binary is None or not (binary.is_file() and os.access(binary, os.X_OK)):
+        where = f"at {binary}" if binary else "installed"
         raise ConfigError(
-            f"LLAMA_ENGINE=llama-server but there is no llama-server at {binary}: "
+            f"LLAMA_ENGINE=llama-server but there is no llama-server {where}: "
             "run ./runtime/install.sh --engine llama-server, or set LLAMA_SERVER_BIN "
             "to a llama-server binary"
         )

@@ -13,14 +13,14 @@ from starlette.types import Receive, Scope, Send
 
 from llamaserve.config import Layout, Settings
 from llamaserve.errors import APIError, ServiceUnavailable, send_error
-from llamaserve.gateway import database
+from llamaserve.gateway import db_status
+from llamaserve.gateway.admission import Admissions
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.engines import EngineWatch
 from llamaserve.gateway.exchange import Exchange
 from llamaserve.gateway.leases import Leases
-from llamaserve.gateway.limits import Admissions
 from llamaserve.gateway.logbook import RequestLog
-from llamaserve.gateway.scheduling import Engine, Limits, Scheduler
+from llamaserve.gateway.scheduling import EngineState, QueueLimits, Scheduler
 from llamaserve.gateway.upstream import Upstream
 from llamaserve.routes import check_method
 from llamaserve.store import db, migrations
@@ -38,8 +38,8 @@ class Gateway:
             settings.llama_server_api_key, settings.llama_proxy_upstream_timeout
         )
         self.scheduler = Scheduler(
-            [Engine(url) for url in settings.backend_urls()],
-            Limits(
+            [EngineState(url) for url in settings.backend_urls()],
+            QueueLimits(
                 per_user=settings.llama_proxy_user_concurrency,
                 queue_size=settings.llama_proxy_queue_size,
                 user_queue_size=settings.llama_proxy_user_queue_size,
@@ -91,8 +91,8 @@ class Gateway:
         await send({"type": "lifespan.shutdown.complete"})
 
     async def startup(self) -> None:
-        database.status.describe(self.settings, self.layout)
-        database.watch_pool_reconnects()
+        db_status.status.describe(self.settings, self.layout)
+        db_status.watch_pool_reconnects()
         # Admission commits a rate-limit update per request; waiting for its WAL flush
         # would cost milliseconds for bookkeeping that a crash may safely forget. The
         # request log sets its own batches back to durable.

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from llamaserve.errors import AuthenticationFailed, bearer_token
-from llamaserve.gateway.database import database_errors
+from llamaserve.gateway.db_status import database_errors
 from llamaserve.store import keys, limits
 
 _DUMMY_HASH = keys.hash_key("lsk_0000000000_" + "0" * 43)

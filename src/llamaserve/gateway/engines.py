@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from llamaserve.gateway.scheduling import Engine, Scheduler
+from llamaserve.gateway.scheduling import EngineState, Scheduler
 from llamaserve.gateway.upstream import Upstream
 
 log = logging.getLogger("llamaserve.gateway")
@@ -34,7 +34,7 @@ class EngineWatch:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def take_out(self, engine: Engine, reason: str) -> None:
+    def take_out(self, engine: EngineState, reason: str) -> None:
         if engine.healthy:
             log.warning("engine %s taken out: %s", engine.url, reason)
         engine.healthy = False
@@ -44,7 +44,7 @@ class EngineWatch:
             await asyncio.sleep(self.interval)
             await self.probe_all()
 
-    async def _probe(self, engine: Engine) -> None:
+    async def _probe(self, engine: EngineState) -> None:
         slots = await self.upstream.probe(engine.url)
         if slots is None:
             self.take_out(engine, "health probe failed")

@@ -36,12 +36,12 @@ from llamaserve.errors import (
     server_stopping,
     sse_error_event,
 )
-from llamaserve.gateway.database import database_errors
-from llamaserve.gateway.limits import (
+from llamaserve.gateway.admission import (
     rate_limit_headers,
     refuse_unless_usable,
 )
-from llamaserve.gateway.scheduling import Engine
+from llamaserve.gateway.db_status import database_errors
+from llamaserve.gateway.scheduling import EngineState
 from llamaserve.gateway.streaming import (
     DONE,
     EventSplitter,
@@ -248,7 +248,7 @@ class Exchange:
         """Send to an engine; if it could not take the request, and the client has had
         nothing yet, once more to another engine (a timeout is not retried: the engine
         had the request)."""
-        tried: Engine | None = None
+        tried: EngineState | None = None
         for last in (False, True):
             async with self._engine(exclude=tried) as engine:
                 self.row.engine = engine.url
@@ -266,7 +266,7 @@ class Exchange:
                     tried = engine
 
     @contextlib.asynccontextmanager
-    async def _engine(self, exclude: Engine | None) -> AsyncIterator[Engine]:
+    async def _engine(self, exclude: EngineState | None) -> AsyncIterator[EngineState]:
         """A slot of an engine for generation; any healthy engine for the rest."""
         scheduler = self.gateway.scheduler
         if self.row.method != "POST":
@@ -281,7 +281,7 @@ class Exchange:
             scheduler.release(user, engine)
             self.gateway.leases.give_back(lease)
 
-    async def _slot(self, user: int, exclude: Engine | None) -> tuple[Engine, uuid.UUID]:
+    async def _slot(self, user: int, exclude: EngineState | None) -> tuple[EngineState, uuid.UUID]:
         """A slot of an engine, and one of the user's leases under the cap across gateways
         (see `Leases`): a user at the cap through other gateways gives the slot back and
         waits, first in line, until one of their requests ends."""

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 from uuid import UUID, uuid4
 
-from llamaserve.gateway.database import database_errors
+from llamaserve.gateway.db_status import database_errors
 from llamaserve.gateway.scheduling import Scheduler
 from llamaserve.store import generating
 

@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from llamaserve.gateway import database
+from llamaserve.gateway import db_status
 from llamaserve.store.requests import RequestRow, insert_requests, refused_for_data, storable
 
 log = logging.getLogger("llamaserve.gateway")
@@ -111,7 +111,7 @@ class RequestLog:
         except _Unwritten as failed:
             self._put_back(failed)
             return False
-        database.status.answered()
+        db_status.status.answered()
         if self._failing:
             self._failing = False
             log.warning("request log: writing again")
@@ -121,8 +121,8 @@ class RequestLog:
     def _put_back(self, failed: _Unwritten) -> None:
         """Put the rows not written back at the front, so that rows keep their order."""
         exc = failed.__cause__
-        if isinstance(exc, database.FAILURES):
-            database.status.failed(exc)
+        if isinstance(exc, db_status.FAILURES):
+            db_status.status.failed(exc)
         self._rows = failed.rows + self._rows
         if len(self._rows) > self._max_backlog:  # the oldest half goes to disk
             excess = len(self._rows) - self._max_backlog // 2

@@ -28,7 +28,7 @@ from llamaserve.errors import RateLimited, ServiceUnavailable, retry_soon
 
 
 @dataclass(eq=False)
-class Engine:
+class EngineState:
     """One engine and what the gateway knows of it."""
 
     url: str
@@ -42,7 +42,7 @@ class Engine:
 
 
 @dataclass(frozen=True)
-class Limits:
+class QueueLimits:
     per_user: int = 0  # requests generating at once per user; 0 = no limit
     queue_size: int = 1000  # waiting, all users
     user_queue_size: int = 100  # waiting, one user
@@ -53,8 +53,8 @@ class Limits:
 @dataclass(eq=False)
 class _Waiter:
     user: Hashable
-    exclude: Engine | None
-    future: asyncio.Future[Engine] = field(default_factory=lambda: _loop().create_future())
+    exclude: EngineState | None
+    future: asyncio.Future[EngineState] = field(default_factory=lambda: _loop().create_future())
 
 
 def _loop() -> asyncio.AbstractEventLoop:
@@ -63,12 +63,12 @@ def _loop() -> asyncio.AbstractEventLoop:
 
 @dataclass(frozen=True)
 class Grant:
-    engine: Engine
+    engine: EngineState
     waited: float  # seconds spent queued
 
 
 class Scheduler:
-    def __init__(self, engines: list[Engine], limits: Limits) -> None:
+    def __init__(self, engines: list[EngineState], limits: QueueLimits) -> None:
         self.engines = engines
         self.limits = limits
         self._queues: dict[Hashable, deque[_Waiter]] = {}
@@ -83,7 +83,7 @@ class Scheduler:
     async def acquire(
         self,
         user: Hashable,
-        exclude: Engine | None = None,
+        exclude: EngineState | None = None,
         *,
         again: bool = False,
         max_wait: float | None = None,
@@ -117,17 +117,17 @@ class Scheduler:
             )
         return Grant(waiter.future.result(), time.monotonic() - began)
 
-    def any_engine(self, exclude: Engine | None = None) -> Engine:
+    def any_engine(self, exclude: EngineState | None = None) -> EngineState:
         """A healthy engine for a request that takes no slot (such as /v1/models)."""
         healthy = [e for e in self.engines if e.healthy and e is not exclude]
         if not healthy:
             raise _no_engine()
         return max(healthy, key=lambda e: e.free)
 
-    def has_other(self, engine: Engine) -> bool:
+    def has_other(self, engine: EngineState) -> bool:
         return any(e.healthy and e is not engine for e in self.engines)
 
-    def release(self, user: Hashable, engine: Engine) -> None:
+    def release(self, user: Hashable, engine: EngineState) -> None:
         engine.in_flight -= 1
         self._running[user] -= 1
         if self._running[user] <= 0:
@@ -177,7 +177,7 @@ class Scheduler:
         waiter.future.set_result(engine)
         return True
 
-    def _enqueue(self, user: Hashable, exclude: Engine | None, again: bool = False) -> _Waiter:
+    def _enqueue(self, user: Hashable, exclude: EngineState | None, again: bool = False) -> _Waiter:
         queue = self._queues.get(user)
         if not again:  # one given back keeps its place in line, before the user's others
             if queue is not None and len(queue) >= self.limits.user_queue_size:
@@ -234,12 +234,12 @@ class Scheduler:
             return True  # too small to keep slots aside
         return sum(e.free for e in healthy) > reserved
 
-    def _pick(self, exclude: Engine | None) -> Engine | None:
+    def _pick(self, exclude: EngineState | None) -> EngineState | None:
         """The healthy engine with the most free slots."""
         candidates = [e for e in self.engines if e is not exclude and e.free > 0]
         return max(candidates, key=lambda e: e.free) if candidates else None
 
-    def _take(self, user: Hashable, engine: Engine) -> None:
+    def _take(self, user: Hashable, engine: EngineState) -> None:
         engine.in_flight += 1
         self._running[user] += 1
         self._served[user] = next(self._clock)

@@ -1,6 +1,6 @@
 """Connections to the database named by POSTGRES_AUTH_*, and the one place their errors are mapped.
 
-With no POSTGRES_AUTH_HOST the database is the private cluster's (store/cluster.py), over
+With no POSTGRES_AUTH_HOST the database is the private cluster's (ops/cluster.py), over
 its Unix socket. Connection failures become DatabaseUnavailable with one line saying
 what is wrong and what to do; the password never appears in one.
 """
@@ -10,22 +10,44 @@ from __future__ import annotations
 import contextlib
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 
 from llamaserve.config import Layout, Settings
-from llamaserve.store import cluster
 from llamaserve.store.errors import DatabaseUnavailable
 
 CONNECT_TIMEOUT = 10.0
+PORT = 5432  # the private cluster's: names its socket file only, it listens on no TCP port
 SERVER_SETTINGS = {"application_name": "llamaserve"}
+
+
+def is_private(settings: Settings) -> bool:
+    """No POSTGRES_AUTH_HOST: the database is the private cluster's (ops/cluster.py)."""
+    return not settings.postgres_auth_host.strip()
+
+
+def data_dir(layout: Layout) -> Path:
+    """The private cluster's data."""
+    return layout.runtime / "pgdata"
+
+
+def socket_dir(layout: Layout) -> Path:
+    """The private cluster's socket (mode 0700: its permissions are the access control)."""
+    return layout.runtime / "pg"
 
 
 def connect_kwargs(settings: Settings, layout: Layout) -> dict[str, Any]:
     """asyncpg's connect arguments for the configured database."""
-    if cluster.is_private(settings):
-        return cluster.connect_kwargs(settings, layout)
+    if is_private(settings):
+        return {
+            "host": str(socket_dir(layout)),
+            "port": PORT,
+            "user": settings.postgres_auth_user,
+            "database": settings.postgres_auth_db,
+            "ssl": False,
+        }
     kwargs: dict[str, Any] = {
         "host": settings.postgres_auth_host.strip(),
         "port": settings.postgres_auth_port,
@@ -41,10 +63,8 @@ def connect_kwargs(settings: Settings, layout: Layout) -> dict[str, Any]:
 
 def describe(settings: Settings, layout: Layout) -> str:
     """Where the database is, for messages: never with the password."""
-    if cluster.is_private(settings):
-        return (
-            f"private cluster in {cluster.data_dir(layout)}, database {settings.postgres_auth_db}"
-        )
+    if is_private(settings):
+        return f"private cluster in {data_dir(layout)}, database {settings.postgres_auth_db}"
     host, port = settings.postgres_auth_host.strip(), settings.postgres_auth_port
     return f"{settings.postgres_auth_user}@{host}:{port}/{settings.postgres_auth_db}"
 
@@ -118,7 +138,7 @@ def explain(exc: BaseException, settings: Settings, layout: Layout) -> str:
         )
     if isinstance(exc, asyncpg.PostgresError):
         return f"PostgreSQL refused the connection ({where}): {exc}"
-    if cluster.is_private(settings):
+    if is_private(settings):
         return (
             f"cannot reach the private PostgreSQL cluster ({where}): it is not running; "
             "any ./bin/user_management_cli.sh command or ./console.sh start starts it"

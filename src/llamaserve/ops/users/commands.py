@@ -2,7 +2,7 @@
 
 The handlers receive an open connection (the schema already checked, except for
 `check` and `init-db`) and the parsed arguments; they print to stdout, and raise the
-store's errors for users_cli.py to report. A full key is printed once, when it is made.
+store's errors for cli.py to report. A full key is printed once, when it is made.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 import asyncpg
 
 from llamaserve.config import Layout, Settings
+from llamaserve.ops.tables import format_bytes, format_time, render_table
 from llamaserve.store import db, migrations, reports, users
 from llamaserve.store.errors import InvalidValue, NoSuchUser, SchemaMismatch
 from llamaserve.store.keys import NewKey
-from llamaserve.tables import format_bytes, format_time, render_table
 
 CLI = "./bin/user_management_cli.sh"
 

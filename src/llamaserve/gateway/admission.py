@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamaserve.errors import AuthenticationFailed, PermissionDenied
-from llamaserve.gateway.database import database_errors
+from llamaserve.gateway.db_status import database_errors
 from llamaserve.store import limits
 from llamaserve.store.limits import Admission
 

@@ -19,10 +19,11 @@ from pydantic import SecretStr
 from llamaserve.config import ConfigError, Layout, Settings, is_engine_url, split_urls
 from llamaserve.engine import llama_server
 from llamaserve.engine.models import resolve_model
-from llamaserve.engine.process import ProcessRecord, Service, Stopped
 from llamaserve.logs import private_log
-from llamaserve.readiness import Answer, Start, ask, wait_until_ready
-from llamaserve.store import cluster
+from llamaserve.ops import cluster
+from llamaserve.ops.process import ProcessRecord, Service, Stopped
+from llamaserve.ops.readiness import Answer, Start, ask, wait_until_ready
+from llamaserve.store import db
 
 EXIT_STOPPED = 3
 
@@ -233,7 +234,7 @@ def start(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
     for plan in pending:
         check_port_free(plan.host, plan.port)
     for plan in pending:
-        if plan.service.name == "gateway" and cluster.is_private(settings):
+        if plan.service.name == "gateway" and db.is_private(settings):
             cluster.ensure_running(settings, layout)
         if not launch(plan, settings.llama_start_timeout, settings.llama_stop_timeout, out):
             return 1
@@ -393,7 +394,7 @@ def status(settings: Settings, layout: Layout, out: TextIO = sys.stdout) -> int:
             path = "/ready" if service.name == "gateway" else "/health"
             host = connect_host(str(record.info.get("host")))
             questions[service.name] = f"http://{host}:{record.info.get('port')}{path}"
-    if settings.llama_proxy_enabled and cluster.is_private(settings):
+    if settings.llama_proxy_enabled and db.is_private(settings):
         lines["database"] = f"{cluster.status(layout) or 'stopped'} (private cluster)"
     if settings.llama_proxy_enabled:
         gateway = gateway_service(layout).running()  # its engines as it was started

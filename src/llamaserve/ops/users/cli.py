@@ -2,7 +2,7 @@
 
 Every command first starts the private PostgreSQL cluster when .env names no database
 host, then opens one connection. Errors are one line on stderr and exit 1; usage
-errors exit 2. The commands themselves live in user_commands.py.
+errors exit 2. The commands themselves live in commands.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from datetime import timedelta
 
 import asyncpg
 
-from llamaserve import user_commands as commands
 from llamaserve.config import (
     ConfigError,
     Layout,
@@ -25,9 +24,11 @@ from llamaserve.config import (
     load_settings,
     protect_setting_files,
 )
-from llamaserve.store import cluster, db, migrations
+from llamaserve.ops import cluster
+from llamaserve.ops.users import commands
+from llamaserve.ops.users.commands import CLI, Context, Duration, Handler
+from llamaserve.store import db, migrations
 from llamaserve.store.errors import StoreError
-from llamaserve.user_commands import CLI, Context, Duration, Handler
 
 PROG = "user_management_cli.sh"
 DURATION = re.compile(r"^(\d+)([smhdw])$")

@@ -28,8 +28,8 @@ import asyncpg
 
 from llamaserve import logs
 from llamaserve.config import ConfigError, Layout, Settings
+from llamaserve.store.db import PORT, connect_kwargs, data_dir, is_private, socket_dir
 
-PORT = 5432  # names the socket file only: the private cluster listens on no TCP port
 SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres")
 DEBIAN_VERSIONS = Path("/usr/lib/postgresql")
 START_TIMEOUT = 60
@@ -44,31 +44,8 @@ NOT_INSTALLED = (
 )
 
 
-def data_dir(layout: Layout) -> Path:
-    return layout.runtime / "pgdata"
-
-
-def socket_dir(layout: Layout) -> Path:
-    return layout.runtime / "pg"
-
-
 def log_file(layout: Layout) -> Path:
     return layout.logs / "postgres.log"
-
-
-def is_private(settings: Settings) -> bool:
-    return not settings.postgres_auth_host.strip()
-
-
-def connect_kwargs(settings: Settings, layout: Layout) -> dict[str, Any]:
-    """asyncpg's arguments for the configured database of the private cluster."""
-    return {
-        "host": str(socket_dir(layout)),
-        "port": PORT,
-        "user": settings.postgres_auth_user,
-        "database": settings.postgres_auth_db,
-        "ssl": False,
-    }
 
 
 def status(layout: Layout) -> str | None:
