@@ -8,13 +8,14 @@ configuration table is checked against this list by a test.
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import re
 import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 from dotenv.parser import parse_stream
@@ -41,7 +42,9 @@ class Settings(BaseSettings):
     # Engine
     llama_server_api_key: SecretStr = Field(
         SecretStr(""),
-        description="Key the engine requires as a bearer token. install.sh generates it.",
+        description="Key the engine requires as a bearer token; install.sh generates 32 random "
+        "bytes, URL-safe. Start refuses a key that is empty, a placeholder or shorter than 16 "
+        "characters. With the gateway, users get keys of their own: never give them this one.",
     )
     llama_server_host: str = Field("0.0.0.0", description="Address the engine listens on.")
     llama_server_port: int = Field(8000, ge=1, le=65535, description="Port of the engine.")
@@ -53,7 +56,13 @@ class Settings(BaseSettings):
     llama_models_dir: Path = Field(
         Path("models"), description="Directory searched for .gguf files (relative to the project)."
     )
-    llama_n_ctx: int = Field(4096, ge=0, description="Context size in tokens (0 = the model's).")
+    llama_n_ctx: int = Field(
+        4096,
+        ge=0,
+        description="Context size in tokens, per slot with llama-server (which gets "
+        "LLAMA_N_CTX times LLAMA_PARALLEL); 0 = the model's own (with llama-server, shared by "
+        "the slots).",
+    )
     llama_n_threads: int = Field(
         0,
         ge=0,
@@ -66,11 +75,15 @@ class Settings(BaseSettings):
         description="Threads for prompts and batches of several tokens (with llama-server, "
         "its busy slots' tokens are decoded as one batch); 0 = all cores.",
     )
-    llama_n_gpu_layers: int = Field(0, description="Layers offloaded to the GPU (-1 = all).")
+    llama_n_gpu_layers: int = Field(
+        0, description="Layers offloaded to a GPU (-1 = all); needs a GPU build (CMAKE_ARGS)."
+    )
     llama_chat_format: str = Field(
         "",
         description="Chat format of llama-cpp-python (e.g. gemma, chatml, "
-        "chatml-function-calling); empty = the model's own template.",
+        "chatml-function-calling); with llama-server, llama.cpp's built-in template of that "
+        "name. Empty = the model's own template. The config template sets gemma, which the "
+        "default model needs.",
     )
     llama_engine_enabled: bool = Field(
         True,
@@ -78,7 +91,9 @@ class Settings(BaseSettings):
         "engines of LLAMA_SERVER_BACKEND_URL on other machines.",
     )
     llama_engine: Literal["llama-cpp-python", "llama-server"] = Field(
-        "llama-server", description="Which llama.cpp server runs the model."
+        "llama-server",
+        description="Which llama.cpp server runs the model: llama-server (decodes "
+        "LLAMA_PARALLEL requests together) or llama-cpp-python (one request at a time).",
     )
     llama_parallel: int = Field(
         4,
@@ -88,7 +103,8 @@ class Settings(BaseSettings):
     )
     llama_server_bin: str = Field(
         "",
-        description="Path to a llama-server binary of your own; empty = the one install.sh built.",
+        description="A llama-server binary of your own (absolute, or relative to the project; "
+        "recent enough for --api-key-file and --no-webui); empty = the one install.sh built.",
     )
     llama_start_timeout: float = Field(
         300.0, gt=0, description="Seconds `console.sh start` waits for the model to load."
@@ -98,7 +114,8 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a client of the engine or the gateway has to send a request's "
         "line and headers, from the connection's opening or the request's first byte "
-        "(408 after).",
+        "(408 after; one that sent nothing is closed without an answer). Heads are also "
+        "bounded to 64 KiB (431).",
     )
     llama_stop_timeout: float = Field(
         15.0,
@@ -118,13 +135,19 @@ class Settings(BaseSettings):
     llama_proxy_host: str = Field("0.0.0.0", description="Address the gateway listens on.")
     llama_proxy_port: int = Field(8001, ge=1, le=65535, description="Port of the gateway.")
     llama_server_backend_url: str = Field(
-        "http://127.0.0.1:8000", description="Engine URL(s) the gateway forwards to."
+        "http://127.0.0.1:8000",
+        description="Engine URL(s) the gateway forwards to, comma-separated; http:// or "
+        "https://. A path in a URL (an engine behind a reverse proxy) goes before each "
+        "request's.",
     )
     llama_proxy_rate_limit: int = Field(
         60, ge=0, description="Requests per user per window (0 = no limit)."
     )
     llama_proxy_rate_window_seconds: int = Field(
-        60, ge=1, description="Length of the rate-limit window in seconds."
+        60,
+        ge=1,
+        description="Length of the rate-limit window in seconds: a user may send the whole "
+        "limit at once, then one more request every window / limit seconds.",
     )
 
     llama_proxy_allow_public_engine: bool = Field(
@@ -139,7 +162,7 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Requests one user may have generating at once, across all gateways on "
-        "the database (0 = no limit).",
+        "the database (0 = no limit beyond the fair queue).",
     )
     llama_proxy_reserved_slots: int = Field(
         0,
@@ -167,16 +190,29 @@ class Settings(BaseSettings):
     # Database of users, keys and the request log
     postgres_auth_host: str = Field(
         "",
-        description="PostgreSQL host; empty = a private cluster under runtime/ "
-        "(needs PostgreSQL's server programs).",
+        description="PostgreSQL host of users, keys and the request log; empty = a private "
+        "cluster under runtime/ (needs PostgreSQL's server programs).",
     )
-    postgres_auth_port: int = Field(5432, ge=1, le=65535, description="PostgreSQL port.")
-    postgres_auth_db: str = Field("llamaserve", description="Database name.")
-    postgres_auth_user: str = Field("llamaserve", description="Database user.")
-    postgres_auth_password: SecretStr = Field(SecretStr(""), description="Database password.")
+    postgres_auth_port: int = Field(
+        5432, ge=1, le=65535, description="PostgreSQL port (the private cluster has none)."
+    )
+    postgres_auth_db: str = Field(
+        "llamaserve", description="Database name; the private cluster creates it."
+    )
+    postgres_auth_user: str = Field(
+        "llamaserve", description="Database user; the private cluster's superuser."
+    )
+    postgres_auth_password: SecretStr = Field(
+        SecretStr(""),
+        description="Database password; never printed (the private cluster needs none).",
+    )
     postgres_auth_sslmode: Literal[
         "disable", "allow", "prefer", "require", "verify-ca", "verify-full"
-    ] = Field("prefer", description="SSL mode of the database connection.")
+    ] = Field(
+        "prefer",
+        description="SSL mode of the database connection, with libpq's meanings (not used "
+        "by the private cluster).",
+    )
 
     def backend_urls(self) -> list[str]:
         return split_urls(self.llama_server_backend_url)
@@ -396,3 +432,82 @@ def is_engine_url(url: str) -> bool:
 
 class ConfigError(Exception):
     """A setting or file that stops Llamaserve from starting; the message is one clear line."""
+
+
+REGENERATE = ".venv/bin/python -m llamaserve.config --docs > docs/configuration.md"
+TYPE_NAMES = {str: "text", int: "integer", float: "number", Path: "path", SecretStr: "secret"}
+
+
+def settings_reference(root: Path) -> str:
+    """docs/configuration.md: every setting's name, default, type, file and description, in
+    the sections of `Settings`. The file is the template of `root` that lists the setting."""
+    files = {name: "runtime/config.env" for name in _names_in(root / "runtime/config.env.template")}
+    files |= {name: ".env" for name in _names_in(root / ".env.example") if name not in files}
+    lines = [
+        "# Configuration",
+        "",
+        f"<!-- Generated from Settings in src/llamaserve/config.py: `{REGENERATE}` -->",
+        "",
+        "Every setting Llamaserve reads. Each is read from the process environment, then",
+        "`runtime/config.env`, then `.env`: the first that gives it a value wins. *File* names",
+        "the file whose template (`runtime/config.env.template`, `.env.example`) lists it.",
+        'Values are written `NAME="value"`; a boolean is `1` or `0`. Install-time variables',
+        "and the checks `console.sh start` makes are in [operations](operations.md).",
+    ]
+    sections, section = _sections(), None
+    for name, field in Settings.model_fields.items():
+        if sections[name] != section:
+            section = sections[name]
+            lines += ["", f"## {section}", "", "| Setting | Default | Type | File | Description |"]
+            lines.append("| --- | --- | --- | --- | --- |")
+        cells = (f"`{name.upper()}`", _default(field.default), _type(field))
+        where = files.get(name.upper(), "environment only")
+        lines.append(f"| {' | '.join(cells)} | {where} | {_cell(field.description or '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _sections() -> dict[str, str]:
+    """The section of each setting: the comment alone on a line after a blank one in
+    `Settings` (`# Engine`) that comes before it."""
+    sections: dict[str, str] = {}
+    section, previous = "Settings", "blank"
+    for line in inspect.getsource(Settings).splitlines():
+        text = line.strip()
+        if text.startswith("# ") and not previous:
+            section = text[2:]
+        elif (field := re.match(r"(\w+):", text)) and field[1] in Settings.model_fields:
+            sections[field[1]] = section
+        previous = text
+    return sections
+
+
+def _default(value: object) -> str:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, bool):
+        value = int(value)
+    return f"`{value}`" if str(value) else "(empty)"
+
+
+def _type(field: Any) -> str:
+    if get_origin(field.annotation) is Literal:
+        return "one of " + ", ".join(f"`{choice}`" for choice in get_args(field.annotation))
+    if field.annotation is bool:
+        return "boolean"
+    signs = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    bounds = [f"{signs[a]} {getattr(rule, a)}" for rule in field.metadata for a in signs
+              if hasattr(rule, a)]  # fmt: skip
+    kind = TYPE_NAMES[field.annotation]
+    return f"{kind}, {' and '.join(bounds)}" if bounds else kind
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+if __name__ == "__main__":  # the generator of docs/configuration.md (see REGENERATE)
+    import sys
+
+    if sys.argv[1:] != ["--docs"]:
+        sys.exit(f"usage: {REGENERATE}")
+    sys.stdout.write(settings_reference(project_root()))
