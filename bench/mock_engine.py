@@ -1,18 +1,28 @@
-"""A mock OpenAI engine with a fixed delay, for measuring what the gateway itself adds.
+"""A mock OpenAI engine, for the benchmark and the tests: it measures what the gateway
+itself adds, and injects the faults the gateway must survive.
 
-Run as its own process (`python -m bench.mock_engine --port N`), so that it shares no
-event loop with the load generator. A chat completion answers after `--delay-ms`; a
-stream sends its first chunk after `--delay-ms`, then `--chunks - 1` more every
-`--chunk-ms`, the usage chunk when asked for (`stream_options.include_usage`), and
-`[DONE]`. `/health` reports `--slots`, so that the gateway's fair queue holds nothing
-back at the concurrency measured.
+The benchmark runs it as its own process (`python -m bench.mock_engine --port N`), so
+that it shares no event loop with the load generator; the tests run it in a thread
+(`MockEngine(...).start()`, `.kill()`). A chat completion answers after the delay; a
+stream sends its status line at once (as the real engines do), its first chunk after the
+delay, then a token every `chunk_interval`, the usage chunk when asked for
+(`stream_options.include_usage`), and `[DONE]`. `/health` reports `slots`.
+
+What a request asks of it: `mock_delay` (seconds) replaces the delay; model "cut" makes
+it die after the first chunk of a stream. It records each request's tag (its first
+message) in `arrivals`, then in `finished` as it answers, or in `abandoned` if its client
+went away during the delay. While `hung` is set, it takes connections and answers nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,61 +36,126 @@ SSE = [(b"content-type", b"text/event-stream")]
 
 @dataclass(frozen=True)
 class Timing:
-    delay: float  # seconds before the answer, or before a stream's first chunk
-    chunks: int  # content chunks of a stream, one token each
-    chunk_interval: float  # seconds between a stream's chunks
+    delay: float = 0.0  # seconds before the answer, or before a stream's first chunk
+    chunks: int = 2  # chunks of a stream: one token each, then the one that ends it
+    chunk_interval: float = 0.0  # seconds between a stream's chunks
+
+
+def mock_request(tag: str, delay: float = 0.0, stream: bool = False) -> dict[str, object]:
+    """A chat request for MockEngine: tagged by its message, 'generating' for `delay` s."""
+    messages = [{"role": "user", "content": tag}]
+    return {"model": MODEL, "messages": messages, "mock_delay": delay, "stream": stream}
 
 
 class MockEngine:
-    """The ASGI app: /health, /v1/models and /v1/chat/completions."""
+    """The ASGI app: /health, /v1/models and /v1/chat/completions; anything else is 404."""
 
-    def __init__(self, timing: Timing, slots: int) -> None:
-        self.timing = timing
-        self.health = json.dumps({"status": "ok", "slots": slots}).encode()
+    def __init__(
+        self, slots: int = 1, timing: Timing | None = None, port: int | None = None
+    ) -> None:
+        self.slots = slots
+        self.timing = timing or Timing()
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.arrivals: list[str] = []
+        self.finished: list[str] = []
+        self.abandoned: list[str] = []
+        self.record = True  # the benchmark's process keeps no tags
+        self.hung = False
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        while self.hung:
+            await asyncio.sleep(0.05)
         path = scope["path"]
         if path == "/health":
-            await _answer(send, 200, self.health)
+            await _answer(send, 200, {"status": "ok", "slots": self.slots})
         elif path == "/v1/models":
-            models = {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
-            await _answer(send, 200, json.dumps(models).encode())
+            await _answer(send, 200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
         elif path == "/v1/chat/completions" and scope["method"] == "POST":
-            request = json.loads(await _body(receive))
-            if request.get("stream") is True:
-                await self._stream(send, request)
-            else:
-                await asyncio.sleep(self.timing.delay)
-                await _answer(send, 200, json.dumps(_completion()).encode())
+            await self._generate(json.loads(await _body(receive)), receive, send)
         else:
-            error = {"error": {"message": "not found", "type": "invalid_request_error"}}
-            await _answer(send, 404, json.dumps(error).encode())
+            await _answer(send, 404, {"error": {"message": "not found",
+                                                "type": "invalid_request_error"}})  # fmt: skip
+
+    async def _generate(self, request: dict[str, Any], receive: Receive, send: Send) -> None:
+        tag = str(request["messages"][0]["content"])
+        self._note(self.arrivals, tag)
+        stream = request.get("stream") is True
+        if stream:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        if not await self._wait(request.get("mock_delay", self.timing.delay), receive):
+            self._note(self.abandoned, tag)
+            return
+        self._note(self.finished, tag)  # before its answer: its client sees it there
+        if stream:
+            await self._stream(send, request)
+        else:
+            await _answer(send, 200, _completion(self.timing.chunks - 1))
+
+    async def _wait(self, delay: float, receive: Receive) -> bool:
+        """Wait `delay` s; False if the client went away meanwhile."""
+        if not delay:
+            return True
+        gone = asyncio.ensure_future(_disconnected(receive))
+        done, _ = await asyncio.wait({gone}, timeout=delay)
+        gone.cancel()
+        return not done
 
     async def _stream(self, send: Send, request: dict[str, Any]) -> None:
-        await asyncio.sleep(self.timing.delay)
-        await send({"type": "http.response.start", "status": 200, "headers": SSE})
         last = self.timing.chunks - 1
         for index in range(self.timing.chunks):
             if index:
                 await asyncio.sleep(self.timing.chunk_interval)
-            finish = "length" if index == last else None
+            finish = "stop" if index == last else None
             await _event(send, _chunk({"content": "tok "} if index < last else {}, finish))
+            if request.get("model") == "cut":
+                raise RuntimeError("the engine died mid-stream")
         options = request.get("stream_options") or {}
         if options.get("include_usage") is True:
             await _event(send, {**_chunk({}, None), "choices": [], "usage": _usage(last)})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
+    def _note(self, tags: list[str], tag: str) -> None:
+        if self.record:
+            tags.append(tag)
 
-def _completion() -> dict[str, Any]:
+    def start(self) -> MockEngine:
+        """Serve in a thread of this process (the tests' engine) until `kill`."""
+        config = uvicorn.Config(self, port=self.port, log_level="critical", lifespan="off",
+                                timeout_graceful_shutdown=5)  # fmt: skip
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        while not self._server.started:
+            time.sleep(0.02)
+        return self
+
+    def kill(self) -> None:
+        """Stop serving (idempotent): its port refuses connections from then on."""
+        self.hung = False
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> MockEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def _completion(tokens: int) -> dict[str, Any]:
     message = {"role": "assistant", "content": "Hello from the mock engine."}
     return {
         "id": "chatcmpl-mock",
         "object": "chat.completion",
         "model": MODEL,
         "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-        "usage": _usage(6),
+        "usage": _usage(tokens),
     }
 
 
@@ -99,9 +174,9 @@ async def _event(send: Send, payload: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
-async def _answer(send: Send, status: int, body: bytes) -> None:
+async def _answer(send: Send, status: int, payload: dict[str, Any]) -> None:
     await send({"type": "http.response.start", "status": status, "headers": JSON})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
 
 
 async def _body(receive: Receive) -> bytes:
@@ -113,6 +188,17 @@ async def _body(receive: Receive) -> bytes:
             return body
 
 
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
@@ -122,8 +208,10 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=64)
     args = parser.parse_args()
     timing = Timing(args.delay_ms / 1000, max(2, args.chunks), args.chunk_ms / 1000)
+    engine = MockEngine(args.slots, timing, args.port)
+    engine.record = False
     uvicorn.run(
-        MockEngine(timing, args.slots),
+        engine,
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",

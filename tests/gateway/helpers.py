@@ -1,26 +1,24 @@
-"""Extra gateways on the stack's database, and a mock engine for fault injection."""
+"""Extra gateway processes on a stack's database, and what the gateway tests check of an
+answer. The mock engine is bench/mock_engine.py's."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO
 
 import httpx
-import uvicorn
-from starlette.types import Receive, Scope, Send
+from bench.mock_engine import MockEngine, mock_request
 
 from llamaserve.ops.readiness import Start, wait_until_ready
 from tests.conftest import ENVELOPE, ROOT, free_port
 from tests.gateway.conftest import Stack
+
+__all__ = ["MockEngine", "mock_request"]  # where the gateway tests have long found them
 
 
 @contextmanager
@@ -65,141 +63,6 @@ def running_gateway(
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-
-
-async def read_body(receive: Receive) -> bytes:
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            return body
-
-
-async def mock_engine(scope: Scope, receive: Receive, send: Send) -> None:
-    """An OpenAI-ish engine whose `model` field picks a fault: hang, cut, or none."""
-    if scope["type"] != "http":
-        return
-    if scope["path"] == "/health":
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b'{"status": "ok", "slots": 1}'})
-        return
-    body = await read_body(receive)
-    model = json.loads(body).get("model") if body else None
-    if model == "hang":
-        await asyncio.sleep(3)  # longer than the gateway's timeout in the test
-    headers = [(b"content-type", b"text/event-stream")]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    choice = {"index": 0, "delta": {"content": "hi"}, "finish_reason": None}
-    chunk = {"id": "x", "object": "chat.completion.chunk", "model": "mock", "choices": [choice]}
-    event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
-    await send({"type": "http.response.body", "body": event, "more_body": True})
-    if model == "cut":
-        raise RuntimeError("the engine died mid-stream")
-    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-
-
-@contextmanager
-def running_mock_engine() -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(mock_engine, port=port, log_level="critical", timeout_graceful_shutdown=5)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-def mock_request(tag: str, delay: float = 0.0, stream: bool = False) -> dict[str, object]:
-    """A chat request for MockEngine: tagged by its message, 'generating' for `delay` s."""
-    messages = [{"role": "user", "content": tag}]
-    return {"model": "mock", "messages": messages, "mock_delay": delay, "stream": stream}
-
-
-class MockEngine:
-    """A fast fake engine with `slots`, that records what reaches it and can be killed.
-
-    A request's `mock_delay` (seconds) is how long it 'generates'; its first message is
-    its tag in `arrivals`, then in `finished` once answered, or in `abandoned` if its
-    client (the gateway) went away first. A stream's status line goes out at once.
-    """
-
-    def __init__(self, slots: int = 1) -> None:
-        self.slots = slots
-        self.arrivals: list[str] = []
-        self.finished: list[str] = []
-        self.abandoned: list[str] = []
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.hung = False  # while True, it takes connections and answers nothing
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        while self.hung:
-            await asyncio.sleep(0.05)
-        if scope["path"] == "/health":
-            await _send_json(send, {"status": "ok", "slots": self.slots})
-        elif scope["path"] == "/v1/models":
-            await _send_json(send, {"object": "list", "data": [{"id": "mock", "object": "model"}]})
-        else:
-            await self._generate(json.loads(await read_body(receive)), receive, send)
-
-    async def _generate(self, request: dict[str, Any], receive: Receive, send: Send) -> None:
-        tag = request["messages"][0]["content"]
-        self.arrivals.append(tag)
-        if request.get("stream"):
-            headers = [(b"content-type", b"text/event-stream")]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-        gone = asyncio.ensure_future(_disconnected(receive))
-        await asyncio.wait({gone}, timeout=request.get("mock_delay", 0))
-        if gone.done():
-            self.abandoned.append(tag)
-            return
-        gone.cancel()
-        self.finished.append(tag)
-        usage = {"prompt_tokens": 1, "completion_tokens": 1}
-        if not request.get("stream"):
-            await _send_json(send, {"id": "m", "object": "chat.completion", "choices": [],
-                                    "usage": usage})  # fmt: skip
-            return
-        choice = {"index": 0, "delta": {"content": tag}, "finish_reason": "stop"}
-        chunk = {"id": "m", "object": "chat.completion.chunk", "choices": [choice]}
-        events = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
-        await send({"type": "http.response.body", "body": events, "more_body": False})
-
-    def start(self) -> MockEngine:
-        config = uvicorn.Config(self, port=self.port, log_level="critical")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        while not self._server.started:
-            time.sleep(0.02)
-        return self
-
-    def kill(self) -> None:
-        assert self._server is not None and self._thread is not None
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-
-
-async def _send_json(send: Send, payload: dict[str, Any]) -> None:
-    headers = [(b"content-type", b"application/json")]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def assert_envelope(

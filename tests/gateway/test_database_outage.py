@@ -21,11 +21,11 @@ from llamaserve.ops import cluster
 from llamaserve.store import db
 from tests.conftest import ROOT, Project, make_project, run
 from tests.gateway.helpers import (
+    MockEngine,
     assert_envelope,
     gateway_process,
     post,
     running_gateway,
-    running_mock_engine,
 )
 
 
@@ -81,8 +81,8 @@ def test_a_database_outage_is_a_503_and_nothing_is_lost(project: Project) -> Non
     log = project.runtime / "gateway.log"
     with (
         log.open("wb") as out,
-        running_mock_engine() as engine,
-        running_gateway(project.env, out, LLAMA_SERVER_BACKEND_URL=engine) as (gateway, _),
+        MockEngine() as engine,
+        running_gateway(project.env, out, LLAMA_SERVER_BACKEND_URL=engine.url) as (gateway, _),
     ):
         assert post(gateway, known, body).status_code == 200  # its key is known now
 
@@ -129,8 +129,8 @@ def test_rows_the_database_cannot_take_at_stop_are_kept_and_written_at_next_star
     body = '{"model": "mock", "messages": [{"role": "user", "content": "hi"}]}'
     settings, layout = load_settings(ROOT, runtime=project.runtime)
     spool = project.runtime / "run" / "request-log"
-    with running_mock_engine() as engine:
-        with running_gateway(project.env, LLAMA_SERVER_BACKEND_URL=engine) as (gateway, proc):
+    with MockEngine() as engine:
+        with running_gateway(project.env, LLAMA_SERVER_BACKEND_URL=engine.url) as (gateway, proc):
             assert post(gateway, key, body).status_code == 200
             assert cluster.stop(layout, timeout=30)
             refused = [post(gateway, key, body).headers["x-request-id"] for _ in range(3)]
@@ -143,7 +143,7 @@ def test_rows_the_database_cannot_take_at_stop_are_kept_and_written_at_next_star
             refused
         )
         cluster.ensure_running(settings, layout)
-        with gateway_process(project.env, LLAMA_SERVER_BACKEND_URL=engine):
+        with gateway_process(project.env, LLAMA_SERVER_BACKEND_URL=engine.url):
             rows = asyncio.run(log_rows(project, refused))  # written before it is ready
             assert sorted(r["request_id"] for r in rows) == sorted(refused)
             assert not list(spool.glob("*.jsonl"))

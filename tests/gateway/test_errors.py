@@ -20,14 +20,13 @@ from tests.gateway.helpers import (
     extra_gateway,
     mock_request,
     post,
-    running_mock_engine,
 )
 
 
 @pytest.fixture(scope="module")
 def mock_url() -> Iterator[str]:
-    with running_mock_engine() as url:
-        yield url
+    with MockEngine() as engine:
+        yield engine.url
 
 
 def test_malformed_json_is_400(stack: Stack, alice: str) -> None:
@@ -123,7 +122,7 @@ def test_a_request_head_not_whole_within_the_header_timeout_is_408(
                            "Content-Type": "application/json"}  # fmt: skip
                 kept.request("POST", "/v1/chat/completions", slow, headers)
                 answer = kept.getresponse()
-                assert (answer.status, json.loads(answer.read())["id"]) == (200, "m")
+                assert (answer.status, json.loads(answer.read())["id"]) == (200, "chatcmpl-mock")
                 time.sleep(1.5)  # idle, longer than the header timeout
                 kept.request("GET", "/v1/models", headers=headers)
                 models = kept.getresponse()
@@ -154,8 +153,7 @@ def test_engine_unreachable_is_503(stack: Stack, alice: str) -> None:
 def test_engine_timeout_is_504(stack: Stack, alice: str, mock_url: str) -> None:
     with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=mock_url,
                        LLAMA_PROXY_UPSTREAM_TIMEOUT="1") as url:  # fmt: skip
-        body = {"model": "hang", "messages": [{"role": "user", "content": "Hi"}]}
-        response = post(url, alice, json.dumps(body))
+        response = post(url, alice, json.dumps(mock_request("Hi", delay=3)))
         assert_envelope(response, 504)
 
 
@@ -163,8 +161,7 @@ def test_a_stream_that_breaks_ends_with_an_error_event_then_done(
     stack: Stack, alice: str, mock_url: str
 ) -> None:
     with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=mock_url) as url:
-        messages = [{"role": "user", "content": "Hi"}]
-        body = json.dumps({"model": "cut", "messages": messages, "stream": True})
+        body = json.dumps({**mock_request("Hi", stream=True), "model": "cut"})  # dies mid-stream
         response = post(url, alice, body)
     assert response.status_code == 200
     events = [e for e in response.text.split("\n\n") if e]
