@@ -1,13 +1,34 @@
 #!/usr/bin/env bash
-# Every check of the project: install (with the dev tools and both engines), lint, format,
-# types, tests.
-# Extra arguments go to pytest, e.g. ./bin/test.sh -k console
+# Usage: ./bin/test.sh [--fast] [pytest arguments]
+#
+# Every check of the project: lint (ruff check), format (ruff format --check), types
+# (mypy), tests. Plain ./bin/test.sh is the full suite, as CI runs it (.ci/run): it
+# installs first (./runtime/install.sh --dev, with the engine the slow tests start),
+# then runs every test, the slow tier (the real model, through the real scripts)
+# included. ./bin/test.sh --fast installs nothing and runs the same checks on the fast
+# tier only, `pytest -m "not slow"`: every test that needs no model and no engine (the
+# gateway in process or as a process, on a real PostgreSQL, with the mock engine), in
+# a minute or two; without .venv it stops and says to run ./runtime/install.sh --dev
+# first. Extra arguments go to pytest, e.g. ./bin/test.sh --fast -k auth, or
+# ./bin/test.sh -m slow for the slow tier alone.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-./runtime/install.sh --dev --engine llama-server
+tier=()
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  tier=(-m "not slow")
+  for tool in ruff mypy pytest; do
+    if [ ! -x ".venv/bin/$tool" ]; then
+      echo "test.sh: .venv has no $tool: run ./runtime/install.sh --dev first" >&2
+      exit 1
+    fi
+  done
+else
+  ./runtime/install.sh --dev --engine llama-server
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-.venv/bin/pytest "$@"
+.venv/bin/pytest "${tier[@]}" "$@"

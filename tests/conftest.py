@@ -1,5 +1,9 @@
 """Shared fixtures: an isolated runtime directory per test, and the real engine started
-the way a user starts it (`console.sh start`), on a free port."""
+the way a user starts it (`console.sh start`), on a free port.
+
+Two tiers: a test is `slow` when it needs the real model, which it does when it uses
+a fixture of MODEL_FIXTURES (marked here, by what it uses) or starts an engine itself
+(marked in its file). `pytest -m "not slow"` needs no model and no engine binary."""
 
 from __future__ import annotations
 
@@ -98,6 +102,25 @@ def project(tmp_path: Path) -> Project:
 
 ENVELOPE = {"message", "type", "param", "code"}  # OpenAI's error object
 ENGINES = ("llama-cpp-python", "llama-server")
+# The fixtures that start the real model: (module, name), whatever a test file calls its own.
+MODEL_FIXTURES = {("tests.conftest", "engine"), ("tests.gateway.conftest", "stack")}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if needs_the_model(item):
+            item.add_marker(pytest.mark.slow)
+
+
+def needs_the_model(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    for name in item.fixturenames:  # type: ignore[attr-defined]
+        used = info.name2fixturedefs.get(name)  # the last is the one this test gets
+        if used and (used[-1].func.__module__, name) in MODEL_FIXTURES:
+            return True
+    return False
 
 
 @dataclass

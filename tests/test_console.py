@@ -71,6 +71,23 @@ def test_unusable_api_key(tmp_path: Path, key: str, reason: str) -> None:
     one_line_error(project.console("start"), "LLAMA_SERVER_API_KEY", reason)
 
 
+def stand_in_model(tmp_path: Path) -> str:
+    """A file with GGUF's magic, for a start refused after the model is found: none is
+    loaded, so the tests of such refusals need no real model."""
+    path = tmp_path / "stand-in.gguf"
+    path.write_bytes(b"GGUF" + bytes(60))
+    return str(path)
+
+
+def stand_ins(tmp_path: Path) -> dict[str, str]:
+    """A stand-in model and llama-server, for a start refused after both are found:
+    neither is run."""
+    binary = tmp_path / "stand-in-llama-server"
+    binary.write_text("#!/bin/sh\nexit 1\n")
+    binary.chmod(0o755)
+    return {"LLAMA_MODEL": stand_in_model(tmp_path), "LLAMA_SERVER_BIN": str(binary)}
+
+
 @contextmanager
 def port_held_by_another_program() -> Iterator[int]:
     with socket.socket() as taken:
@@ -81,13 +98,18 @@ def port_held_by_another_program() -> Iterator[int]:
 
 def test_port_already_taken(tmp_path: Path) -> None:
     with port_held_by_another_program() as port:
-        project = make_project(tmp_path / "rt", LLAMA_SERVER_PORT=str(port))
+        project = make_project(tmp_path / "rt", **stand_ins(tmp_path), LLAMA_SERVER_PORT=str(port))
         one_line_error(project.console("start"), f"port {port}", "already in use")
     assert not (project.runtime / "run" / "engine.pid").exists()
 
 
 def test_the_gateway_refuses_an_engine_users_could_reach_around_it(tmp_path: Path) -> None:
-    project = make_project(tmp_path / "rt", LLAMA_PROXY_ENABLED="1", LLAMA_SERVER_HOST="0.0.0.0")
+    project = make_project(
+        tmp_path / "rt",
+        **stand_ins(tmp_path),
+        LLAMA_PROXY_ENABLED="1",
+        LLAMA_SERVER_HOST="0.0.0.0",
+    )
     one_line_error(project.console("start"), "bypass the gateway", 'LLAMA_SERVER_HOST="127.0.0.1"')
     assert not (project.runtime / "run" / "engine.pid").exists()
 
@@ -113,7 +135,12 @@ def test_the_gateway_refuses_a_running_engine_users_could_reach_around_it(
     tmp_path: Path,
 ) -> None:
     # An engine started on 0.0.0.0 before the gateway was enabled and the host changed.
-    project = make_project(tmp_path / "rt", LLAMA_PROXY_ENABLED="1", LLAMA_SERVER_HOST="127.0.0.1")
+    project = make_project(
+        tmp_path / "rt",
+        **stand_ins(tmp_path),
+        LLAMA_PROXY_ENABLED="1",
+        LLAMA_SERVER_HOST="127.0.0.1",
+    )
     with running_engine(project, "0.0.0.0") as engine:
         line = one_line_error(project.console("start"), "running on 0.0.0.0", "bypass the gateway")
         assert "./console.sh restart" in line
@@ -122,7 +149,12 @@ def test_the_gateway_refuses_a_running_engine_users_could_reach_around_it(
 
 
 def test_restart_with_a_config_start_would_refuse_stops_nothing(tmp_path: Path) -> None:
-    project = make_project(tmp_path / "rt", LLAMA_PROXY_ENABLED="1", LLAMA_SERVER_HOST="0.0.0.0")
+    project = make_project(
+        tmp_path / "rt",
+        **stand_ins(tmp_path),
+        LLAMA_PROXY_ENABLED="1",
+        LLAMA_SERVER_HOST="0.0.0.0",
+    )
     with running_engine(project, "127.0.0.1") as engine:
         one_line_error(project.console("restart"), "bypass the gateway", "nothing was stopped")
         assert engine.poll() is None
@@ -130,7 +162,7 @@ def test_restart_with_a_config_start_would_refuse_stops_nothing(tmp_path: Path) 
 
 def test_restart_onto_a_port_another_program_holds_stops_nothing(tmp_path: Path) -> None:
     with port_held_by_another_program() as port:
-        project = make_project(tmp_path / "rt", LLAMA_SERVER_PORT=str(port))
+        project = make_project(tmp_path / "rt", **stand_ins(tmp_path), LLAMA_SERVER_PORT=str(port))
         with running_engine(project, "127.0.0.1") as engine:  # on port 8000
             said = project.console("restart")
             one_line_error(
@@ -202,7 +234,10 @@ def test_a_backend_url_that_is_not_an_engine_url_is_one_line(
     tmp_path: Path, backends: str, named: str
 ) -> None:
     project = make_project(
-        tmp_path / "rt", LLAMA_PROXY_ENABLED="1", LLAMA_SERVER_BACKEND_URL=backends
+        tmp_path / "rt",
+        **stand_ins(tmp_path),
+        LLAMA_PROXY_ENABLED="1",
+        LLAMA_SERVER_BACKEND_URL=backends,
     )
     one_line_error(project.console("start"), "LLAMA_SERVER_BACKEND_URL", named)
     assert not (project.runtime / "run" / "engine.pid").exists()
@@ -238,7 +273,10 @@ def test_a_backend_list_without_the_engine_started_here_is_named(
 
 def test_llama_server_missing_is_one_line(tmp_path: Path) -> None:
     project = make_project(
-        tmp_path / "rt", LLAMA_ENGINE="llama-server", LLAMA_SERVER_BIN=str(tmp_path / "none")
+        tmp_path / "rt",
+        LLAMA_MODEL=stand_in_model(tmp_path),
+        LLAMA_ENGINE="llama-server",
+        LLAMA_SERVER_BIN=str(tmp_path / "none"),
     )
     one_line_error(
         project.console("start"),
@@ -248,6 +286,7 @@ def test_llama_server_missing_is_one_line(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow  # it starts an engine of its own
 @pytest.mark.parametrize("engine_name", ENGINES)
 def test_engine_dying_while_starting_shows_its_log(tmp_path: Path, engine_name: str) -> None:
     broken = tmp_path / "broken.gguf"
@@ -398,6 +437,7 @@ def test_a_process_that_ignores_sigterm_is_killed_with_its_children_and_stop_say
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # it starts an engine of its own
 @pytest.mark.parametrize("engine_name", ENGINES)
 def test_start_stop_restart_cycle(tmp_path: Path, engine_name: str) -> None:
     project = make_project(tmp_path / "rt", LLAMA_ENGINE=engine_name)

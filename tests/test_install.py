@@ -29,6 +29,7 @@ def config_text(runtime: Path) -> str:
     return (runtime / "config.env").read_text()
 
 
+@pytest.mark.slow  # the whole install: the engine build and the model
 def test_install_writes_a_private_config_once_and_keeps_it(tmp_path: Path) -> None:
     env = clean_env(LLAMA_RUNTIME_DIR=str(tmp_path / "rt"))
     first = run([str(INSTALL)], env)
@@ -52,6 +53,7 @@ def test_install_writes_a_private_config_once_and_keeps_it(tmp_path: Path) -> No
     assert "building" not in second.stdout.lower()
 
 
+@pytest.mark.slow  # the whole install: the engine build and the model
 def test_install_reuses_the_llama_server_build(tmp_path: Path) -> None:
     """bin/test.sh built it (or found it) already: a run takes seconds and builds nothing."""
     env = clean_env(LLAMA_RUNTIME_DIR=str(tmp_path / "rt"))
@@ -64,6 +66,7 @@ def test_install_reuses_the_llama_server_build(tmp_path: Path) -> None:
     assert 'LLAMA_ENGINE="llama-server"' in config_text(tmp_path / "rt")
 
 
+@pytest.mark.slow  # the whole install: the engine build and the model
 def test_llama_server_is_the_default_engine_and_llama_cpp_python_the_other(
     tmp_path: Path,
 ) -> None:
@@ -90,6 +93,7 @@ def test_install_refuses_an_unknown_engine(tmp_path: Path) -> None:
     assert result.returncode == 1 and "unknown engine: vllm" in result.stderr
 
 
+@pytest.mark.slow  # the whole install: the engine build and the model
 def test_install_provides_the_default_model_with_checksum(tmp_path: Path) -> None:
     models = tmp_path / "models"
     env = clean_env(LLAMA_RUNTIME_DIR=str(tmp_path / "rt"), LLAMA_MODELS_DIR=str(models))

@@ -26,9 +26,10 @@ from tests.conftest import ROOT, default_model, free_port
 
 OPERATOR = "nobody"
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="becoming an unprivileged operator needs root"
-)
+pytestmark = [
+    pytest.mark.slow,  # the whole story, with the model
+    pytest.mark.skipif(os.geteuid() != 0, reason="becoming an unprivileged operator needs root"),
+]
 
 
 class Operator:

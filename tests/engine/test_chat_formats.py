@@ -14,6 +14,8 @@ from openai.types.chat import ChatCompletionMessage
 
 from tests.conftest import ENGINES, Project, default_model, make_project
 
+pytestmark = pytest.mark.slow  # each engine, started by its module fixture
+
 PERSON = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},

@@ -137,6 +137,7 @@ def started_llama_server(tmp_path: Path) -> tuple[Project, int, int]:
     return project, launcher_pid(project), llama_server_pid(project)
 
 
+@pytest.mark.slow  # it starts an engine of its own
 def test_llama_server_stops_with_the_launcher(tmp_path: Path) -> None:
     project, launcher, child = started_llama_server(tmp_path)
     launcher_ticks, child_ticks = start_ticks(launcher), start_ticks(child)
@@ -148,6 +149,7 @@ def test_llama_server_stops_with_the_launcher(tmp_path: Path) -> None:
         project.console("stop")
 
 
+@pytest.mark.slow  # it starts an engine of its own
 def test_llama_server_dies_with_a_killed_launcher(tmp_path: Path) -> None:
     project, launcher, child = started_llama_server(tmp_path)
     ticks = start_ticks(child)
@@ -158,6 +160,7 @@ def test_llama_server_dies_with_a_killed_launcher(tmp_path: Path) -> None:
         project.console("stop")
 
 
+@pytest.mark.slow  # it starts an engine of its own
 def test_the_launcher_exits_non_zero_when_llama_server_dies(tmp_path: Path) -> None:
     project = make_project(tmp_path / "rt", LLAMA_ENGINE="llama-server")
     port = read_port(project)
@@ -242,6 +245,7 @@ def test_llama_server_gets_the_thread_settings(tmp_path: Path) -> None:
     assert threads() == (str(max(1, (os.cpu_count() or 1) - 1)), str(os.cpu_count()))
 
 
+@pytest.mark.slow  # it starts an engine of its own
 @pytest.mark.parametrize("engine_name", ENGINES)
 def test_request_heads_are_bounded_in_size_and_time(tmp_path: Path, engine_name: str) -> None:
     """The engine listens on a public address when it serves alone: a head that never
@@ -256,6 +260,7 @@ def test_request_heads_are_bounded_in_size_and_time(tmp_path: Path, engine_name:
         assert client.models.list().data[0].id == default_model().name  # served as before
 
 
+@pytest.mark.slow  # it starts an engine of its own
 @pytest.mark.parametrize("engine_name", ENGINES)
 def test_requests_still_going_at_the_end_of_the_stop_grace_end_with_an_error(
     tmp_path: Path, engine_name: str

@@ -118,9 +118,21 @@ def start_stack(runtime: Path, more_engines: tuple[str, ...] = (), **config: str
     )
 
 
-@pytest.fixture(scope="session", params=ENGINES)
+DEFAULT_ENGINE: str = Settings.model_fields["llama_engine"].default
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test of the stack runs on both engines, or on the default one when marked
+    `one_engine` (its subject is the gateway, not the engine's answer)."""
+    if "stack" in metafunc.fixturenames:
+        one = metafunc.definition.get_closest_marker("one_engine") is not None
+        engines = (DEFAULT_ENGINE,) if one else ENGINES
+        metafunc.parametrize("stack", engines, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """The whole stack, once per engine: every gateway test runs against both."""
+    """The whole stack on one engine (see `pytest_generate_tests`)."""
     # PostgreSQL runs as an unprivileged user: the runtime must be reachable for it.
     base = Path(tempfile.mkdtemp(prefix="llamaserve-stack-"))
     base.chmod(0o755)

@@ -27,6 +27,7 @@ def llama_server(stack: Stack) -> Stack:
     return stack
 
 
+@pytest.mark.one_engine
 def test_a_stream_left_through_the_gateway_frees_the_slot(llama_server: Stack, alice: str) -> None:
     body = {"model": llama_server.model, **ENDLESS, "stream": True}
     with httpx.stream(
@@ -39,6 +40,7 @@ def test_a_stream_left_through_the_gateway_frees_the_slot(llama_server: Stack, a
     assert wait_until(lambda: busy_slots(llama_server) == 0, timeout=1.0) < 1.0
 
 
+@pytest.mark.one_engine
 def test_a_plain_request_left_through_the_gateway_frees_the_slot(
     llama_server: Stack, alice: str
 ) -> None:

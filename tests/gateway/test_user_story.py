@@ -39,6 +39,7 @@ def test_models_chat_stream_and_completions_with_a_user_key(stack: Stack, alice:
     assert completion.choices[0].text and completion.choices[0].finish_reason == "length"
 
 
+@pytest.mark.one_engine
 def test_health_needs_no_key_and_ready_checks_both(stack: Stack) -> None:
     assert httpx.get(f"{stack.gateway_url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{stack.gateway_url}/ready")
@@ -71,6 +72,7 @@ def test_whole_answers_say_their_length(stack: Stack, alice: str) -> None:
     assert_whole(httpx.get(f"{stack.gateway_url}/v1/models", headers=headers))
 
 
+@pytest.mark.one_engine
 def test_the_engine_listens_on_loopback_only(stack: Stack) -> None:
     status = stack.project.console("status")
     assert status.returncode == 0, status.stdout
@@ -79,6 +81,7 @@ def test_the_engine_listens_on_loopback_only(stack: Stack) -> None:
     assert lines["gateway"].startswith("running") and lines["database"].startswith("running")
 
 
+@pytest.mark.one_engine
 def test_engine_routes_other_than_openai_are_unreachable(stack: Stack, alice: str) -> None:
     for path in ("/slots", "/props", "/metrics", "/extras/tokenize", "/docs", "/v1/unknown"):
         response = httpx.get(stack.gateway_url + path, headers={"Authorization": f"Bearer {alice}"})
@@ -86,6 +89,7 @@ def test_engine_routes_other_than_openai_are_unreachable(stack: Stack, alice: st
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.one_engine
 def test_no_key_ever_reaches_the_gateway_log(stack: Stack, alice: str) -> None:
     stack.client(alice).models.list()
     httpx.get(
@@ -96,6 +100,7 @@ def test_no_key_ever_reaches_the_gateway_log(stack: Stack, alice: str) -> None:
     assert alice not in log and stack.engine_key not in log
 
 
+@pytest.mark.one_engine
 def test_no_table_holds_a_key_after_traffic(stack: Stack, alice: str) -> None:
     client = stack.client(alice)
     client.models.list()
