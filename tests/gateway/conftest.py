@@ -16,10 +16,14 @@ from typing import Any
 
 import asyncpg
 import pytest
+from bench.mock_engine import MockEngine
 from openai import OpenAI
 
 from llamaserve.config import Settings
+from llamaserve.gateway import db_status
 from tests.conftest import ENGINES, ROOT, Project, close_clients, free_port, make_project, run
+from tests.gateway.harness import Site, new_site
+from tests.pgfixtures import PgDatabase
 
 
 @dataclass
@@ -31,6 +35,11 @@ class Stack:
     model: str
     engine: str
     clients: list[OpenAI] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of a CLI or gateway process on this stack."""
+        return self.project.env
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run([str(ROOT / "bin" / "user_management_cli.sh"), *args], self.project.env)
@@ -153,3 +162,17 @@ def alice(stack: Stack, request: pytest.FixtureRequest) -> str:
     """A fresh user's key, named after the test."""
     name = "u" + str(abs(hash(request.node.nodeid)))[:12]
     return stack.create_user(name)
+
+
+@pytest.fixture
+def mock_engine() -> Iterator[MockEngine]:
+    """The mock engine of `site`; a test module asks for other slots by its own."""
+    with MockEngine(slots=4) as engine:
+        yield engine
+
+
+@pytest.fixture
+def site(pg_database: PgDatabase, mock_engine: MockEngine, monkeypatch: pytest.MonkeyPatch) -> Site:
+    """The gateway's world without a model (fast): a fresh database and the mock engine."""
+    monkeypatch.setattr(db_status, "status", db_status.DatabaseStatus())  # in-process gateways'
+    return new_site(pg_database, mock_engine)

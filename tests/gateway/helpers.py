@@ -1,5 +1,5 @@
-"""Extra gateway processes on a stack's database, and what the gateway tests check of an
-answer. The mock engine is bench/mock_engine.py's."""
+"""Extra gateway processes on a stack's or a site's database, and what the gateway tests
+check of an answer. The mock engine is bench/mock_engine.py's."""
 
 from __future__ import annotations
 
@@ -9,22 +9,28 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, Protocol
 
 import httpx
 from bench.mock_engine import MockEngine, mock_request
 
 from llamaserve.ops.readiness import Start, wait_until_ready
 from tests.conftest import ENVELOPE, ROOT, free_port
-from tests.gateway.conftest import Stack
 
 __all__ = ["MockEngine", "mock_request"]  # where the gateway tests have long found them
 
 
+class Deployment(Protocol):
+    """A stack (tests/gateway/conftest.py) or a site (tests/gateway/harness.py)."""
+
+    @property
+    def env(self) -> dict[str, str]: ...
+
+
 @contextmanager
-def extra_gateway(stack: Stack, **env: str) -> Iterator[str]:
+def extra_gateway(deployment: Deployment, **env: str) -> Iterator[str]:
     """Another gateway process on the same database, with settings overridden by env."""
-    with gateway_process(stack.project.env, **env) as url:
+    with gateway_process(deployment.env, **env) as url:
         yield url
 
 

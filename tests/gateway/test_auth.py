@@ -1,9 +1,11 @@
 """Every way a caller can be refused: status, envelope, and a log row for each; a refused
-key tells nothing of whether its key id exists."""
+key tells nothing of whether its key id exists. In process, on a real database, with the
+mock engine: none of it needs the model."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -16,29 +18,36 @@ from llamaserve.errors import APIError, AuthenticationFailed
 from llamaserve.gateway import db_status
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.store import db, keys, users
-from tests.gateway.conftest import Stack
+from tests.gateway.harness import Site
 from tests.gateway.helpers import extra_gateway
 from tests.pgfixtures import PgDatabase
 
 
-def call(stack: Stack, authorization: str | None) -> httpx.Response:
+async def call(gateway: httpx.AsyncClient, authorization: str | None) -> httpx.Response:
     headers = {"Authorization": authorization} if authorization is not None else {}
-    return httpx.get(f"{stack.gateway_url}/v1/models", headers=headers)
+    return await gateway.get("/v1/models", headers=headers)
 
 
 def get(url: str, key: str) -> httpx.Response:
     return httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
 
 
-def refused(stack: Stack, response: httpx.Response, status: int, code: str) -> None:
+async def refused(site: Site, response: httpx.Response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
-    row = stack.row(response.headers["x-request-id"])
+    row = await site.logged(response.headers["x-request-id"])
     assert row["status"] == status and row["outcome"] == "rejected"
     assert row["error"] == error["message"]
 
 
+@pytest.fixture
+async def gateway(site: Site) -> AsyncIterator[httpx.AsyncClient]:
+    async with site.gateway() as client:
+        yield client
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(
     ("authorization", "code"),
     [
@@ -50,76 +59,88 @@ def refused(stack: Stack, response: httpx.Response, status: int, code: str) -> N
     ],
     ids=["no-header", "not-bearer", "empty-bearer", "unknown-key", "foreign-key"],
 )
-def test_bad_credentials_are_401(stack: Stack, authorization: str | None, code: str) -> None:
-    refused(stack, call(stack, authorization), 401, code)
+async def test_bad_credentials_are_401(
+    site: Site, gateway: httpx.AsyncClient, authorization: str | None, code: str
+) -> None:
+    await refused(site, await call(gateway, authorization), 401, code)
 
 
-def test_the_engine_key_is_refused(stack: Stack) -> None:
-    refused(stack, call(stack, f"Bearer {stack.engine_key}"), 401, "invalid_api_key")
+@pytest.mark.anyio
+async def test_the_engine_key_is_refused(site: Site, gateway: httpx.AsyncClient) -> None:
+    await refused(site, await call(gateway, f"Bearer {site.engine_key}"), 401, "invalid_api_key")
 
 
-def test_a_tampered_secret_is_refused(stack: Stack, alice: str) -> None:
+@pytest.mark.anyio
+async def test_a_tampered_secret_is_refused(site: Site, gateway: httpx.AsyncClient) -> None:
+    alice = site.create_user("alice-auth")
     tampered = alice[:-1] + ("A" if alice[-1] != "A" else "B")
-    refused(stack, call(stack, f"Bearer {tampered}"), 401, "invalid_api_key")
+    await refused(site, await call(gateway, f"Bearer {tampered}"), 401, "invalid_api_key")
 
 
-def test_each_key_acts_as_its_own_user(stack: Stack) -> None:
-    bob, carol = stack.create_user("bob-auth"), stack.create_user("carol-auth")
+@pytest.mark.anyio
+async def test_each_key_acts_as_its_own_user(site: Site, gateway: httpx.AsyncClient) -> None:
+    bob, carol = site.create_user("bob-auth"), site.create_user("carol-auth")
     for name, key in (("bob-auth", bob), ("carol-auth", carol)):
-        response = call(stack, f"Bearer {key}")
+        response = await call(gateway, f"Bearer {key}")
         assert response.status_code == 200
-        assert stack.row(response.headers["x-request-id"])["username"] == name
+        assert (await site.logged(response.headers["x-request-id"]))["username"] == name
 
 
-def test_revoked_key_is_401_at_once(stack: Stack) -> None:
-    key = stack.create_user("dave-auth")
-    assert call(stack, f"Bearer {key}").status_code == 200
+@pytest.mark.anyio
+async def test_revoked_key_is_401_at_once(site: Site, gateway: httpx.AsyncClient) -> None:
+    key = site.create_user("dave-auth")
+    assert (await call(gateway, f"Bearer {key}")).status_code == 200
     key_id = key.split("_")[1]
-    assert stack.cli("revoke-key", "--key-id", key_id).returncode == 0
-    refused(stack, call(stack, f"Bearer {key}"), 401, "key_revoked")
+    assert site.cli("revoke-key", "--key-id", key_id).returncode == 0
+    await refused(site, await call(gateway, f"Bearer {key}"), 401, "key_revoked")
 
 
-def test_rotated_away_key_is_401_and_the_new_one_works(stack: Stack) -> None:
-    import json
-
-    key = stack.create_user("erin-auth")
-    assert call(stack, f"Bearer {key}").status_code == 200
-    rotated = stack.cli("rotate-key", "--key-id", key.split("_")[1], "--json")
+@pytest.mark.anyio
+async def test_rotated_away_key_is_401_and_the_new_one_works(
+    site: Site, gateway: httpx.AsyncClient
+) -> None:
+    key = site.create_user("erin-auth")
+    assert (await call(gateway, f"Bearer {key}")).status_code == 200
+    rotated = site.cli("rotate-key", "--key-id", key.split("_")[1], "--json")
     assert rotated.returncode == 0, rotated.stderr
     new_key = json.loads(rotated.stdout)["key"]
-    refused(stack, call(stack, f"Bearer {key}"), 401, "key_revoked")
-    assert call(stack, f"Bearer {new_key}").status_code == 200
+    await refused(site, await call(gateway, f"Bearer {key}"), 401, "key_revoked")
+    assert (await call(gateway, f"Bearer {new_key}")).status_code == 200
 
 
-def test_disabled_user_is_403_and_enabled_again_200(stack: Stack) -> None:
-    key = stack.create_user("frank-auth")
-    assert stack.cli("disable-user", "--username", "frank-auth").returncode == 0
-    refused(stack, call(stack, f"Bearer {key}"), 403, "user_disabled")
-    assert stack.cli("enable-user", "--username", "frank-auth").returncode == 0
-    assert call(stack, f"Bearer {key}").status_code == 200
+@pytest.mark.anyio
+async def test_disabled_user_is_403_and_enabled_again_200(
+    site: Site, gateway: httpx.AsyncClient
+) -> None:
+    key = site.create_user("frank-auth")
+    assert site.cli("disable-user", "--username", "frank-auth").returncode == 0
+    await refused(site, await call(gateway, f"Bearer {key}"), 403, "user_disabled")
+    assert site.cli("enable-user", "--username", "frank-auth").returncode == 0
+    assert (await call(gateway, f"Bearer {key}")).status_code == 200
 
 
 def test_a_key_made_after_its_id_was_refused_works_at_once(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
+    site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Unknown key ids are not remembered: a key made a moment ago works at once on every
     gateway, also on those that refused its id just before."""
-    stack.create_user("gina-auth")
+    site.create_user("gina-auth")
     new = keys.generate_key()
-    with extra_gateway(stack) as second:
-        for url in (stack.gateway_url, second):
-            refused(stack, get(url, new.key), 401, "invalid_api_key")
+    with extra_gateway(site) as first, extra_gateway(site) as second:
+        for url in (first, second):
+            response = get(url, new.key)
+            asyncio.run(refused(site, response, 401, "invalid_api_key"))
         monkeypatch.setattr(users, "generate_key", lambda: new)  # the key of a known id
 
         async def create() -> None:
-            conn = await stack.connect()
+            conn = await site.connect()
             try:
                 assert await users.create_key(conn, username="gina-auth") == new
             finally:
                 await conn.close()
 
         asyncio.run(create())
-        for url in (stack.gateway_url, second):
+        for url in (first, second):
             assert get(url, new.key).status_code == 200
 
 

@@ -1,6 +1,7 @@
 """Bad input through the gateway: the request line to the engine holds none of the
 client's bytes undecoded, a body is checked as the engines check it, and nothing a client
-sends is a 5xx (against the real stack, each engine)."""
+sends is a 5xx: against the real stack, each engine, and the gateway's own checks of a
+body in process (a site: a real database, the mock engine)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import json
 
 import httpx
 import pytest
+from bench.mock_engine import MODEL
 
 from tests.conftest import exchange
 from tests.engine.test_bad_input import BAD_BODIES, usage_of_stream
 from tests.gateway.conftest import Stack
-from tests.gateway.helpers import assert_envelope, post
+from tests.gateway.harness import Site
+from tests.gateway.helpers import assert_envelope
 
 INJECTION = "/v1/models/x%20HTTP/1.1%0d%0aHost:%20a%0d%0a%0d%0aGET%20/v1/models/M"
 
@@ -50,21 +53,30 @@ def test_a_model_id_of_any_bytes_is_not_found(stack: Stack, alice: str, model: s
     assert assert_envelope(response, 404)["code"] == "model_not_found"
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("name", BAD_BODIES)
-def test_a_body_no_engine_can_take_is_a_400_at_the_gateway(
-    stack: Stack, alice: str, name: str
-) -> None:
-    body = BAD_BODIES[name].replace(b"%s", stack.model.encode())
-    assert assert_envelope(post(stack.gateway_url, alice, body), 400)["type"] == (
-        "invalid_request_error"
-    )
+async def test_a_body_no_engine_can_take_is_a_400_at_the_gateway(site: Site, name: str) -> None:
+    alice = site.create_user("alice-bad-input")
+    body = BAD_BODIES[name].replace(b"%s", MODEL.encode())
+    async with site.gateway() as gateway:
+        answer = await gateway.post("/v1/chat/completions", content=body, headers=auth(alice))
+    assert assert_envelope(answer, 400)["type"] == "invalid_request_error"
+    assert site.engine.arrivals == []  # refused by the gateway itself
 
 
-def test_stream_options_are_checked_as_the_engines_check_them(stack: Stack, alice: str) -> None:
-    body = {"model": stack.model, "messages": [{"role": "user", "content": "Hi"}],
+@pytest.mark.anyio
+async def test_stream_options_are_checked_as_the_engines_check_them(site: Site) -> None:
+    alice = site.create_user("alice-bad-input")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
             "stream": True, "stream_options": {"include_usage": "yes"}}  # fmt: skip
-    error = assert_envelope(post(stack.gateway_url, alice, json.dumps(body)), 400)
-    assert error["param"] == "stream_options.include_usage"
+    async with site.gateway() as gateway:
+        answer = await gateway.post("/v1/chat/completions", json=body, headers=auth(alice))
+    assert assert_envelope(answer, 400)["param"] == "stream_options.include_usage"
+    assert site.engine.arrivals == []
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
 
 def test_max_tokens_is_the_one_bound_through_the_gateway(stack: Stack, alice: str) -> None:

@@ -1,8 +1,8 @@
 """A request the gateway expects to be admitted goes to the engine while the database
 decides. Nothing of the engine's answer reaches a client that is refused, the refusal
 comes at once and cancels the engine's work, and one gateway never sends the engine a
-request the database then refuses. Through a real gateway and database, with a fake
-engine that records what it was asked and what it finished (it is the subject)."""
+request the database then refuses. Through a real gateway and database, with the mock
+engine, which records what it was asked and what it finished (it is the subject)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from tests.gateway.conftest import Stack
+from tests.gateway.harness import Site
 from tests.gateway.helpers import MockEngine, assert_envelope, extra_gateway, post
 from tests.gateway.helpers import mock_request as body
 
@@ -36,23 +36,27 @@ def tag(response: httpx.Response) -> str:
 
 
 @pytest.fixture
-def engine() -> Iterator[MockEngine]:
-    mock = MockEngine(slots=16).start()  # more than any test sends at once
-    yield mock
-    mock.kill()
+def mock_engine() -> Iterator[MockEngine]:
+    with MockEngine(slots=16) as mock:  # more than any test sends at once
+        yield mock
 
 
 @pytest.fixture
-def gateway(stack: Stack, engine: MockEngine) -> Iterator[str]:
-    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=engine.url) as url:
+def engine(site: Site) -> MockEngine:
+    return site.engine
+
+
+@pytest.fixture
+def gateway(site: Site) -> Iterator[str]:
+    with extra_gateway(site) as url:
         yield url
 
 
 def test_one_gateway_sends_the_engine_only_admitted_requests(
-    stack: Stack, engine: MockEngine, gateway: str
+    site: Site, engine: MockEngine, gateway: str
 ) -> None:
     name = "early-exact"
-    key = stack.create_user(name, "--rate-limit", "10", "--window", "600")
+    key = site.create_user(name, "--rate-limit", "10", "--window", "600")
     assert chat(gateway, key, body("first")).status_code == 200  # 9 tokens left, it knows
 
     async def burst() -> list[httpx.Response]:
@@ -65,7 +69,7 @@ def test_one_gateway_sends_the_engine_only_admitted_requests(
             )))  # fmt: skip
 
     async def scenario() -> list[httpx.Response]:
-        conn = await stack.connect()
+        conn = await site.connect()
         try:
             async with conn.transaction():  # the database answers no admission meanwhile
                 await conn.execute(
@@ -91,14 +95,14 @@ def test_one_gateway_sends_the_engine_only_admitted_requests(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["chat", "stream"])
 def test_tokens_taken_meanwhile_refuse_at_once_and_cancel_the_engine(
-    stack: Stack, engine: MockEngine, gateway: str, stream: bool
+    site: Site, engine: MockEngine, gateway: str, stream: bool
 ) -> None:
     name = f"early-taken-{'stream' if stream else 'chat'}"
-    key = stack.create_user(name, "--rate-limit", "5", "--window", "600")
+    key = site.create_user(name, "--rate-limit", "5", "--window", "600")
     assert chat(gateway, key, body("first")).status_code == 200  # 4 tokens left, it knows
 
     async def scenario() -> httpx.Response:
-        conn = await stack.connect()
+        conn = await site.connect()
         try:
             async with conn.transaction():
                 # Another gateway takes the user's last tokens; the row stays locked until
@@ -122,17 +126,17 @@ def test_tokens_taken_meanwhile_refuse_at_once_and_cancel_the_engine(
     assert int(refused.headers["retry-after"]) >= 1
     asyncio.run(until(lambda: "late" in engine.abandoned))
     assert "late" not in engine.finished
-    row = stack.row(refused.headers["x-request-id"])
+    row = site.row(refused.headers["x-request-id"])
     assert (row["status"], row["outcome"], row["username"]) == (429, "rejected", name)
 
 
 def test_a_key_revoked_meanwhile_gets_nothing_from_the_engine(
-    stack: Stack, engine: MockEngine, gateway: str
+    site: Site, engine: MockEngine, gateway: str
 ) -> None:
-    key = stack.create_user("early-revoked")
+    key = site.create_user("early-revoked")
     assert chat(gateway, key, body("first")).status_code == 200  # the gateway knows the key
     key_id = key.split("_")[1]
-    assert stack.cli("revoke-key", "--key-id", key_id).returncode == 0
+    assert site.cli("revoke-key", "--key-id", key_id).returncode == 0
 
     refused = chat(gateway, key, body("after", delay=30))
 

@@ -1,5 +1,6 @@
 """Queues, several engines, an engine that dies: through a real gateway and database,
-with fake engines (the faults are the subject)."""
+with mock engines (the faults are the subject); then `console.sh status` and a gateway
+alone, with the real engine."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from llamaserve.gateway.upstream import PROBE_SECONDS
 from llamaserve.store import db
 from tests.conftest import ROOT, free_port, make_project
 from tests.gateway.conftest import Stack, start_stack
+from tests.gateway.harness import Site
 from tests.gateway.helpers import MockEngine, extra_gateway
 from tests.gateway.helpers import mock_request as body
 
@@ -40,30 +42,34 @@ async def send_all(url: str, calls: list[tuple[str, dict[str, object]]]) -> list
 
 
 @pytest.fixture
-def engine() -> Iterator[MockEngine]:
-    mock = MockEngine(slots=1).start()
-    yield mock
-    mock.kill()
+def mock_engine() -> Iterator[MockEngine]:
+    with MockEngine(slots=1) as mock:
+        yield mock
 
 
-def test_a_light_user_is_not_queued_behind_a_heavy_one(stack: Stack, engine: MockEngine) -> None:
-    heavy, light = stack.create_user("heavy-e2e"), stack.create_user("light-e2e")
+@pytest.fixture
+def engine(site: Site) -> MockEngine:
+    return site.engine
+
+
+def test_a_light_user_is_not_queued_behind_a_heavy_one(site: Site, engine: MockEngine) -> None:
+    heavy, light = site.create_user("heavy-e2e"), site.create_user("light-e2e")
     calls = [(heavy, body(f"h{i}", 0.3)) for i in range(6)] + [(light, body("l1", 0.3))]
-    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=engine.url) as url:
+    with extra_gateway(site, LLAMA_SERVER_BACKEND_URL=engine.url) as url:
         responses = asyncio.run(send_all(url, calls))
     assert all(r.status_code == 200 for r in responses)
     # When l1 arrives, one of h's requests is generating (h0, or h1 if h0 just ended) and
     # the others wait: l1 is next, before all of them.
     assert engine.arrivals.index("l1") <= 2 and engine.arrivals[-1] != "l1"
-    row = stack.row(responses[-1].headers["x-request-id"])
+    row = site.row(responses[-1].headers["x-request-id"])
     assert row["queue_ms"] is not None and row["queue_ms"] > 0
 
 
-def test_queue_bounds_answer_429_and_503_in_the_envelope(stack: Stack, engine: MockEngine) -> None:
-    a, b = stack.create_user("bounds-a"), stack.create_user("bounds-b")
+def test_queue_bounds_answer_429_and_503_in_the_envelope(site: Site, engine: MockEngine) -> None:
+    a, b = site.create_user("bounds-a"), site.create_user("bounds-b")
     calls = [(a, body(f"a{i}", 0.5)) for i in range(4)] + [(b, body("b1")), (b, body("b2"))]
     bounds = {"LLAMA_PROXY_USER_QUEUE_SIZE": "2", "LLAMA_PROXY_QUEUE_SIZE": "3"}
-    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=engine.url, **bounds) as url:
+    with extra_gateway(site, LLAMA_SERVER_BACKEND_URL=engine.url, **bounds) as url:
         responses = asyncio.run(send_all(url, calls))
     statuses = [r.status_code for r in responses]
     # a0 runs, a1 a2 wait, a3 exceeds a's queue; b1 fills the server's queue, b2 exceeds it.
@@ -73,47 +79,47 @@ def test_queue_bounds_answer_429_and_503_in_the_envelope(stack: Stack, engine: M
         assert int(refused.headers["retry-after"]) > 0
 
 
-def test_waiting_too_long_is_503(stack: Stack, engine: MockEngine) -> None:
-    a, b = stack.create_user("patient-a"), stack.create_user("patient-b")
-    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=engine.url,
+def test_waiting_too_long_is_503(site: Site, engine: MockEngine) -> None:
+    a, b = site.create_user("patient-a"), site.create_user("patient-b")
+    with extra_gateway(site, LLAMA_SERVER_BACKEND_URL=engine.url,
                        LLAMA_PROXY_QUEUE_TIMEOUT="0.3") as url:  # fmt: skip
         responses = asyncio.run(send_all(url, [(a, body("a", 1.5)), (b, body("b"))]))
     assert [r.status_code for r in responses] == [200, 503]
     assert responses[1].json()["error"]["code"] == "queue_timeout"
-    row = stack.row(responses[1].headers["x-request-id"])  # the wait is logged (was NULL)
+    row = site.row(responses[1].headers["x-request-id"])  # the wait is logged (was NULL)
     assert (row["outcome"], row["status"]) == ("error", 503) and row["queue_ms"] > 250  # of 300
 
 
 def test_a_key_revoked_while_its_requests_wait_sends_none_of_them(
-    stack: Stack, engine: MockEngine
+    site: Site, engine: MockEngine
 ) -> None:
     """A leaked key's backlog: revoked while its requests wait in the queue, none of them
     reaches the engine (the one already generating finishes)."""
-    key = stack.create_user("revoked-backlog")
+    key = site.create_user("revoked-backlog")
     calls = [(key, body("running", 2.5))] + [(key, body(f"queued{i}")) for i in range(3)]
 
     async def revoke_meanwhile(url: str) -> list[httpx.Response]:
         sending = asyncio.create_task(send_all(url, calls))
         await asyncio.sleep(1.0)  # the first generates, the others wait for its slot
-        revoked = await asyncio.to_thread(stack.cli, "revoke-key", "--key-id", key.split("_")[1])
+        revoked = await asyncio.to_thread(site.cli, "revoke-key", "--key-id", key.split("_")[1])
         assert revoked.returncode == 0, revoked.stdout + revoked.stderr
         return await sending
 
-    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=engine.url) as url:
+    with extra_gateway(site, LLAMA_SERVER_BACKEND_URL=engine.url) as url:
         responses = asyncio.run(revoke_meanwhile(url))
     assert [r.status_code for r in responses] == [200, 401, 401, 401]
     assert {r.json()["error"]["code"] for r in responses[1:]} == {"key_revoked"}
     assert engine.arrivals == ["running"]
-    rows = [stack.row(r.headers["x-request-id"]) for r in responses[1:]]
+    rows = [site.row(r.headers["x-request-id"]) for r in responses[1:]]
     assert {(row["status"], row["outcome"], row["engine"]) for row in rows} == {
         (401, "rejected", None)
     }
 
 
 def test_a_client_gone_while_queued_never_reaches_the_engine(
-    stack: Stack, engine: MockEngine
+    site: Site, engine: MockEngine
 ) -> None:
-    a, b, c = (stack.create_user(f"leaver-{n}") for n in "abc")
+    a, b, c = (site.create_user(f"leaver-{n}") for n in "abc")
 
     async def scenario(url: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -132,28 +138,26 @@ def test_a_client_gone_while_queued_never_reaches_the_engine(
             leaver.cancel()  # b's client goes away while queued
             return [await first, await last]
 
-    with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=engine.url) as url:
+    with extra_gateway(site, LLAMA_SERVER_BACKEND_URL=engine.url) as url:
         responses = asyncio.run(scenario(url))
     assert [r.status_code for r in responses] == [200, 200]
     assert engine.arrivals == ["a", "c"]
-    cancelled = stack.query(
-        "SELECT outcome, status FROM llama_requests WHERE username = 'leaver-b'"
-    )
+    cancelled = site.query("SELECT outcome, status FROM llama_requests WHERE username = 'leaver-b'")
     assert [(r["outcome"], r["status"]) for r in cancelled] == [("cancelled", 499)]
 
 
-def test_requests_route_around_a_killed_engine_and_retry_once(stack: Stack) -> None:
-    key = stack.create_user("two-engines")
+def test_requests_route_around_a_killed_engine_and_retry_once(site: Site) -> None:
+    key = site.create_user("two-engines")
     first, second = MockEngine(slots=1).start(), MockEngine(slots=1).start()
     backends = f"{first.url},{second.url}"
     try:
-        with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=backends,
+        with extra_gateway(site, LLAMA_SERVER_BACKEND_URL=backends,
                            LLAMA_PROXY_HEALTH_INTERVAL="0.3") as url:  # fmt: skip
             first.kill()  # the gateway still believes it healthy: the first request fails on it
             responses = asyncio.run(send_all(url, [(key, body(f"r{i}")) for i in range(6)]))
             assert [r.status_code for r in responses] == [200] * 6
             assert Counter(second.arrivals) == Counter(f"r{i}" for i in range(6))
-            rows = [stack.row(r.headers["x-request-id"]) for r in responses]
+            rows = [site.row(r.headers["x-request-id"]) for r in responses]
             assert all(row["outcome"] == "ok" for row in rows)
             assert {row["engine"] for row in rows} == {second.url}  # where each was served
             ready = httpx.get(f"{url}/ready")
@@ -163,22 +167,22 @@ def test_requests_route_around_a_killed_engine_and_retry_once(stack: Stack) -> N
                               headers={"Authorization": f"Bearer {key}"})  # fmt: skip
             assert down.status_code == 503
             assert json.loads(down.text)["error"]["type"] == "service_unavailable"
-            assert stack.row(down.headers["x-request-id"])["engine"] is None  # none had it
+            assert site.row(down.headers["x-request-id"])["engine"] is None  # none had it
     finally:
         for mock in (first, second):
             if mock._thread is not None and mock._thread.is_alive():
                 mock.kill()
 
 
-def test_an_engine_that_hangs_is_taken_out(stack: Stack) -> None:
+def test_an_engine_that_hangs_is_taken_out(site: Site) -> None:
     """An engine that takes connections and answers nothing (stopped, wedged): its health
     probe fails within PROBE_SECONDS, and new requests go to the other engine. Before,
     the probe waited for LLAMA_PROXY_UPSTREAM_TIMEOUT (10 minutes): the engine was never
     taken out, half the requests hung, and /ready hung with them."""
-    key = stack.create_user("hung-engine")
+    key = site.create_user("hung-engine")
     first, second = MockEngine(slots=1).start(), MockEngine(slots=1).start()
     try:
-        with extra_gateway(stack, LLAMA_SERVER_BACKEND_URL=f"{first.url},{second.url}",
+        with extra_gateway(site, LLAMA_SERVER_BACKEND_URL=f"{first.url},{second.url}",
                            LLAMA_PROXY_HEALTH_INTERVAL="0.5") as url:  # fmt: skip
             first.hung = True
             time.sleep(PROBE_SECONDS + 1.5)  # a probe of it times out
@@ -198,6 +202,7 @@ def test_an_engine_that_hangs_is_taken_out(stack: Stack) -> None:
             mock.kill()
 
 
+@pytest.mark.slow  # it starts a stack of its own
 def test_status_says_which_engine_is_out() -> None:
     base = Path(tempfile.mkdtemp(prefix="llamaserve-status-"))
     base.chmod(0o755)  # the cluster runs as an unprivileged user when we are root
@@ -230,6 +235,7 @@ def test_status_says_which_engine_is_out() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.one_engine
 def test_a_gateway_on_a_machine_of_its_own(stack: Stack) -> None:
     """LLAMA_ENGINE_ENABLED=0: console.sh runs only a gateway, here a second one on the
     stack's database, in front of the stack's engine (as if on another machine)."""

@@ -1,4 +1,5 @@
-"""Exact usage in llama_requests, for plain and streamed requests, and cancelled ones."""
+"""Exact usage in llama_requests, for plain and streamed requests, and cancelled ones
+(the stack's); the rows a stopping gateway still holds (a site's)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import openai
 import pytest
 
 from tests.gateway.conftest import Stack
+from tests.gateway.harness import Site
 from tests.gateway.helpers import extra_gateway
 
 CHAT = [{"role": "user", "content": "Write a list of fruits."}]
@@ -33,6 +35,7 @@ def test_plain_request_row_matches_the_engine_usage(stack: Stack, alice: str) ->
     assert row["key_id"] == alice.split("_")[1] and row["engine"] == stack.engine_url
 
 
+@pytest.mark.one_engine
 def test_the_client_address_is_the_connections_not_what_a_header_claims(
     stack: Stack, alice: str
 ) -> None:
@@ -102,11 +105,11 @@ def test_client_gone_mid_stream_leaves_a_cancelled_row(stack: Stack, alice: str)
     assert time.monotonic() - began < 30
 
 
-def test_rows_still_buffered_are_written_when_the_gateway_stops(stack: Stack, alice: str) -> None:
-    headers = {"Authorization": f"Bearer {alice}"}
-    with extra_gateway(stack) as url:
+def test_rows_still_buffered_are_written_when_the_gateway_stops(site: Site) -> None:
+    headers = {"Authorization": f"Bearer {site.create_user('alice-log')}"}
+    with extra_gateway(site) as url:
         ids = [httpx.get(f"{url}/v1/models", headers=headers).headers["x-request-id"]
                for _ in range(20)]  # fmt: skip
     # The gateway was stopped (SIGTERM) right after the last answer, within its batch interval.
-    found = stack.query("SELECT request_id FROM llama_requests WHERE request_id = ANY($1)", ids)
+    found = site.query("SELECT request_id FROM llama_requests WHERE request_id = ANY($1)", ids)
     assert {r["request_id"] for r in found} == set(ids)

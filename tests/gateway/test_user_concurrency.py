@@ -1,7 +1,8 @@
 """LLAMA_PROXY_USER_CONCURRENCY holds across gateways on one database: a user at the cap
 through one gateway waits in the other's queue until a request of theirs ends, while
 other users go on; a request that gives up while so held leaves nothing behind. Two
-real gateways and their database, with a fake engine whose requests take a set time."""
+real gateways and their database, with the mock engine, whose requests take a set
+time."""
 
 from __future__ import annotations
 
@@ -15,22 +16,21 @@ import pytest
 from openai import OpenAI
 
 from tests.engine.test_launcher import wait_until
-from tests.gateway.conftest import Stack
+from tests.gateway.harness import Site
 from tests.gateway.helpers import MockEngine, extra_gateway
 
 
 @pytest.fixture
-def engine() -> Iterator[MockEngine]:
-    mock = MockEngine(slots=4).start()  # slots to spare: only the cap holds anyone back
-    yield mock
-    mock.kill()
+def mock_engine() -> Iterator[MockEngine]:
+    with MockEngine(slots=4) as mock:  # slots to spare: only the cap holds anyone back
+        yield mock
 
 
 @pytest.fixture
-def gateways(stack: Stack, engine: MockEngine) -> Iterator[tuple[str, str]]:
-    """Two gateways on the stack's database, each user capped at one request generating."""
-    env = {"LLAMA_SERVER_BACKEND_URL": engine.url, "LLAMA_PROXY_USER_CONCURRENCY": "1"}
-    with extra_gateway(stack, **env) as first, extra_gateway(stack, **env) as second:
+def gateways(site: Site) -> Iterator[tuple[str, str]]:
+    """Two gateways on the site's database, each user capped at one request generating."""
+    env = {"LLAMA_PROXY_USER_CONCURRENCY": "1"}
+    with extra_gateway(site, **env) as first, extra_gateway(site, **env) as second:
         yield first, second
 
 
@@ -46,14 +46,15 @@ def chat(url: str, key: str, tag: str, delay: float = 0.0, timeout: float = 60) 
     return raw.headers["x-request-id"]
 
 
-def leases(stack: Stack) -> Callable[[], bool]:
-    return lambda: stack.query("SELECT count(*) AS n FROM llama_generating")[0]["n"] == 0
+def leases(site: Site) -> Callable[[], bool]:
+    return lambda: site.query("SELECT count(*) AS n FROM llama_generating")[0]["n"] == 0
 
 
 def test_a_user_at_the_cap_through_one_gateway_waits_in_the_other(
-    stack: Stack, engine: MockEngine, gateways: tuple[str, str]
+    site: Site, gateways: tuple[str, str]
 ) -> None:
-    capped, neighbour = stack.create_user("capped"), stack.create_user("neighbour")
+    engine = site.engine
+    capped, neighbour = site.create_user("capped"), site.create_user("neighbour")
     first, second = gateways
     with ThreadPoolExecutor(2) as pool:
         long = pool.submit(chat, first, capped, "long", delay=2)
@@ -66,7 +67,7 @@ def test_a_user_at_the_cap_through_one_gateway_waits_in_the_other(
     assert engine.finished == ["neighbour", "long", "short"]  # short began once long ended
 
     def rows() -> list[Any]:
-        return stack.query(
+        return site.query(
             "SELECT request_id, queue_ms FROM llama_requests WHERE request_id = ANY($1)",
             [long_id, short_id],
         )
@@ -74,13 +75,14 @@ def test_a_user_at_the_cap_through_one_gateway_waits_in_the_other(
     wait_until(lambda: len(rows()) == 2, timeout=5)  # written in the background
     queued = {row["request_id"]: row["queue_ms"] for row in rows()}
     assert queued[long_id] < 500 and queued[short_id] > 1000
-    wait_until(leases(stack), timeout=5)  # every lease given back
+    wait_until(leases(site), timeout=5)  # every lease given back
 
 
 def test_a_request_that_gives_up_while_held_leaves_no_lease(
-    stack: Stack, engine: MockEngine, gateways: tuple[str, str]
+    site: Site, gateways: tuple[str, str]
 ) -> None:
-    key = stack.create_user("impatient")
+    engine = site.engine
+    key = site.create_user("impatient")
     first, second = gateways
     with ThreadPoolExecutor(1) as pool:
         long = pool.submit(chat, first, key, "long", delay=2)
@@ -93,4 +95,4 @@ def test_a_request_that_gives_up_while_held_leaves_no_lease(
         assert time.monotonic() - began < 1.5
     assert "gave-up" not in engine.arrivals
     assert engine.finished == ["long", "after"]
-    wait_until(leases(stack), timeout=5)
+    wait_until(leases(site), timeout=5)
