@@ -1,8 +1,9 @@
 """Settings: one declared list, read from the environment, runtime/config.env and .env.
 
 Precedence, highest first: the process environment, `runtime/config.env`,
-`.env`. Every field's description is its documentation; the README's
-configuration table is checked against this list by a test.
+`.env`. Every field's description is its documentation: docs/configuration.md is
+generated from this list (`python -m llamaserve.config --docs`), and a test fails when
+the page is stale.
 """
 
 from __future__ import annotations
