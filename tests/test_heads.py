@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from llamaserve.heads import MAX_HEAD_BYTES, bounded_heads
+from llamaserve.http.server import MAX_HEAD_BYTES, bounded_heads
 from tests.conftest import free_port, refusal
 
 

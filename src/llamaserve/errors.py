@@ -16,10 +16,7 @@ APIError
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from typing import Any, ClassVar
-
-from starlette.types import Send
 
 # Seconds a client is told to wait (`Retry-After`) before retrying a refusal that says
 # nothing more precise: a full queue, an engine or database away, a stop.
@@ -166,11 +163,6 @@ def error_for_status(status: int, message: str, **kwargs: Any) -> APIError:
     return cls(message, **kwargs)
 
 
-def sse_error_event(error: APIError) -> bytes:
-    """The last event of a stream that failed after it started, followed by [DONE]."""
-    return b"data: " + json.dumps(error.body()).encode() + b"\n\ndata: [DONE]\n\n"
-
-
 def openai_error(status: int, raw: bytes) -> APIError | None:
     """The family member for an error body written in another shape (None if already fine).
 
@@ -223,27 +215,3 @@ def _mended(status: int, error: dict[str, Any]) -> APIError | None:
         param=param if isinstance(param, str) else None,
         code=code,
     )
-
-
-async def send_error(
-    send: Send,
-    error: APIError,
-    *,
-    status: int | None = None,
-    headers: Iterable[tuple[bytes, bytes]] = (),
-) -> None:
-    """Answer an ASGI request with the error's envelope."""
-    body = json.dumps(error.body()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status or error.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *((k.lower().encode(), v.encode()) for k, v in error.headers.items()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -20,7 +20,7 @@ import pytest
 from openai import OpenAI
 
 from llamaserve.config import Layout, load_settings
-from llamaserve.gateway.upstream import PROBE_SECONDS
+from llamaserve.gateway.engines import PROBE_SECONDS
 from llamaserve.store import db
 from tests.conftest import ROOT, free_port, make_project
 from tests.gateway.conftest import Stack, start_stack

@@ -4,12 +4,14 @@ the key is read, so no database or engine is needed."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from llamaserve.config import Settings, base_layout
 from llamaserve.gateway.app import Gateway
+from llamaserve.gateway.exchange import Services
 from llamaserve.gateway.logbook import RequestLog
 from tests.conftest import ROOT
 from tests.gateway.helpers import assert_envelope
@@ -19,10 +21,21 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Gateway:
-    """A gateway without its lifespan: its request rows are kept, never written."""
+    """A gateway without its lifespan (no database, no key checked): its request rows
+    are kept, never written."""
     settings = Settings(_env_file=None, llama_runtime_dir=tmp_path)  # type: ignore[call-arg]
     built = Gateway(settings, base_layout(ROOT, tmp_path))
     built.requests = RequestLog(None, tmp_path / "spool")
+    unused: Any = None  # never reached: a wrong route or method is refused first
+    built.services = Services(
+        max_body=settings.llama_proxy_max_body_bytes,
+        auth=unused,
+        admissions=unused,
+        slots=unused,
+        upstream=built.upstream,
+        in_flight=built.in_flight,
+        requests=built.requests,
+    )
     return built
 
 

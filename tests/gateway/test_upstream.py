@@ -21,7 +21,7 @@ import uvloop
 from pydantic import SecretStr
 
 from llamaserve.errors import InvalidRequest, ServiceUnavailable, UpstreamFailed, UpstreamTimeout
-from llamaserve.gateway.upstream import Upstream
+from llamaserve.http.upstream import Upstream
 from tests.conftest import free_port
 
 KEY = "engine-secret"

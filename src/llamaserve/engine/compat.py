@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import json
 from collections.abc import Callable
@@ -41,13 +40,13 @@ from llamaserve.engine.protocol import (
     no_embeddings,
     parse_request,
     prompts,
-    read_body,
     retrieve_model,
-    send_json,
     validate,
 )
 from llamaserve.engine.readback import ReadBack
-from llamaserve.errors import APIError, InternalError, openai_error, send_error, sse_error_event
+from llamaserve.errors import APIError, InternalError, openai_error
+from llamaserve.http import asgi, sse
+from llamaserve.http.answer import Answer, send_error, send_json
 from llamaserve.routes import check_method, model_of
 
 
@@ -192,7 +191,7 @@ class CompatMiddleware:
         include_usage, echo = False, None
         if scope["method"] == "POST" and scope["path"] in CHECKS:
             try:
-                raw = await read_body(receive)
+                raw = await asgi.read_body(receive)
                 schema = self.schemas.get(scope["path"])
                 rewritten = rewrite_request(
                     raw, self.model_id, scope["path"], schema, fold_system=self.fold_system
@@ -258,12 +257,13 @@ class _Captured:
 
 class ResponseMender:
     """Wraps `send`: envelopes error bodies, mends a whole chat answer (`chat`), adds the
-    usage chunk, ends failed streams cleanly."""
+    usage chunk, ends failed streams cleanly (`fail`). A stream is read event by event,
+    however the engine cut its writes."""
 
     def __init__(
         self, send: Send, usage: Usage | None, echo: str | None = None, *, chat: bool = False
     ) -> None:
-        self._send = send
+        self.answer = Answer(send)
         self._usage = usage
         self._echo = echo
         self._chat = chat
@@ -271,30 +271,20 @@ class ResponseMender:
         self._held = b""
         self._last_chunk: dict[str, Any] = {}
         self._calls = CallDeltas()
-        self.streaming = False
-        self.started = False
-        self.finished = False
+        self._events = sse.EventSplitter()
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             await self._on_start(message)
         elif message["type"] == "http.response.body" and self._start is not None:
             await self._on_held_body(message)
-        elif message["type"] == "http.response.body" and self.streaming:
+        elif message["type"] == "http.response.body" and self.answer.streaming:
             await self._on_stream_body(message)
         else:
-            await self._send(message)
+            await self.answer.send(message)
 
     async def fail(self, error: APIError) -> None:
-        if self.finished:
-            return
-        if self.streaming:
-            await self._send(
-                {"type": "http.response.body", "body": sse_error_event(error), "more_body": False}
-            )
-        elif not self.started:
-            await send_error(self._send, error)
-        self.finished = True
+        await self.answer.fail(error)
 
     async def _on_start(self, message: Message) -> None:
         headers = dict(message.get("headers", []))
@@ -304,9 +294,7 @@ class ResponseMender:
         ):
             self._start = message  # an error to envelope, or a chat answer to mend
             return
-        self.streaming = content_type.startswith(b"text/event-stream")
-        self.started = True
-        await self._send(message)
+        await self.answer.send(message)
 
     async def _on_held_body(self, message: Message) -> None:
         self._held += message.get("body", b"")
@@ -314,66 +302,57 @@ class ResponseMender:
             return
         assert self._start is not None
         start, body = self._start, self._held
-        self.started = self.finished = True
+        self._start = None
         if start["status"] < 400:  # a chat answer
             start, body = _with_refusals(start, body)
         elif (error := openai_error(start["status"], body)) is not None:
-            await send_error(self._send, error, status=start["status"])
+            await self.answer.fail(error, status=start["status"])
             return
-        await self._send(start)
-        await self._send({"type": "http.response.body", "body": body})
+        await self.answer.send(start)
+        await self.answer.send({"type": "http.response.body", "body": body})
 
     async def _on_stream_body(self, message: Message) -> None:
-        chunk: bytes = message.get("body", b"")
-        if self._echo is not None and chunk.startswith(b"data: {"):
-            chunk = self._echoed(chunk)
-        if chunk.startswith(b"data: {") and (
-            b'"tool_calls"' in chunk or b'"function_call"' in chunk
-        ):
-            chunk = self._calls_mended(chunk)
-        if self._usage is not None and b"data: [DONE]" in chunk:
-            before, _, after = chunk.partition(b"data: [DONE]")
-            chunk = before + self._usage_event() + b"data: [DONE]" + after
-        elif self._usage is not None and chunk.startswith(b"data: {"):
-            self._remember(chunk)
+        out = [self._mended(raw) for raw in self._events.feed(message.get("body", b""))]
         if not message.get("more_body", False):
-            self.finished = True
-        await self._send({**message, "body": chunk})
+            out.append(self._events.pending)  # an event left unended goes as it came
+        await self.answer.send({**message, "body": b"".join(out)})
 
-    def _echoed(self, chunk: bytes) -> bytes:
-        """The first chunk of a stream, its text after the prompt's (an event per message)."""
-        event = json.loads(chunk[len(b"data: ") :])
-        for choice in event.get("choices") or []:
-            choice["text"] = f"{self._echo}{choice.get('text') or ''}"
-        self._echo = None
-        ending = chunk[len(chunk.rstrip()) :]
-        return b"data: " + json.dumps(event).encode() + ending
-
-    def _calls_mended(self, chunk: bytes) -> bytes:
-        try:
-            event = json.loads(chunk[len(b"data: ") :])
-        except ValueError:  # not one event: passed on as it is
-            return chunk
-        self._calls.mend(event)
-        ending = chunk[len(chunk.rstrip()) :]
-        return b"data: " + json.dumps(event).encode() + ending
-
-    def _remember(self, chunk: bytes) -> None:
-        with contextlib.suppress(ValueError):
-            self._last_chunk = json.loads(chunk[len(b"data: ") :])
+    def _mended(self, raw: bytes) -> bytes:
+        """One event of the stream, mended."""
+        calls = b'"tool_calls"' in raw or b'"function_call"' in raw
+        if self._echo is None and not calls and self._usage is None:
+            return raw
+        event = sse.Event.parse(raw)
+        if event.done and self._usage is not None:
+            return self._usage_event() + raw
+        chunk = event.json()
+        if chunk is None:
+            return raw
+        if self._usage is not None:
+            self._last_chunk = chunk
+        if self._echo is None and not calls:
+            return raw
+        if self._echo is not None:  # the first chunk: its text after the prompt's
+            for choice in chunk.get("choices") or []:
+                choice["text"] = f"{self._echo}{choice.get('text') or ''}"
+            self._echo = None
+        if calls:
+            self._calls.mend(chunk)
+        return sse.event(chunk)
 
     def _usage_event(self) -> bytes:
         assert self._usage is not None
         last = self._last_chunk
-        event = {
-            "id": last.get("id"),
-            "object": last.get("object", "chat.completion.chunk"),
-            "created": last.get("created"),
-            "model": last.get("model"),
-            "choices": [],
-            "usage": self._usage.as_dict(),
-        }
-        return b"data: " + json.dumps(event).encode() + b"\n\n"
+        return sse.event(
+            {
+                "id": last.get("id"),
+                "object": last.get("object", "chat.completion.chunk"),
+                "created": last.get("created"),
+                "model": last.get("model"),
+                "choices": [],
+                "usage": self._usage.as_dict(),
+            }
+        )
 
 
 def _with_refusals(start: Message, raw: bytes) -> tuple[Message, bytes]:

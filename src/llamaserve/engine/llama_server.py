@@ -90,7 +90,7 @@ def build_argv(
         *("--ctx-size", str(settings.llama_n_ctx * settings.llama_parallel)),
         *("--threads", str(settings.threads()), "--threads-batch", str(settings.threads_batch())),
         # Idle threads sleep rather than spin (llama.cpp polls by default): as fast alone,
-        # and far faster beside other busy processes (see the README's "Threads").
+        # and far faster beside other busy processes (see docs/operations.md, "Threads").
         *("--poll", "0"),
         *("--n-gpu-layers", gpu_layers),
         *template_args(settings.llama_chat_format),
@@ -177,9 +177,9 @@ class Launcher:
 
     def run(self) -> int:
         """Serve until stopped; 1 if llama-server died."""
-        from llamaserve.engine import stopping
+        from llamaserve.engine import serving
 
-        self._server = stopping.serve(
+        self._server = serving.serve(
             self.relay(),
             host=self.settings.llama_server_host,
             port=self.settings.llama_server_port,

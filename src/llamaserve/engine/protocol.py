@@ -11,11 +11,10 @@ several prompts in one request, a prompt's logprobs, images and audio (400), emb
 from __future__ import annotations
 
 import hmac
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.types import Receive, Scope, Send
+from starlette.types import Scope
 
 from llamaserve.bodies import parse_object
 from llamaserve.errors import AuthenticationFailed, InvalidRequest, NotFound, bearer_token
@@ -397,27 +396,3 @@ def json_schema_of(fmt: dict[str, Any]) -> dict[str, Any]:
             param="response_format",
         )
     return schema
-
-
-async def send_json(send: Send, payload: Any, status: int = 200) -> None:
-    body = json.dumps(payload).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def read_body(receive: Receive) -> bytes:
-    body = bytearray()
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            return bytes(body)

@@ -120,10 +120,10 @@ def build_app(settings: Settings, model: Path) -> CompatMiddleware:
 def serve(settings: Settings, model: Path) -> None:
     from sse_starlette.sse import AppStatus
 
-    from llamaserve.engine import stopping
+    from llamaserve.engine import serving
 
     # sse_starlette ends every stream as soon as uvicorn begins to stop, cut without an
-    # error event; the stop's grace decides instead (see engine/stopping.py).
+    # error event; the stop's grace decides instead (see http/stopping.py).
     AppStatus.enable_automatic_graceful_drain = False
     app = build_app(settings, model)
     print(
@@ -131,7 +131,7 @@ def serve(settings: Settings, model: Path) -> None:
         f"threads {settings.threads()}/{settings.threads_batch()}, ctx {settings.llama_n_ctx}",
         flush=True,
     )
-    stopping.serve(
+    serving.serve(
         app,
         host=settings.llama_server_host,
         port=settings.llama_server_port,

@@ -7,7 +7,6 @@ built here for both.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,7 +14,8 @@ from typing import Any
 
 from starlette.types import Send
 
-from llamaserve.engine.protocol import prompts, send_json
+from llamaserve.engine.protocol import prompts
+from llamaserve.http.answer import Answer
 
 
 @dataclass(frozen=True)
@@ -46,22 +46,16 @@ class ReadBack:
         }
         count = prompt_tokens
         usage = {"prompt_tokens": count, "completion_tokens": 0, "total_tokens": count}
+        answer = Answer(send)
         if not self.stream:
-            await send_json(send, {**head, "choices": [_choice(text, "length")], "usage": usage})
+            await answer.json({**head, "choices": [_choice(text, "length")], "usage": usage})
             return
-        chunks = [{**head, "choices": [_choice(text, None)]}]
-        chunks.append({**head, "choices": [_choice("", "length")]})
+        await answer.event({**head, "choices": [_choice(text, None)]})
+        await answer.event({**head, "choices": [_choice("", "length")]})
         if self.include_usage:
-            chunks.append({**head, "choices": [], "usage": usage})
-        await _send_events(send, chunks)
+            await answer.event({**head, "choices": [], "usage": usage})
+        await answer.done()
 
 
 def _choice(text: str, finish_reason: str | None) -> dict[str, Any]:
     return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-
-async def _send_events(send: Send, chunks: list[dict[str, Any]]) -> None:
-    headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    events = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
-    await send({"type": "http.response.body", "body": events + b"data: [DONE]\n\n"})

@@ -1,27 +1,30 @@
 """The gateway's ASGI application: its lifespan (pools, clients, background tasks),
-health and readiness, and the hand-off of every other request to an Exchange."""
+health and readiness, and the hand-off of every other request to an Exchange with the
+services it uses."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
-import json
 import logging
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from llamaserve.config import Layout, Settings
-from llamaserve.errors import APIError, ServiceUnavailable, send_error
+from llamaserve.errors import APIError, ServiceUnavailable
 from llamaserve.gateway import db_status
 from llamaserve.gateway.admission import Admissions
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.engines import EngineWatch
-from llamaserve.gateway.exchange import Exchange
+from llamaserve.gateway.exchange import Exchange, Services
 from llamaserve.gateway.leases import Leases
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.scheduling import EngineState, QueueLimits, Scheduler
-from llamaserve.gateway.upstream import Upstream
+from llamaserve.gateway.slots import Slots
+from llamaserve.http import asgi
+from llamaserve.http.answer import send_error, send_json
+from llamaserve.http.stopping import InFlight
+from llamaserve.http.upstream import Upstream
 from llamaserve.routes import check_method
 from llamaserve.store import db, migrations
 
@@ -50,22 +53,24 @@ class Gateway:
         self.watch = EngineWatch(
             self.scheduler, self.upstream, settings.llama_proxy_health_interval
         )
-        self.exchanges: set[Exchange] = set()  # those relaying an engine's answer
-        self.grace_over = False  # stopping, and requests still going are being ended
-        self._stopping: asyncio.Task[None] | None = None
+        # Relays in flight: at a stop they get `Settings.stop_grace` seconds, then those
+        # still going are ended with a clear error, so that none is cut off silently,
+        # and each has its row (`http.stopping`).
+        self.in_flight = InFlight(log)
         self.pool: Any = None
         self.auth: Authenticator
         self.admissions: Admissions
         self.leases: Leases
         self.requests: RequestLog
+        self.services: Services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await asgi.lifespan(receive, send, self.startup, self.shutdown)
         elif scope["type"] == "http":
             path = scope["path"]
             if path not in ("/health", "/ready"):
-                await Exchange(self, scope, receive, send).run()
+                await Exchange(self.services, scope, receive, send).run()
                 return
             try:
                 check_method(path, scope["method"], "GET")
@@ -73,22 +78,9 @@ class Gateway:
                 await send_error(send, error)
                 return
             if path == "/health":
-                await _send_json(send, 200, {"status": "ok"})
+                await send_json(send, {"status": "ok"})
             else:
                 await self._ready(send)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        message = await receive()
-        assert message["type"] == "lifespan.startup"
-        try:
-            await self.startup()
-        except Exception as exc:
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
-            return
-        await send({"type": "lifespan.startup.complete"})
-        await receive()  # lifespan.shutdown
-        await self.shutdown()
-        await send({"type": "lifespan.shutdown.complete"})
 
     async def startup(self) -> None:
         db_status.status.describe(self.settings, self.layout)
@@ -111,6 +103,15 @@ class Gateway:
         await self.leases.start()
         self.requests = RequestLog(self.pool, self.layout.run / "request-log")
         await self.requests.start()
+        self.services = Services(
+            max_body=self.settings.llama_proxy_max_body_bytes,
+            auth=self.auth,
+            admissions=self.admissions,
+            slots=Slots(self.scheduler, self.leases, self.watch, self.pool),
+            upstream=self.upstream,
+            in_flight=self.in_flight,
+            requests=self.requests,
+        )
         await self.upstream.open()
         await self.watch.probe_all()
         self.watch.start()
@@ -119,27 +120,8 @@ class Gateway:
         gc.collect()
         gc.freeze()
 
-    def begin_stop(self) -> None:
-        """The server stops taking connections (`console.sh stop`): requests in flight
-        get `Settings.stop_grace` seconds, then those still going are ended with a clear
-        error (see `Exchange.cut_off`), so that none is cut off silently, and each has
-        its row."""
-        if self._stopping is None:
-            grace = self.settings.stop_grace()
-            log.warning("stopping: requests in flight get %gs to finish", grace)
-            self._stopping = asyncio.create_task(self._cut_off_after(grace), name="stop")
-
-    async def _cut_off_after(self, grace: float) -> None:
-        await asyncio.sleep(grace)
-        self.grace_over = True
-        if self.exchanges:
-            log.warning("stopping: ending %d requests still in flight", len(self.exchanges))
-        for exchange in list(self.exchanges):
-            exchange.cut_off()
-
     async def shutdown(self) -> None:
-        if self._stopping is not None:
-            self._stopping.cancel()
+        self.in_flight.close()
         await self.watch.close()
         await self.leases.close()
         await self.requests.close()
@@ -159,11 +141,4 @@ class Gateway:
         if problems:
             await send_error(send, ServiceUnavailable("Not ready: " + "; ".join(problems)))
         else:
-            await _send_json(send, 200, {"status": "ready"})
-
-
-async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
-    body = json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+            await send_json(send, {"status": "ready"})

@@ -7,12 +7,16 @@ it answers again; its slots come back to the scheduler then.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
+from llamaserve.errors import APIError
 from llamaserve.gateway.scheduling import EngineState, Scheduler
-from llamaserve.gateway.upstream import Upstream
+from llamaserve.http.upstream import Upstream
 
 log = logging.getLogger("llamaserve.gateway")
+
+PROBE_SECONDS = 3.0  # a health probe's whole answer
 
 
 class EngineWatch:
@@ -45,10 +49,33 @@ class EngineWatch:
             await self.probe_all()
 
     async def _probe(self, engine: EngineState) -> None:
-        slots = await self.upstream.probe(engine.url)
+        slots = await self.probe(engine.url)
         if slots is None:
             self.take_out(engine, "health probe failed")
             return
         if not engine.healthy:
             log.warning("engine %s is back (%d slots)", engine.url, slots)
         engine.healthy, engine.capacity = True, slots
+
+    async def probe(self, url: str) -> int | None:
+        """The engine's slots if it is healthy, else None.
+
+        Llamaserve's engines say their slots in /health; an engine that does not is
+        counted as one slot once its /v1/models answers. An engine that does not answer
+        within PROBE_SECONDS is not healthy: it is hung (stopped, swapping, wedged), and
+        requests sent to it would wait for LLAMA_PROXY_UPSTREAM_TIMEOUT.
+        """
+        try:
+            async with asyncio.timeout(PROBE_SECONDS):  # not the answers' long silence
+                async with self.upstream.send(url, "GET", "/health") as reply:
+                    raw = await reply.read()
+                if reply.status == 200:
+                    slots = json.loads(raw).get("slots", 1)
+                    return slots if isinstance(slots, int) and slots > 0 else 1
+                if reply.status != 404:
+                    return None
+                async with self.upstream.send(url, "GET", "/v1/models") as reply:
+                    await reply.read()
+                return 1 if reply.status == 200 else None
+        except (APIError, ValueError, AttributeError, TimeoutError):
+            return None

@@ -2,90 +2,30 @@
 
 One process and one thread: uvicorn parses HTTP with httptools on the uvloop event loop
 that runs the gateway, so a request never waits for a hand-off between threads (the
-fair queue and the engines' slots are one process's state). Figures in the README's
-"Process".
+fair queue and the engines' slots are one process's state). Figures in
+docs/performance.md.
 
 On SIGTERM (`console.sh stop`) or SIGINT uvicorn stops taking connections and waits for
 the requests in flight; the gateway gives them `Settings.stop_grace` seconds, then ends
-those still going with a clear error (`Gateway.begin_stop`), so that none is cut off
+those still going with a clear error (`http.stopping`), so that none is cut off
 silently, and each has its row. uvicorn's own graceful timeout is only the last resort.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import resource
-import socket
-from collections.abc import Iterator
-from typing import Any, cast
 
 import uvicorn
 
 from llamaserve import logs
 from llamaserve.config import Layout, Settings
 from llamaserve.gateway.app import Gateway
-from llamaserve.heads import BoundedHeads, bounded_heads
+from llamaserve.http.server import CorkedHeads, Server, bounded_heads
 
 KEEP_ALIVE_SECONDS = 75  # as nginx's default
 OPEN_FILES = 65536  # the soft limit the gateway asks for (a connection or two per request)
-
-
-class _Protocol(BoundedHeads):
-    """uvicorn's HTTP/1.1 protocol with bounded heads, each answer's writes joined."""
-
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        self.cycle.transport = cast(asyncio.Transport, _Corked(self.transport))  # its answer's
-
-
-class _Corked:
-    """A transport whose writes in one turn of the event loop go out as one: uvicorn
-    writes an answer's status line and headers at once, then its body, which made two
-    sends (and two wake-ups of the client) of every answer."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append(data)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def _flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            if not self._transport.is_closing():
-                self._transport.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
-        super().__init__(config)
-        self._gateway = gateway
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self._gateway.begin_stop()
-        await super().shutdown(sockets)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        with super().capture_signals():
-            yield
-            # The stop a signal asked for is done: exit 0, not by the signal raised again
-            # (uvicorn's way, for programs that embed it).
-            self._captured_signals.clear()
 
 
 def serve(settings: Settings, layout: Layout) -> None:
@@ -105,7 +45,7 @@ def serve(settings: Settings, layout: Layout) -> None:
         host=settings.llama_proxy_host,
         port=settings.llama_proxy_port,
         loop="uvloop",
-        http=bounded_heads(settings.llama_header_timeout, _Protocol),  # httptools
+        http=bounded_heads(settings.llama_header_timeout, CorkedHeads),  # httptools
         ws="none",  # no WebSocket: an upgrade is an ordinary request, refused as such
         lifespan="on",  # pools, clients, background tasks; a failed startup stops it
         log_config=None,  # its lines go to the root logger's handler, escaped as all others
@@ -123,7 +63,7 @@ def serve(settings: Settings, layout: Layout) -> None:
         # this is the last resort, before `console.sh stop`'s SIGKILL.
         timeout_graceful_shutdown=max(1, math.ceil(settings.llama_stop_timeout) - 1),
     )
-    _Server(config, gateway).run()
+    Server(config, gateway.in_flight, settings.stop_grace(), exit_zero=True).run()
 
 
 def _raise_open_files_limit() -> None:

@@ -36,7 +36,7 @@ class Plan:
     argv: list[str]
     env: dict[str, str]
     ready_url: str
-    headers: dict[str, str]
+    key: SecretStr | None  # the bearer token its ready_url wants
     host: str
     port: int
     info: dict[str, Any]  # recorded with the process (see `_already_running`)
@@ -97,7 +97,7 @@ def plan_engine(settings: Settings, layout: Layout) -> Plan:
         argv=[sys.executable, "-m", "llamaserve", "serve-engine"],
         env=env,
         ready_url=f"http://{connect_host(host)}:{port}/v1/models",
-        headers={"Authorization": f"Bearer {settings.llama_server_api_key.get_secret_value()}"},
+        key=settings.llama_server_api_key,
         host=host,
         port=port,
         info={
@@ -133,7 +133,7 @@ def plan_gateway(settings: Settings, layout: Layout) -> Plan:
         argv=[sys.executable, "-m", "llamaserve", "serve-gateway"],
         env=_child_env(layout),
         ready_url=f"http://{connect_host(proxy_host)}:{port}/ready",
-        headers={},
+        key=None,
         host=proxy_host,
         port=port,
         info={
@@ -285,17 +285,17 @@ def launch(plan: Plan, timeout: float, stop_timeout: float, out: TextIO) -> bool
     private_log(service.logfile)
     proc = service.spawn(plan.argv, env=plan.env, info=plan.info)
     start = wait_until_ready(
-        plan.ready_url, proc, min(timeout, NOTICE), headers=plan.headers, interval=0.25
+        plan.ready_url, proc, min(timeout, NOTICE), key=plan.key, interval=0.25
     )
     if start is Start.TIMED_OUT and timeout > NOTICE:  # say what it waits for
-        reason = ask(plan.ready_url, plan.headers).why_not
+        reason = ask(plan.ready_url, plan.key).why_not
         print(
             f"llamaserve: {service.name} not ready yet ({reason}); waiting up to {timeout:.0f}s",
             file=out,
             flush=True,
         )
         start = wait_until_ready(
-            plan.ready_url, proc, timeout - NOTICE, headers=plan.headers, interval=0.25
+            plan.ready_url, proc, timeout - NOTICE, key=plan.key, interval=0.25
         )
     if start is Start.READY:
         print(

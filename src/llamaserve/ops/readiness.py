@@ -1,14 +1,21 @@
-"""Waiting for a process we started until its URL answers 200."""
+"""Waiting for a process we started until its URL answers 200, and asking a URL how it
+is, with the one client to our servers (`http.upstream`)."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import json
 import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
+from pydantic import SecretStr
+
+from llamaserve.errors import APIError
+from llamaserve.http.upstream import Upstream
 
 
 class Start(enum.Enum):
@@ -22,7 +29,7 @@ def wait_until_ready(
     proc: subprocess.Popen[Any],
     timeout: float,
     *,
-    headers: dict[str, str] | None = None,
+    key: SecretStr | None = None,
     interval: float = 0.1,
 ) -> Start:
     """Poll `url` until it answers 200, `proc` exits or `timeout` seconds pass."""
@@ -30,7 +37,7 @@ def wait_until_ready(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return Start.EXITED
-        if ask(url, headers, timeout=2.0).ok:
+        if ask(url, key, timeout=2.0).ok:
             return Start.READY
         time.sleep(interval)
     return Start.TIMED_OUT
@@ -45,30 +52,45 @@ class Answer:
     body: Any = None
 
 
-def ask(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> Answer:
+def ask(url: str, key: SecretStr | None = None, timeout: float = 5.0) -> Answer:
+    """GET `url` (with `key` as a bearer token), within `timeout` seconds."""
+    return asyncio.run(_ask(url, key, timeout))
+
+
+async def _ask(url: str, key: SecretStr | None, timeout: float) -> Answer:
+    parts = urlsplit(url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    upstream = Upstream(key, read_timeout=timeout, connect_timeout=timeout)
     try:
-        response = httpx.get(url, headers=headers, timeout=timeout)
-    except httpx.TimeoutException:
+        async with asyncio.timeout(timeout):
+            async with upstream.send(origin, "GET", target) as reply:
+                raw = await reply.read()
+    except TimeoutError:
         return Answer(False, f"no answer within {timeout:g}s")
-    except httpx.HTTPError as exc:
+    except APIError as exc:
         return Answer(False, _unreachable(exc))
+    finally:
+        await upstream.close()
     try:
-        body = response.json()
+        body = json.loads(raw)
     except ValueError:
         body = None
-    if response.status_code == 200:
+    if reply.status == 200:
         return Answer(True, body=body)
     try:
         return Answer(False, str(body["error"]["message"]), body)
     except (KeyError, TypeError):
-        return Answer(False, f"status {response.status_code}", body)
+        return Answer(False, f"status {reply.status}", body)
 
 
-def _unreachable(exc: httpx.HTTPError) -> str:
+def _unreachable(exc: APIError) -> str:
     """Why a URL cannot be reached, as the system says it: "connection refused"."""
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror.lower()
-    return str(exc).lower() or type(exc).__name__
+    return exc.message

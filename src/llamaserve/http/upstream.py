@@ -1,19 +1,19 @@
-"""The HTTP client to the engines. Every network and engine failure is mapped to the
-error family here, and nowhere else.
+"""The one HTTP client to upstream servers: the gateway's to its engines, and the
+llama-server front's to llama-server. Every network and upstream failure is mapped to
+the error family here, and nowhere else.
 
-A small HTTP/1.1 client made for this one job: the gateway sends one kind of request
-to engines it knows, and relays their answers as they come. Requests go out on
-keep-alive connections of the event loop's own transports, and answers are parsed
-by httptools (the parser uvicorn serves with). The general clients cost several times
-more per request: aiohttp took 155 to 200 µs of CPU per round trip where this takes
-40 to 70 (sequential round trips to the benchmark's mock engine), on the one thread
-that runs every request of the gateway.
+A small HTTP/1.1 client made for this one job: requests to servers we know, whose
+answers are relayed as they come. Requests go out on keep-alive connections of the
+event loop's own transports, with the server's key, and answers are parsed by httptools
+(the parser uvicorn serves with). The general clients cost several times more per
+request: aiohttp took 155 to 200 µs of CPU per round trip where this takes 40 to 70
+(sequential round trips to the benchmark's mock engine), on the one thread that runs
+every request of the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import ssl
 import time
@@ -29,7 +29,6 @@ from pydantic import SecretStr
 
 from llamaserve.config import is_engine_url
 from llamaserve.errors import (
-    APIError,
     InvalidRequest,
     ServiceUnavailable,
     UpstreamFailed,
@@ -41,7 +40,6 @@ from llamaserve.errors import (
 # server is closing; one that does is sent again on a new connection (see `_Stale`).
 KEEPALIVE_SECONDS = 3.0
 CONNECT_SECONDS = 5.0
-PROBE_SECONDS = 3.0  # a health probe's whole answer
 # An answer buffered beyond this (a client reading slower than the engine writes)
 # stops reading from the engine until half of it has been relayed.
 HIGH_WATER = 256 * 1024
@@ -91,7 +89,8 @@ class _Origin:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to an engine, carrying one request at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name  # of the server, in errors
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
@@ -132,16 +131,16 @@ class _Connection(asyncio.Protocol):
 
     # What the relay awaits. `timeout` bounds each wait for the engine, not the whole.
 
-    async def headers(self, timeout: float) -> None:
+    async def headers(self, timeout: float | None) -> None:
         while not self.status:
             await self._next(timeout)
 
-    async def read(self, timeout: float) -> bytes:
+    async def read(self, timeout: float | None) -> bytes:
         while not self._complete:
             await self._next(timeout)
         return self._take()
 
-    async def chunks(self, timeout: float) -> AsyncIterator[bytes]:
+    async def chunks(self, timeout: float | None) -> AsyncIterator[bytes]:
         while True:
             if self._chunks:
                 yield self._take()
@@ -159,15 +158,16 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
-    async def _next(self, timeout: float) -> None:
-        """Wait for the next thing the engine sends, or its failure."""
+    async def _next(self, timeout: float | None) -> None:
+        """Wait for the next thing the server sends, or its failure."""
         if self._error is None:
             self._waiter = self._loop.create_future()
-            timer = self._loop.call_later(timeout, self._timed_out)
+            timer = None if timeout is None else self._loop.call_later(timeout, self._timed_out)
             try:
                 await self._waiter
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
                 self._waiter = None
         if self._error is not None:
             raise self._error
@@ -183,7 +183,7 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     def _timed_out(self) -> None:
-        self._fail(UpstreamTimeout("The engine did not answer in time."))
+        self._fail(UpstreamTimeout(f"{self.name} did not answer in time."))
 
     # asyncio.Protocol
 
@@ -199,7 +199,7 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             # After a whole answer (bytes that follow it), only the connection goes.
-            self._fail(UpstreamFailed(f"The engine's answer is not valid HTTP ({exc})."))
+            self._fail(UpstreamFailed(f"{self.name}'s answer is not valid HTTP ({exc})."))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -210,7 +210,7 @@ class _Connection(asyncio.Protocol):
         elif self.reused and not self._received:
             self._fail(_Stale())
         else:
-            self._fail(UpstreamFailed("The engine closed the connection mid-answer."))
+            self._fail(UpstreamFailed(f"{self.name} closed the connection mid-answer."))
 
     # httptools' callbacks
 
@@ -254,7 +254,7 @@ class _Connection(asyncio.Protocol):
 class Reply:
     """An engine's answer whose body may still be arriving."""
 
-    def __init__(self, connection: _Connection, timeout: float) -> None:
+    def __init__(self, connection: _Connection, timeout: float | None) -> None:
         self.status = connection.status
         self.content_type = connection.content_type
         self._connection = connection
@@ -268,14 +268,23 @@ class Reply:
 
 
 class Upstream:
-    """Pooled keep-alive connections to the engines, each request with the engine's key."""
+    """Pooled keep-alive connections to upstream servers, each request with their key.
+    `read_timeout` bounds each wait for the server (None: no bound)."""
 
     def __init__(
-        self, engine_key: SecretStr, read_timeout: float, connect_timeout: float = CONNECT_SECONDS
+        self,
+        engine_key: SecretStr | None,
+        read_timeout: float | None,
+        connect_timeout: float = CONNECT_SECONDS,
+        *,
+        name: str = "The engine",
     ) -> None:
-        self._auth = b"Bearer " + engine_key.get_secret_value().encode("latin-1")
-        if _CONTROL.search(self._auth):
-            raise ValueError("The engine's key holds a control character.")
+        self._name = name  # of the servers, in errors
+        self._auth = None  # no key: no Authorization header
+        if engine_key is not None:
+            self._auth = b"Bearer " + engine_key.get_secret_value().encode("latin-1")
+            if _CONTROL.search(self._auth):
+                raise ValueError("The engine's key holds a control character.")
         self._timeout = read_timeout
         self._connect_timeout = connect_timeout
         self._origins: dict[str, _Origin] = {}
@@ -293,7 +302,9 @@ class Upstream:
         self._idle.clear()
 
     @asynccontextmanager
-    async def send(self, url: str, method: str, path: str, body: bytes) -> AsyncIterator[Reply]:
+    async def send(
+        self, url: str, method: str, path: str, body: bytes = b""
+    ) -> AsyncIterator[Reply]:
         """Send a request; the reply is released (and the engine told, if unfinished) on exit."""
         origin = self._origins.get(url) or self._origins.setdefault(url, _Origin.of(url))
         request = self._request(origin, method, path, body)
@@ -308,11 +319,9 @@ class Upstream:
         target = origin.prefix + path
         if not (_METHOD.fullmatch(method) and _TARGET.fullmatch(target)):
             raise InvalidRequest(f"The request's path cannot be forwarded: {path!r}.")
-        head = [
-            f"{method} {target} HTTP/1.1".encode("ascii"),
-            b"Host: " + origin.authority,
-            b"Authorization: " + self._auth,
-        ]
+        head = [f"{method} {target} HTTP/1.1".encode("ascii"), b"Host: " + origin.authority]
+        if self._auth is not None:
+            head.append(b"Authorization: " + self._auth)
         if body or method == "POST":
             head.append(b"Content-Type: application/json")
             head.append(b"Content-Length: %d" % len(body))
@@ -349,14 +358,14 @@ class Upstream:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await loop.create_connection(
-                    _Connection, origin.host, origin.port, ssl=origin.ssl
+                    lambda: _Connection(self._name), origin.host, origin.port, ssl=origin.ssl
                 )
         except TimeoutError:
             reason = f"no connection within {self._connect_timeout:g}s"
-            raise ServiceUnavailable(f"The engine is not reachable ({reason}).") from None
+            raise ServiceUnavailable(f"{self._name} is not reachable ({reason}).") from None
         except OSError as exc:
             reason = exc.strerror or str(exc) or type(exc).__name__
-            raise ServiceUnavailable(f"The engine is not reachable ({reason}).") from exc
+            raise ServiceUnavailable(f"{self._name} is not reachable ({reason}).") from exc
         return connection
 
     def _release(self, url: str, connection: _Connection) -> None:
@@ -371,26 +380,3 @@ class Upstream:
         while idle and (idle[0].closed or now - idle[0].idle_since >= KEEPALIVE_SECONDS):
             idle.popleft().close()
         idle.append(connection)
-
-    async def probe(self, url: str) -> int | None:
-        """The engine's slots if it is healthy, else None.
-
-        Llamaserve's engines say their slots in /health; an engine that does not is
-        counted as one slot once its /v1/models answers. An engine that does not answer
-        within PROBE_SECONDS is not healthy: it is hung (stopped, swapping, wedged), and
-        requests sent to it would wait for LLAMA_PROXY_UPSTREAM_TIMEOUT.
-        """
-        try:
-            async with asyncio.timeout(PROBE_SECONDS):  # not the answers' long silence
-                async with self.send(url, "GET", "/health", b"") as reply:
-                    raw = await reply.read()
-                if reply.status == 200:
-                    slots = json.loads(raw).get("slots", 1)
-                    return slots if isinstance(slots, int) and slots > 0 else 1
-                if reply.status != 404:
-                    return None
-                async with self.send(url, "GET", "/v1/models", b"") as reply:
-                    await reply.read()
-                return 1 if reply.status == 200 else None
-        except (APIError, ValueError, AttributeError, TimeoutError):
-            return None

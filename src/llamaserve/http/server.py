@@ -1,7 +1,15 @@
-"""Bounds on a request's head (its line and headers) for the gateway's and the engines'
-uvicorn servers, which set none under httptools: a header is held until it ends, and a
-client that never ends its head holds its connection for ever (enough of them hold every
-file the process may open).
+"""Everything that reaches into uvicorn's internals, for the gateway and the engines:
+the only code its version pin (pyproject) covers.
+
+- `BoundedHeads`: uvicorn's httptools protocol with bounds on a request's head.
+- `CorkedHeads`: the same, each answer's writes in one turn of the event loop joined.
+- `Server`: uvicorn's server, whose stop gives the requests in flight their grace
+  (`InFlight.begin`).
+- `without_health_probes`: uvicorn's access log without the probes that succeed.
+
+Bounds on a request's head (its line and headers): uvicorn sets none under httptools, a
+header is held until it ends, and a client that never ends its head holds its connection
+for ever (enough of them hold every file the process may open).
 
 A head larger than MAX_HEAD_BYTES is refused with 431 as soon as that many bytes came
 without its end, however the client cut its writes; one not whole `header_timeout`
@@ -14,12 +22,18 @@ connection is closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from typing import Any
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any, cast
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from llamaserve.errors import error_body
+from llamaserve.http.stopping import InFlight
 
 # Real clients send a few KiB.
 MAX_HEAD_BYTES = 64 * 1024
@@ -133,3 +147,78 @@ def bounded_heads(
 ) -> type[BoundedHeads]:
     """`base` with its heads due within `header_timeout` seconds, for uvicorn's `http`."""
     return type(base.__name__, (base,), {"header_timeout": header_timeout})
+
+
+class CorkedHeads(BoundedHeads):
+    """uvicorn's HTTP/1.1 protocol with bounded heads, each answer's writes joined."""
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self.cycle.transport = cast(asyncio.Transport, _Corked(self.transport))  # its answer's
+
+
+class _Corked:
+    """A transport whose writes in one turn of the event loop go out as one: uvicorn
+    writes an answer's status line and headers at once, then its body, which made two
+    sends (and two wake-ups of the client) of every answer."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server. At its stop the requests in flight get `grace` seconds (then
+    `in_flight` ends them); its own graceful timeout is only the last resort. With
+    `exit_zero`, a stop asked for by a signal exits 0 rather than by the signal raised
+    again (uvicorn's way, for programs that embed it)."""
+
+    def __init__(
+        self, config: uvicorn.Config, in_flight: InFlight, grace: float, *, exit_zero: bool
+    ) -> None:
+        super().__init__(config)
+        self.in_flight = in_flight
+        self._grace = grace
+        self._exit_zero = exit_zero
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.in_flight.begin(self._grace)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            self.in_flight.close()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            if self._exit_zero:
+                self._captured_signals.clear()
+
+
+def without_health_probes(record: logging.LogRecord) -> bool:
+    """uvicorn's access log without the gateways' health probes that succeed (one every
+    LLAMA_PROXY_HEALTH_INTERVAL seconds from each: 43,200 lines a day at the default);
+    a probe that fails is still logged."""
+    args = record.args  # uvicorn's: client, method, path, HTTP version, status
+    return not (isinstance(args, tuple) and len(args) == 5 and args[2] == "/health"
+                and args[4] == 200)  # fmt: skip

@@ -1,0 +1,97 @@
+"""A fair slot of an engine for one request: a place in this gateway's fair queue
+(`Scheduler`), then one of the user's leases under the per-user cap across gateways
+(`Leases`). A request that does not generate takes any healthy engine."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from llamaserve.gateway.admission import refuse_unless_usable
+from llamaserve.gateway.db_status import database_errors
+from llamaserve.gateway.engines import EngineWatch
+from llamaserve.gateway.leases import Leases
+from llamaserve.gateway.scheduling import EngineState, Scheduler
+from llamaserve.store import limits
+from llamaserve.store.requests import RequestRow
+
+# A request that waited this long (seconds) in the queue checks its key again as it
+# leaves: a key revoked meanwhile is refused. Shorter waits skip the round trip.
+RECHECK_AFTER = 1.0
+
+
+class Slots:
+    def __init__(self, scheduler: Scheduler, leases: Leases, watch: EngineWatch, pool: Any) -> None:
+        self.scheduler = scheduler
+        self.leases = leases
+        self.watch = watch
+        self.pool = pool
+
+    @contextlib.asynccontextmanager
+    async def engine(
+        self, row: RequestRow, exclude: EngineState | None
+    ) -> AsyncIterator[EngineState]:
+        """A slot of an engine for generation (its wait added to `row.queue_ms`); any
+        healthy engine for the rest."""
+        if row.method != "POST":
+            yield self.scheduler.any_engine(exclude)
+            return
+        user = row.user_id
+        assert user is not None  # admitted
+        engine, lease = await self._slot(row, user, exclude)
+        try:
+            yield engine
+        finally:
+            self.scheduler.release(user, engine)
+            self.leases.give_back(lease)
+
+    def take_out(self, engine: EngineState, reason: str) -> None:
+        """An engine that could not take a request: no more requests until it is back."""
+        self.watch.take_out(engine, reason)
+
+    def has_other(self, engine: EngineState) -> bool:
+        return self.scheduler.has_other(engine)
+
+    async def _slot(
+        self, row: RequestRow, user: int, exclude: EngineState | None
+    ) -> tuple[EngineState, uuid.UUID]:
+        """A slot of an engine, and one of the user's leases under the cap across gateways
+        (see `Leases`): a user at the cap through other gateways gives the slot back and
+        waits, first in line, until one of their requests ends."""
+        scheduler, leases = self.scheduler, self.leases
+        deadline = time.monotonic() + scheduler.limits.max_wait
+        again = False
+        while True:
+            began = time.monotonic()
+            try:
+                grant = await scheduler.acquire(
+                    user, exclude, again=again, max_wait=deadline - began
+                )
+            except BaseException:  # timed out, gone, stopped: the wait is logged all the same
+                row.queue_ms = (row.queue_ms or 0.0) + (time.monotonic() - began) * 1000
+                raise
+            row.queue_ms = (row.queue_ms or 0.0) + grant.waited * 1000
+            heard = leases.heard(user)
+            try:
+                if grant.waited >= RECHECK_AFTER:
+                    assert row.key_id is not None  # authenticated
+                    await self._still_usable(row.key_id)
+                lease = await leases.take(user)
+            except BaseException:
+                scheduler.release(user, grant.engine)
+                raise
+            if lease is not None:
+                return grant.engine, lease
+            leases.hold(user, since=heard)  # before the slot goes back: not to this user again
+            scheduler.release(user, grant.engine)
+            again = True
+
+    async def _still_usable(self, key_id: str) -> None:
+        """A key revoked, expired or whose user was disabled while its request waited is
+        refused when the request leaves the queue: a leaked key's backlog never runs."""
+        with database_errors():
+            state = await limits.key_state(self.pool, key_id=key_id)
+        refuse_unless_usable(state)

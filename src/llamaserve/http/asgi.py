@@ -1,0 +1,80 @@
+"""ASGI's side of a request: its headers, its body, its client going away, and the
+lifespan of an app."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from llamaserve.errors import RequestTooLarge
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a header (`name` in lower case)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+async def read_body(receive: Receive, scope: Scope | None = None, limit: int = 0) -> bytes:
+    """The request's body; beyond `limit` bytes (0: no limit) a 413, refused on its
+    declared length before any of it is read."""
+    if limit and scope is not None:
+        declared = header(scope, b"content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+    body = bytearray()
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if limit and len(body) > limit:
+            raise _too_large(limit)
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(f"The request body is larger than {limit} bytes.")
+
+
+async def disconnected(receive: Receive) -> None:
+    """Returns when the client has gone away (its body read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(work: Coroutine[Any, Any, None], receive: Receive) -> None:
+    """Run `work` until it ends or the client goes away, whichever comes first (`work`
+    answers its own errors)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+Hook = Callable[[], Awaitable[None]]
+
+
+async def lifespan(receive: Receive, send: Send, startup: Hook, shutdown: Hook) -> None:
+    """ASGI's lifespan protocol: a startup that fails is reported and stops the server."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                await startup()
+            except Exception as exc:
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
