@@ -30,6 +30,13 @@ from tests.conftest import ROOT
 
 USER = "llamaserve"
 TEMPLATE = "llamaserve_template"  # migrated once; each test's database is a copy
+# The tests' cluster is thrown away after them: it need not survive a crash, so it never
+# waits for its writes to reach the disk (every test makes and drops a database).
+DISPOSABLE = [
+    "ALTER SYSTEM SET fsync = off",
+    "ALTER SYSTEM SET full_page_writes = off",
+    "SELECT pg_reload_conf()",
+]
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,8 @@ def pg_cluster() -> Iterator[PgCluster]:
     pg = PgCluster(root, Layout(ROOT, runtime, ROOT / "models"))
     try:
         cluster.ensure_running(pg.settings(TEMPLATE), pg.layout)
+        for statement in DISPOSABLE:
+            asyncio.run(pg.admin(statement))
         asyncio.run(_migrate(pg.settings(TEMPLATE), pg.layout))
         yield pg
     finally:
