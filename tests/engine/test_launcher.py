@@ -189,7 +189,7 @@ def test_the_launcher_exits_non_zero_when_llama_server_dies(tmp_path: Path) -> N
         # The stream ends with an error in words, then [DONE]: not cut, not a class name.
         assert rest[-1] == "data: [DONE]"
         error = json.loads(rest[-2].removeprefix("data: "))["error"]
-        assert error["message"] == "llama-server stopped in the middle of the answer."
+        assert error["message"] == "llama-server closed the connection mid-answer."
         assert launcher.wait(timeout=10) == 1
     finally:
         launcher.kill()

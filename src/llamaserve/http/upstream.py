@@ -14,6 +14,7 @@ every request of the gateway.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import ssl
 import time
@@ -49,6 +50,14 @@ HIGH_WATER = 256 * 1024
 _METHOD = re.compile(r"[A-Z]+")
 _TARGET = re.compile(r"/[!-~]*")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def why(exc: OSError) -> str:
+    """Why a connection failed, as the system says it: "Connection refused" (asyncio's
+    own loop words it "Connect call failed (address)", uvloop as the system does)."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 class _Stray(Exception):
@@ -364,8 +373,7 @@ class Upstream:
             reason = f"no connection within {self._connect_timeout:g}s"
             raise ServiceUnavailable(f"{self._name} is not reachable ({reason}).") from None
         except OSError as exc:
-            reason = exc.strerror or str(exc) or type(exc).__name__
-            raise ServiceUnavailable(f"{self._name} is not reachable ({reason}).") from exc
+            raise ServiceUnavailable(f"{self._name} is not reachable ({why(exc)}).") from exc
         return connection
 
     def _release(self, url: str, connection: _Connection) -> None:

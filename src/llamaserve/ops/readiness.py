@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import SecretStr
 
 from llamaserve.errors import APIError
-from llamaserve.http.upstream import Upstream
+from llamaserve.http.upstream import Upstream, why
 
 
 class Start(enum.Enum):
@@ -91,6 +91,6 @@ def _unreachable(exc: APIError) -> str:
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror.lower()
+    if isinstance(cause, OSError):
+        return why(cause).lower()
     return exc.message
