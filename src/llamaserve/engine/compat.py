@@ -31,8 +31,8 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llamaserve.engine.answers import model_list, with_refusal
 from llamaserve.engine.call_deltas import CallDeltas
+from llamaserve.engine.fields import model_list, with_refusal
 from llamaserve.engine.protocol import (
     CHECKS,
     check_route_and_key,

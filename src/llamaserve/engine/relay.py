@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import SecretStr
 from starlette.types import Receive, Scope, Send
 
-from llamaserve.engine.answers import model_list
+from llamaserve.engine.fields import model_list
 from llamaserve.engine.protocol import (
     CHECKS,
     check_route_and_key,

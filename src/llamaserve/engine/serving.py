@@ -9,7 +9,7 @@ import logging
 import uvicorn
 from starlette.types import ASGIApp
 
-from llamaserve.engine.answers import RequestIds
+from llamaserve.http.asgi import RequestIds
 from llamaserve.http.server import Server, bounded_heads, without_health_probes
 from llamaserve.http.stopping import EndOnStop, InFlight
 

@@ -24,7 +24,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llamaserve.engine.answers import with_refusal
+from llamaserve.engine.fields import with_refusal
 from llamaserve.engine.protocol import json_schema_of, prompts
 from llamaserve.errors import InvalidRequest
 

@@ -1,13 +1,14 @@
-"""ASGI's side of a request: its headers, its body, its client going away, and the
-lifespan of an app."""
+"""ASGI's side of a request: its headers, its body, its client going away, its
+`x-request-id`, and the lifespan of an app."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamaserve.errors import RequestTooLarge
 
@@ -78,3 +79,30 @@ async def lifespan(receive: Receive, send: Send, startup: Hook, shutdown: Hook) 
             await shutdown()
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+class RequestIds:
+    """ASGI middleware: every answer carries an `x-request-id` of its own, never a
+    client's: llama_cpp.server answered with the id a request sent (the same on every
+    request that sends it) and refused one that is no UUID."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = (b"x-request-id", uuid.uuid4().hex.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*_without_id(message.get("headers", ())), header]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app({**scope, "headers": _without_id(scope["headers"])}, receive, send_with_id)
+
+
+def _without_id(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, value in headers if name.lower() != b"x-request-id"]
