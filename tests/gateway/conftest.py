@@ -1,5 +1,6 @@
 """The whole multi-user stack, set up as the README tells a user to: bootstrap, init-db,
-create-user, console.sh start (engine on loopback, private PostgreSQL, gateway)."""
+create-user, console.sh start (engine on loopback, private PostgreSQL, gateway); and a
+site (tests/gateway/harness.py), the gateway's world without a model, for the fast tier."""
 
 from __future__ import annotations
 
