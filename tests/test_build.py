@@ -29,6 +29,18 @@ def test_a_build_is_named_by_the_version_and_cmake_args(
     assert build.build_dir().parent == tmp_path / "llama.cpp"
 
 
+def test_ninja_unless_a_generator_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CMAKE_GENERATOR", raising=False)
+    monkeypatch.setattr(build.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert build.generator_args(["-DGGML_CUDA=on"]) == ["-G", "Ninja"]
+    assert build.generator_args(["-GUnix Makefiles"]) == []
+    monkeypatch.setenv("CMAKE_GENERATOR", "Unix Makefiles")
+    assert build.generator_args([]) == []
+    monkeypatch.delenv("CMAKE_GENERATOR")
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    assert build.generator_args([]) == []
+
+
 FAKE_CMAKE = """#!/bin/sh
 # Configures nothing; "builds" llama-server and two libraries, printing a recorded output.
 case "$1" in
@@ -73,7 +85,7 @@ def test_one_build_gives_llama_server_and_the_libraries(fake_toolchain: Path) ->
     assert "warning:" in build.log_path().read_text()
     configured = build.log_path().read_text().splitlines()[0]
     # The user's CMAKE_ARGS come last, so that they win.
-    assert configured.endswith("-DLLAMA_BUILD_APP=OFF -DGGML_CUDA=on -DGGML_NATIVE=OFF")
+    assert configured.endswith("-DGGML_CUDA=on -DGGML_NATIVE=OFF")
     assert build.ensure_build(io.StringIO()) == built  # cached: nothing runs again
 
 

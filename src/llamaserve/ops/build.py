@@ -135,7 +135,8 @@ def _compile(work: Path, log: BuildLog) -> None:
     source = _extract_llama_cpp(sdist_path(), work / "src")
     build = work / "build"
     extra = shlex.split(os.environ.get("CMAKE_ARGS", ""))
-    configure = ["cmake", "-S", str(source), "-B", str(build), *LLAMA_CPP_CMAKE_ARGS, *extra]
+    configure = ["cmake", "-S", str(source), "-B", str(build), *LLAMA_CPP_CMAKE_ARGS]
+    configure += [*generator_args(extra), *extra]
     log.run("configuring llama.cpp", configure)
     jobs = str(os.cpu_count() or 1)
     compile_ = ["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs]
@@ -143,6 +144,14 @@ def _compile(work: Path, log: BuildLog) -> None:
     _collect(build / "bin", work)
     shutil.rmtree(work / "src")
     shutil.rmtree(build)
+
+
+def generator_args(extra: list[str]) -> list[str]:
+    """Ninja, if there is one and neither CMAKE_GENERATOR nor CMAKE_ARGS names a generator:
+    it compiles a library's objects while the libraries it needs still link, where make
+    finishes each target before it starts the next."""
+    chosen = os.environ.get("CMAKE_GENERATOR") or any(arg.startswith("-G") for arg in extra)
+    return [] if chosen or shutil.which("ninja") is None else ["-G", "Ninja"]
 
 
 def _collect(built: Path, dest: Path) -> None:
