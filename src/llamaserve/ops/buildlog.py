@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ class BuildLog:
         line = ProgressLine(self.out, f"llamaserve: {step}") if progress else None
         with self.path.open("a", buffering=1) as log:  # line-buffered: whole lines if killed
             log.write(f"$ {shlex.join(args)}\n")
+            began = time.monotonic()
             with subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
@@ -58,7 +60,8 @@ class BuildLog:
                     log.write(text)
                     if line and (percent := percent_of(text)) is not None:
                         line.update(percent)
-            log.write(f"[exit status {child.returncode}]\n")
+            took = time.monotonic() - began
+            log.write(f"[exit status {child.returncode} after {took:.0f} s]\n")
         if line:
             line.end()
         if child.returncode != 0:
