@@ -105,6 +105,7 @@ def test_a_failed_build_leaves_no_build_in_the_cache(
     assert build.ensure_build(io.StringIO()) == build.build_dir()  # and the next try builds
 
 
+@pytest.mark.slow  # the registry (the sdist's build requirements) and the build cache
 def test_llama_cpp_python_is_packaged_with_the_libraries_and_compiles_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
