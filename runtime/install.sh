@@ -16,12 +16,12 @@ usage: ./runtime/install.sh [--dev] [--engine llama-server|llama-cpp-python]
   --dev           also install the test and lint tools (pytest, openai, ruff, mypy)
   --engine NAME   the engine to install (repeatable); a new runtime/config.env runs it.
                   Default: the LLAMA_ENGINE of runtime/config.env, llama-server for a new
-                  one. llama-server is built from the same llama.cpp as llama-cpp-python,
-                  which is always installed.
+                  one. Both come from one build of llama.cpp; llama-cpp-python is always
+                  installed.
 
 Environment: PYTHON (interpreter to use), CMAKE_ARGS (passed to the llama.cpp build,
 e.g. CMAKE_ARGS="-DGGML_CUDA=on"), LLAMASERVE_CACHE_DIR (build cache, default
-~/.cache/llamaserve).
+~/.cache/llamaserve; the compiler's output goes to its logs/).
 USAGE
 }
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from llamaserve.ops import install
+from llamaserve.ops import build
 from tests.conftest import ROOT, default_model, free_port
 
 OPERATOR = "nobody"
@@ -89,8 +89,8 @@ def operator() -> Iterator[Operator]:
             shutil.copy2(ROOT / name, target)
         shutil.copy2(default_model(), made.project / "models")
         for part in ("sdist", "wheels"):
-            if (install.cache_dir() / part).is_dir():
-                shutil.copytree(install.cache_dir() / part, home / "cache" / part)
+            if (build.cache_dir() / part).is_dir():
+                shutil.copytree(build.cache_dir() / part, home / "cache" / part)
         subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(home)], check=True)
         yield made
     finally:
