@@ -15,6 +15,7 @@ import re
 import secrets
 import stat
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
@@ -187,6 +188,19 @@ class Settings(BaseSettings):
     llama_proxy_upstream_timeout: float = Field(
         600.0, gt=0, description="Seconds the gateway waits for the engine between two reads (504)."
     )
+    llama_proxy_store_responses: bool = Field(
+        True,
+        description="Keep the responses of /v1/responses that ask to be stored (`store`, true "
+        "unless a request says false), per user, in the database: for `previous_response_id` "
+        "and GET/DELETE /v1/responses/{id}. 0 = keep none, and answer `store: false`.",
+    )
+    llama_proxy_responses_ttl_days: int = Field(
+        30,
+        ge=1,
+        le=36500,
+        description="Days a stored response is kept (OpenAI keeps them 30); after, it is "
+        "gone as if deleted.",
+    )
 
     # Database of users, keys and the request log
     postgres_auth_host: str = Field(
@@ -217,6 +231,10 @@ class Settings(BaseSettings):
 
     def backend_urls(self) -> list[str]:
         return split_urls(self.llama_server_backend_url)
+
+    def responses_ttl(self) -> timedelta:
+        """How long a stored response is kept (LLAMA_PROXY_RESPONSES_TTL_DAYS)."""
+        return timedelta(days=self.llama_proxy_responses_ttl_days)
 
     def stop_grace(self) -> float:
         """Seconds the requests in flight get to finish after SIGTERM, in the gateway and
