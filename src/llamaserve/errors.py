@@ -1,16 +1,19 @@
-"""The error family of the HTTP API, and the one function that renders OpenAI's envelope.
+"""The error family of the HTTP API, and the two functions that render it: OpenAI's
+envelope everywhere, Anthropic's on Anthropic's routes (`/v1/messages...`).
 
+                            status  OpenAI type            Anthropic type
 APIError
-├── InvalidRequest          400  invalid_request_error
-├── AuthenticationFailed    401  authentication_error
-├── PermissionDenied        403  permission_error
-├── NotFound                404  not_found_error
-├── RequestTooLarge         413  invalid_request_error
-├── RateLimited             429  rate_limit_error
-├── InternalError           500  server_error
-├── UpstreamFailed          502  upstream_error
-├── ServiceUnavailable      503  service_unavailable
-└── UpstreamTimeout         504  timeout_error
+├── InvalidRequest          400  invalid_request_error  invalid_request_error
+├── AuthenticationFailed    401  authentication_error   authentication_error
+├── PermissionDenied        403  permission_error       permission_error
+├── NotFound                404  not_found_error        not_found_error
+├── MethodNotAllowed        405  invalid_request_error  invalid_request_error
+├── RequestTooLarge         413  invalid_request_error  request_too_large
+├── RateLimited             429  rate_limit_error       rate_limit_error
+├── InternalError           500  server_error           api_error
+├── UpstreamFailed          502  upstream_error         api_error
+├── ServiceUnavailable      503  service_unavailable    overloaded_error
+└── UpstreamTimeout         504  timeout_error          api_error
 """
 
 from __future__ import annotations
@@ -27,9 +30,18 @@ def retry_soon() -> dict[str, str]:
     return {"Retry-After": str(RETRY_SOON)}
 
 
+ANTHROPIC_PREFIX = "/v1/messages"  # Anthropic's Messages API and its count_tokens
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether a path is one of Anthropic's routes, whose errors take Anthropic's envelope."""
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
 class APIError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
+    anthropic_type: ClassVar[str] = "api_error"
 
     def __init__(
         self,
@@ -45,43 +57,53 @@ class APIError(Exception):
         self.code = code
         self.headers = headers or {}
 
-    def body(self) -> dict[str, Any]:
+    def body(self, anthropic: bool = False) -> dict[str, Any]:
+        """The error's envelope: OpenAI's, or Anthropic's (which has no param nor code)."""
+        if anthropic:
+            return anthropic_error_body(self.message, self.anthropic_type)
         return error_body(self.message, self.type, param=self.param, code=self.code)
 
 
 class InvalidRequest(APIError):
     status = 400
     type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
 
 
 class AuthenticationFailed(APIError):
     status = 401
     type = "authentication_error"
+    anthropic_type = "authentication_error"
 
 
 class PermissionDenied(APIError):
     status = 403
     type = "permission_error"
+    anthropic_type = "permission_error"
 
 
 class NotFound(APIError):
     status = 404
     type = "not_found_error"
+    anthropic_type = "not_found_error"
 
 
 class MethodNotAllowed(APIError):
     status = 405
     type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
 
 
 class RequestTooLarge(APIError):
     status = 413
     type = "invalid_request_error"
+    anthropic_type = "request_too_large"
 
 
 class RateLimited(APIError):
     status = 429
     type = "rate_limit_error"
+    anthropic_type = "rate_limit_error"
 
 
 class InternalError(APIError):
@@ -97,6 +119,7 @@ class UpstreamFailed(APIError):
 class ServiceUnavailable(APIError):
     status = 503
     type = "service_unavailable"
+    anthropic_type = "overloaded_error"
 
 
 def server_stopping() -> ServiceUnavailable:
@@ -108,12 +131,25 @@ def server_stopping() -> ServiceUnavailable:
     )
 
 
+def api_key(authorization: bytes | None, x_api_key: bytes | None = None) -> str:
+    """The key a client sends: in `Authorization: Bearer <key>` as OpenAI's clients send
+    it, or in `x-api-key` as Anthropic's do (Bearer first when both come)."""
+    if not authorization and x_api_key:
+        key = x_api_key.decode("latin-1").strip()
+        if key and " " not in key:
+            return key
+        raise AuthenticationFailed("Malformed x-api-key header.", code="invalid_api_key")
+    return bearer_token(authorization)
+
+
 def bearer_token(authorization: bytes | None) -> str:
     """The key of an `Authorization: Bearer <key>` header, or the gateway's and the
     engines' one refusal of a missing or malformed header."""
     if not authorization:
         raise AuthenticationFailed(
-            "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+            "Missing API key: send it as 'Authorization: Bearer <key>' (or, to Anthropic's "
+            "routes, as 'x-api-key: <key>').",
+            code="missing_api_key",
         )
     scheme, _, token = authorization.decode("latin-1").partition(" ")
     token = token.strip()
@@ -153,6 +189,11 @@ def error_body(
 ) -> dict[str, Any]:
     """OpenAI's error envelope: the only place its shape is written."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def anthropic_error_body(message: str, type: str) -> dict[str, Any]:
+    """Anthropic's error envelope: the only place its shape is written."""
+    return {"type": "error", "error": {"type": type, "message": message}}
 
 
 def error_for_status(status: int, message: str, **kwargs: Any) -> APIError:

@@ -1,4 +1,9 @@
-"""The OpenAI routes Llamaserve serves: the same on the engines' fronts and the gateway."""
+"""The routes Llamaserve serves: the same on the engines' fronts and the gateway.
+
+OpenAI's: models, chat completions, completions, embeddings (refused: see `protocol`)
+and Responses (`/v1/responses`, and through the gateway its stored responses at
+`/v1/responses/{id}`); Anthropic's: Messages (`/v1/messages`) and its token count.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,26 @@ OPENAI_ROUTES = {
     "/v1/chat/completions": "POST",
     "/v1/completions": "POST",
     "/v1/embeddings": "POST",
+    "/v1/responses": "POST",
+    "/v1/messages": "POST",
+    "/v1/messages/count_tokens": "POST",
 }
+# The routes that generate, by the API they speak.
+RESPONSES = "/v1/responses"
+MESSAGES = "/v1/messages"
+COUNT_TOKENS = "/v1/messages/count_tokens"
 MODEL_PREFIX = "/v1/models/"  # GET /v1/models/{model}: OpenAI's "retrieve model"
+RESPONSE_PREFIX = "/v1/responses/"  # GET and DELETE /v1/responses/{id}: a stored response
+RESPONSE_METHODS = ("GET", "DELETE")
 
 
-def method_of(path: str) -> str | None:
-    """The method a route takes, or None for a path that is no OpenAI route."""
-    return "GET" if model_of(path) is not None else OPENAI_ROUTES.get(path)
+def method_of(path: str) -> str | tuple[str, ...] | None:
+    """The method(s) a route takes, or None for a path that is no route of ours."""
+    if model_of(path) is not None:
+        return "GET"
+    if response_of(path) is not None:
+        return RESPONSE_METHODS
+    return OPENAI_ROUTES.get(path)
 
 
 def model_of(path: str) -> str | None:
@@ -25,8 +43,17 @@ def model_of(path: str) -> str | None:
     return None
 
 
+def response_of(path: str) -> str | None:
+    """The id of a `/v1/responses/{id}` path (an id holds no slash), else None."""
+    if path.startswith(RESPONSE_PREFIX):
+        response_id = path[len(RESPONSE_PREFIX) :]
+        if response_id and "/" not in response_id:
+            return response_id
+    return None
+
+
 def check_route(path: str, method: str) -> None:
-    """Refuse a path that is no OpenAI route (404; never an engine's own, such as /slots)
+    """Refuse a path that is no route of ours (404; never an engine's own, such as /slots)
     or the wrong method for it (405), in the same words everywhere."""
     expected = method_of(path)
     if expected is None:
@@ -34,10 +61,12 @@ def check_route(path: str, method: str) -> None:
     check_method(path, method, expected)
 
 
-def check_method(path: str, method: str, expected: str) -> None:
-    """Refuse a method other than the one a route takes (405), naming that one in `Allow`
+def check_method(path: str, method: str, expected: str | tuple[str, ...]) -> None:
+    """Refuse a method other than the one(s) a route takes (405), naming them in `Allow`
     as HTTP asks of a 405."""
-    if method != expected:
+    allowed = (expected,) if isinstance(expected, str) else expected
+    if method not in allowed:
+        names = ", ".join(allowed)
         raise MethodNotAllowed(
-            f"{path} takes {expected}, not {method}.", headers={"Allow": expected}
+            f"{path} takes {' or '.join(allowed)}, not {method}.", headers={"Allow": names}
         )

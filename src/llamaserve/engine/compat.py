@@ -112,14 +112,21 @@ def rewrite_request(
 
 def _engine_messages(messages: list[Any], fold_system: bool) -> list[Any]:
     """`developer` messages as `system` ones (OpenAI's newer name, which llama_cpp does
-    not know). With `fold_system` (the gemma format, whose template has no system turn and
-    drops such messages), system messages go before the next user message's text, as
-    llama.cpp's own gemma template puts them."""
+    not know); an assistant's calls with no content get an empty one (llama_cpp's schema
+    wants a string, where OpenAI allows null). With `fold_system` (the gemma format,
+    whose template has no system turn and drops such messages), system messages go
+    before the next user message's text, as llama.cpp's own gemma template puts them; and
+    a tool's result is a user turn, as that format drops the turns of other roles (the
+    result would be lost; llama-server's template writes it as a turn of its own)."""
     found: list[Any] = []
     system = ""
     for message in messages:
         if message.get("role") == "developer":
             message = {**message, "role": "system"}
+        if message.get("role") == "assistant" and message.get("content") is None:
+            message = {**message, "content": ""}
+        if fold_system and message.get("role") == "tool":
+            message = {"role": "user", "content": message.get("content") or ""}
         if fold_system and message.get("role") == "system":
             system += _text(message.get("content")).strip()
             continue
@@ -128,6 +135,13 @@ def _engine_messages(messages: list[Any], fold_system: bool) -> list[Any]:
             system = ""
         found.append(message)
     return found
+
+
+def _with_bearer(scope: Scope, key: bytes) -> Scope:
+    """The request with the key (checked) as llama_cpp checks it again: a bearer token,
+    whichever header the client sent it in (`x-api-key`, as Anthropic's clients do)."""
+    headers = [(k, v) for k, v in scope["headers"] if k not in (b"authorization", b"x-api-key")]
+    return {**scope, "headers": [*headers, (b"authorization", b"Bearer " + key)]}
 
 
 def _text(content: Any) -> str:
@@ -181,6 +195,7 @@ class CompatMiddleware:
         except APIError as error:
             await send_error(send, error)
             return
+        scope = _with_bearer(scope, self.key)
         model = model_of(scope["path"])
         if scope["path"] == "/v1/models" or model is not None:
             await self._models(scope, receive, send, model)
@@ -205,7 +220,7 @@ class CompatMiddleware:
                 await read_back.answer(send, read_back.prompt, count)
                 return
             include_usage, echo = rewritten.include_usage, rewritten.echo
-            scope, receive = _with_body(scope, rewritten.body, receive)
+            scope, receive = asgi.with_body(scope, rewritten.body, receive)
         usage = Usage()
         token = current_usage.set(usage)
         chat = scope["path"] == "/v1/chat/completions"
@@ -368,25 +383,3 @@ def _with_refusals(start: Message, raw: bytes) -> tuple[Message, bytes]:
     body = json.dumps(answer).encode()
     headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
     return {**start, "headers": [*headers, (b"content-length", b"%d" % len(body))]}, body
-
-
-def _with_body(scope: Scope, body: bytes, original: Receive) -> tuple[Scope, Receive]:
-    """The request with `body`, JSON whatever type the client named (llama_cpp read a
-    text/plain body as no JSON at all: a 500)."""
-    framing = (b"content-length", b"content-type")
-    headers = [(k, v) for k, v in scope["headers"] if k not in framing]
-    headers += [
-        (b"content-length", str(len(body)).encode()),
-        (b"content-type", b"application/json"),
-    ]
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if sent:
-            # The body was read already: the next message from the server is the disconnect.
-            return await original()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return {**scope, "headers": headers}, receive

@@ -17,59 +17,59 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Scope
 
 from llamaserve.bodies import parse_object
-from llamaserve.errors import AuthenticationFailed, InvalidRequest, NotFound, bearer_token
+from llamaserve.errors import AuthenticationFailed, InvalidRequest, NotFound, api_key
 from llamaserve.routes import check_route
 
 
-class _Open(BaseModel):
+class OpenModel(BaseModel):
     """A part of a request: the named fields are checked, strictly (no string for a
     number or a boolean), and any other field passes."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
 
-class ContentPart(_Open):
+class ContentPart(OpenModel):
     type: Literal["text", "image_url", "input_audio", "file", "refusal"]
 
 
-class ToolCallFunction(_Open):
+class ToolCallFunction(OpenModel):
     name: str
     arguments: str
 
 
-class ToolCall(_Open):
+class ToolCall(OpenModel):
     type: str
     function: ToolCallFunction | None = None
 
 
-class ChatMessage(_Open):
+class ChatMessage(OpenModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCall] | None = None
 
 
-class FunctionDefinition(_Open):
+class FunctionDefinition(OpenModel):
     name: str
     parameters: dict[str, Any] | None = None
 
 
-class ChatCompletionTool(_Open):
+class ChatCompletionTool(OpenModel):
     type: str = "function"
     function: FunctionDefinition
 
 
-class StreamOptions(_Open):
+class StreamOptions(OpenModel):
     include_usage: bool | None = None
 
 
 TokenId = Annotated[str, Field(pattern=r"^-?[0-9]+$")]  # a token's id, as JSON keys are
 
 
-class ResponseFormat(_Open):
+class ResponseFormat(OpenModel):
     type: Literal["text", "json_object", "json_schema"]
 
 
-class _Sampling(_Open):
+class _Sampling(OpenModel):
     """The ranges are OpenAI's; a `max_tokens` below 1 would generate without end on
     llama-server, holding a slot until the context is full (a completion's 0 is no
     generation: see `check_completion`)."""
@@ -213,7 +213,8 @@ def check_route_and_key(scope: Scope, key: bytes) -> None:
     """What both engines check first, in OpenAI's order: an OpenAI route (404), its
     method (405), then the key (401); the engines' own other routes are never served."""
     check_route(scope["path"], scope["method"])
-    token = bearer_token(dict(scope["headers"]).get(b"authorization"))
+    headers = dict(scope["headers"])
+    token = api_key(headers.get(b"authorization"), headers.get(b"x-api-key"))
     if not hmac.compare_digest(token.encode("latin-1"), key):
         raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
 

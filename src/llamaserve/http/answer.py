@@ -1,10 +1,11 @@
 """An answer as it goes out through ASGI's `send`, and the one way to end it with an error.
 
 `Answer` knows whether the answer has started, whether it streams and whether it is
-finished; `fail` says an error as far as it can still be said: OpenAI's envelope with
-its status before anything went out, a last error event and `[DONE]` in a stream that
-started. The gateway, the llama-server front, the llama-cpp-python front and the stop
-of an engine all end their answers with it.
+finished; `fail` says an error as far as it can still be said: the API's envelope with
+its status before anything went out, a last error event in a stream that started
+(then `[DONE]`, as OpenAI's SDK reads it). An answer on Anthropic's routes speaks
+Anthropic's envelope and event (`errors.speaks_anthropic`). The gateway, both engines'
+fronts and the stop of an engine all end their answers with it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ STREAM_HEADERS: Headers = [
 class Answer:
     """One request's answer. `headers` go with its start, whichever way it starts."""
 
-    def __init__(self, send: Send, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    def __init__(
+        self, send: Send, headers: Iterable[tuple[bytes, bytes]] = (), *, anthropic: bool = False
+    ) -> None:
         self._send = send
         self.headers: Headers = list(headers)
+        self.anthropic = anthropic  # errors in Anthropic's envelope and stream event
         self.status = 0
         self.started = False  # the status line has gone out
         self.streaming = False
@@ -85,7 +89,7 @@ class Answer:
         if self.finished:
             return
         if not self.started:
-            body = json.dumps(error.body()).encode()
+            body = json.dumps(error.body(self.anthropic)).encode()
             headers = [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
             await self.start(
                 status or error.status,
@@ -97,7 +101,7 @@ class Answer:
             )
             await self.body(body, more=False)
         elif self.streaming:
-            await self.body(sse.error_events(error), more=False)
+            await self.body(sse.error_events(error, anthropic=self.anthropic), more=False)
 
 
 async def send_json(send: Send, payload: Any, status: int = 200) -> None:
@@ -111,6 +115,7 @@ async def send_error(
     *,
     status: int | None = None,
     headers: Iterable[tuple[bytes, bytes]] = (),
+    anthropic: bool = False,
 ) -> None:
     """Answer a request with the error's envelope."""
-    await Answer(send, headers).fail(error, status)
+    await Answer(send, headers, anthropic=anthropic).fail(error, status)

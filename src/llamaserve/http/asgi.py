@@ -106,3 +106,26 @@ class RequestIds:
 
 def _without_id(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, value in headers if name.lower() != b"x-request-id"]
+
+
+def with_body(scope: Scope, body: bytes, original: Receive) -> tuple[Scope, Receive]:
+    """The request with another JSON `body`, for an app inside ours: its framing headers
+    rewritten (JSON whatever type the client named: llama_cpp read a text/plain body as
+    no JSON at all, a 500), then the client's own messages (its disconnect)."""
+    framing = (b"content-length", b"content-type")
+    headers = [(k, v) for k, v in scope["headers"] if k not in framing]
+    headers += [
+        (b"content-length", str(len(body)).encode()),
+        (b"content-type", b"application/json"),
+    ]
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            # The body was read already: the next message from the server is the disconnect.
+            return await original()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return {**scope, "headers": headers}, receive

@@ -1,7 +1,10 @@
 """Server-sent events: the one place they are cut, read and written.
 
-Both engines stream their answers as events whose `data:` is a JSON chunk, ended by
-`data: [DONE]`; llama-server may instead end a failed stream with an `error:` field.
+Both engines stream their answers as events whose `data:` is a JSON chunk: chat and
+completions streams end with `data: [DONE]`, and llama-server may instead end a failed
+one with an `error:` field; the Responses and Messages streams name their events
+(`event: response.completed`), whose data carries the same name as its `type`, and end
+with their last named event (`response.completed`, `message_stop`, `error`).
 The gateway passes events on as they came (it only reads them), the llama-server front
 reads them and writes its own; everyone writes with `event` and `error_events`.
 """
@@ -89,12 +92,16 @@ async def events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, Eve
             yield raw, Event.parse(raw)
 
 
-def event(payload: dict[str, Any]) -> bytes:
-    """An event carrying a JSON chunk."""
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+def event(payload: dict[str, Any], name: str | None = None) -> bytes:
+    """An event carrying a JSON chunk, named (`event: <name>`) as the Responses and
+    Messages streams name theirs."""
+    head = b"" if name is None else b"event: " + name.encode() + b"\n"
+    return head + b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
-def error_events(error: APIError) -> bytes:
-    """The end of a stream that failed after it started: the error in OpenAI's envelope
-    as the last event, then [DONE]."""
+def error_events(error: APIError, *, anthropic: bool = False) -> bytes:
+    """The end of a stream that failed after it started: the error as the last event, in
+    OpenAI's envelope then [DONE], or as Anthropic's `error` event."""
+    if anthropic:
+        return event(error.body(anthropic=True), "error")
     return event(error.body()) + DONE_EVENT

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llamaserve.errors import server_stopping
+from llamaserve.errors import server_stopping, speaks_anthropic
 from llamaserve.http.answer import Answer
 
 
@@ -82,7 +82,7 @@ class EndOnStop:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        answer = Answer(send)
+        answer = Answer(send, anthropic=speaks_anthropic(scope["path"]))
         if self.in_flight.over:
             await answer.fail(server_stopping())
             return
