@@ -8,6 +8,9 @@ stream sends its status line at once (as the real engines do), its first chunk a
 delay, then a token every `chunk_interval`, the usage chunk when asked for
 (`stream_options.include_usage`), and `[DONE]`. `/health` reports `slots`.
 
+With `api_key` set, it also serves the Responses and Messages APIs over its chat, through
+the engines' own bridge (`llamaserve.engine.bridge`), as the real engines do.
+
 What a request asks of it: `mock_delay` (seconds) replaces the delay; model "cut" makes
 it die after the first chunk of a stream. It records each request's tag (its first
 message) in `arrivals`, then in `finished` as it answers, or in `abandoned` if its client
@@ -27,7 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from pydantic import SecretStr
 from starlette.types import Receive, Scope, Send
+
+from llamaserve.engine.bridge import ApiBridge, bridged
 
 MODEL = "mock"
 JSON = [(b"content-type", b"application/json")]
@@ -48,7 +54,8 @@ def mock_request(tag: str, delay: float = 0.0, stream: bool = False) -> dict[str
 
 
 class MockEngine:
-    """The ASGI app: /health, /v1/models and /v1/chat/completions; anything else is 404."""
+    """The ASGI app: /health, /v1/models, /v1/chat/completions and, with `api_key`, the
+    bridged APIs; anything else is 404."""
 
     def __init__(
         self, slots: int = 1, timing: Timing | None = None, port: int | None = None
@@ -62,6 +69,7 @@ class MockEngine:
         self.abandoned: list[str] = []
         self.record = True  # the benchmark's process keeps no tags
         self.hung = False
+        self.api_key: str | None = None  # set: the bridged APIs are served, with this key
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -77,6 +85,9 @@ class MockEngine:
             await _answer(send, 200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
         elif path == "/v1/chat/completions" and scope["method"] == "POST":
             await self._generate(json.loads(await _body(receive)), receive, send)
+        elif bridged(path) and self.api_key is not None:
+            key = SecretStr(self.api_key)
+            await ApiBridge(self, api_key=key, model_id=MODEL)(scope, receive, send)
         else:
             await _answer(send, 404, {"error": {"message": "not found",
                                                 "type": "invalid_request_error"}})  # fmt: skip

@@ -143,4 +143,6 @@ def _blocking(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def new_site(database: PgDatabase, engine: MockEngine) -> Site:
-    return Site(database, engine, new_engine_key())
+    key = new_engine_key()
+    engine.api_key = key  # the Responses and Messages APIs too, as a real engine serves them
+    return Site(database, engine, key)

@@ -25,7 +25,7 @@ from llamaserve.config import ConfigError, Layout, Settings
 from llamaserve.engine.models import model_created
 
 if TYPE_CHECKING:
-    from llamaserve.engine.relay import Relay
+    from llamaserve.engine.bridge import ApiBridge
 
 # llama-cpp-python's chat format names whose llama.cpp template has another name.
 TEMPLATE_NAMES = {
@@ -190,10 +190,12 @@ class Launcher:
         self._server.run()
         return 1 if self.failed else 0
 
-    def relay(self) -> Relay:
+    def relay(self) -> ApiBridge:
+        """The front: the relay to llama-server, with the Responses and Messages APIs."""
+        from llamaserve.engine.bridge import ApiBridge
         from llamaserve.engine.relay import Relay
 
-        return Relay(
+        relay = Relay(
             upstream_url=f"http://127.0.0.1:{self.port}",
             api_key=self.settings.llama_server_api_key,
             model_id=self.model.name,
@@ -202,6 +204,9 @@ class Launcher:
             native_tools=not self.settings.llama_chat_format,
             on_startup=self.startup,
             on_shutdown=self.shutdown,
+        )
+        return ApiBridge(
+            relay, api_key=self.settings.llama_server_api_key, model_id=self.model.name
         )
 
     async def startup(self) -> None:

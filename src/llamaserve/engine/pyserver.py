@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from llamaserve.config import Settings
+from llamaserve.engine.bridge import ApiBridge
 from llamaserve.engine.compat import CompatMiddleware, current_usage
 from llamaserve.engine.models import model_created
 
@@ -80,7 +81,8 @@ def _prompt_counter(llama: Any) -> Callable[[str], int]:
     return count
 
 
-def build_app(settings: Settings, model: Path) -> CompatMiddleware:
+def build_app(settings: Settings, model: Path) -> ApiBridge:
+    """llama_cpp.server's app, mended (`compat`), with the Responses and Messages APIs."""
     _add_missing_request_fields()
     server_app: Any = importlib.import_module("llama_cpp.server.app")
     engine_settings = server_app.Settings(
@@ -106,7 +108,7 @@ def build_app(settings: Settings, model: Path) -> CompatMiddleware:
         "/v1/chat/completions": server_app.CreateChatCompletionRequest,
         "/v1/completions": server_app.CreateCompletionRequest,
     }
-    return CompatMiddleware(
+    front = CompatMiddleware(
         app,
         api_key=settings.llama_server_api_key,
         model_id=model.name,
@@ -115,6 +117,7 @@ def build_app(settings: Settings, model: Path) -> CompatMiddleware:
         schemas=schemas,
         fold_system=settings.llama_chat_format == "gemma",  # llama_cpp's drops system turns
     )
+    return ApiBridge(front, api_key=settings.llama_server_api_key, model_id=model.name)
 
 
 def serve(settings: Settings, model: Path) -> None:
