@@ -35,6 +35,7 @@ def gateway(tmp_path: Path) -> Gateway:
         upstream=built.upstream,
         in_flight=built.in_flight,
         requests=built.requests,
+        stored=unused,
     )
     return built
 
@@ -42,7 +43,8 @@ def gateway(tmp_path: Path) -> Gateway:
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [("GET", "/v1/chat/completions", "POST"), ("PUT", "/v1/completions", "POST"),
-     ("POST", "/v1/models", "GET"), ("DELETE", "/v1/models/some-model", "GET")],
+     ("POST", "/v1/models", "GET"), ("DELETE", "/v1/models/some-model", "GET"),
+     ("POST", "/v1/responses/resp_1", "GET, DELETE")],
 )  # fmt: skip
 async def test_a_wrong_method_is_405_naming_the_routes_method(
     gateway: Gateway, method: str, path: str, allow: str
@@ -52,6 +54,15 @@ async def test_a_wrong_method_is_405_naming_the_routes_method(
         response = await client.request(method, path)
     assert_envelope(response, 405)
     assert response.headers.get_list("allow") == [allow]
+
+
+async def test_a_wrong_method_on_anthropics_route_is_405_in_its_envelope(gateway: Gateway) -> None:
+    transport = httpx.ASGITransport(app=gateway)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        response = await client.get("/v1/messages")
+    assert response.status_code == 405 and response.headers.get_list("allow") == ["POST"]
+    body = response.json()
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(("method", "path"), [("POST", "/health"), ("DELETE", "/ready")])

@@ -21,6 +21,7 @@ from llamaserve.gateway.leases import Leases
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.scheduling import EngineState, QueueLimits, Scheduler
 from llamaserve.gateway.slots import Slots
+from llamaserve.gateway.stored import StoredResponses
 from llamaserve.http import asgi
 from llamaserve.http.answer import send_error, send_json
 from llamaserve.http.stopping import InFlight
@@ -62,6 +63,7 @@ class Gateway:
         self.admissions: Admissions
         self.leases: Leases
         self.requests: RequestLog
+        self.stored: StoredResponses
         self.services: Services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,6 +105,12 @@ class Gateway:
         await self.leases.start()
         self.requests = RequestLog(self.pool, self.layout.run / "request-log")
         await self.requests.start()
+        self.stored = StoredResponses(
+            self.pool,
+            enabled=self.settings.llama_proxy_store_responses,
+            keep=self.settings.responses_ttl(),
+        )
+        self.stored.start()
         self.services = Services(
             max_body=self.settings.llama_proxy_max_body_bytes,
             auth=self.auth,
@@ -111,6 +119,7 @@ class Gateway:
             upstream=self.upstream,
             in_flight=self.in_flight,
             requests=self.requests,
+            stored=self.stored,
         )
         await self.upstream.open()
         await self.watch.probe_all()
@@ -124,6 +133,7 @@ class Gateway:
         self.in_flight.close()
         await self.watch.close()
         await self.leases.close()
+        await self.stored.close()
         await self.requests.close()
         await self.upstream.close()
         await self.pool.close()

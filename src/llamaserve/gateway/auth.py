@@ -1,4 +1,5 @@
-"""Who is calling: a user's bearer key, checked against its stored hash in constant time."""
+"""Who is calling: a user's key (a bearer token, or Anthropic's `x-api-key`), checked
+against its stored hash in constant time."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from llamaserve.errors import AuthenticationFailed, bearer_token
+from llamaserve.errors import AuthenticationFailed, api_key
 from llamaserve.gateway.db_status import database_errors
 from llamaserve.store import keys, limits
 
@@ -16,7 +17,8 @@ _DUMMY_HASH = keys.hash_key("lsk_0000000000_" + "0" * 43)
 
 
 class Authenticator:
-    """Turns an Authorization header into a key id, or raises AuthenticationFailed.
+    """Turns an Authorization (or x-api-key) header into a key id, or raises
+    AuthenticationFailed.
 
     A key's hash never changes (rotating makes a new key id), so the hashes of accepted
     keys are cached and a right key passes without a round trip; whether the key is
@@ -33,8 +35,10 @@ class Authenticator:
         self._hashes: OrderedDict[str, bytes] = OrderedDict()
         self._cache_size = cache_size
 
-    async def authenticate(self, authorization: bytes | None) -> str:
-        key = bearer_token(authorization)
+    async def authenticate(
+        self, authorization: bytes | None, x_api_key: bytes | None = None
+    ) -> str:
+        key = api_key(authorization, x_api_key)
         key_id = keys.key_id_of(key)
         if key_id is None:
             if hmac.compare_digest(key.encode(), self._engine_key):

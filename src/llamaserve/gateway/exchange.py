@@ -23,7 +23,9 @@ from urllib.parse import quote
 from starlette.types import Receive, Scope, Send
 
 from llamaserve.bodies import parse_object
-from llamaserve.engine.protocol import check_request
+from llamaserve.engine.bridge import GENERATION_CHECKS
+from llamaserve.engine.protocol import CHECKS as CHAT_CHECKS
+from llamaserve.engine.protocol import normalise
 from llamaserve.errors import (
     APIError,
     AuthenticationFailed,
@@ -34,6 +36,7 @@ from llamaserve.errors import (
     UpstreamFailed,
     openai_error,
     server_stopping,
+    speaks_anthropic,
 )
 from llamaserve.gateway.admission import Admissions, rate_limit_headers, refuse_unless_usable
 from llamaserve.gateway.auth import Authenticator
@@ -41,11 +44,12 @@ from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.metering import Meter
 from llamaserve.gateway.scheduling import EngineState
 from llamaserve.gateway.slots import Slots
+from llamaserve.gateway.stored import StoredResponses
 from llamaserve.http import asgi, sse
 from llamaserve.http.answer import STREAM_HEADERS, Answer, Headers
 from llamaserve.http.stopping import InFlight
 from llamaserve.http.upstream import Reply, Upstream
-from llamaserve.routes import check_route
+from llamaserve.routes import RESPONSES, check_route, response_of
 from llamaserve.store.limits import Admission
 from llamaserve.store.requests import RequestRow
 
@@ -65,6 +69,7 @@ class Services:
     upstream: Upstream
     in_flight: InFlight
     requests: RequestLog
+    stored: StoredResponses
 
 
 class Exchange:
@@ -83,8 +88,12 @@ class Exchange:
             path=scope["path"],
             client_addr=client[0] if client else None,
         )
-        self.answer = Answer(send, [(b"x-request-id", self.row.request_id.encode())])
+        request_id = [(b"x-request-id", self.row.request_id.encode())]
+        self.answer = Answer(send, request_id, anthropic=speaks_anthropic(scope["path"]))
         self.meter = Meter(self.row, self.began)
+        # A Responses request's whole input, kept with its response when it is stored.
+        self.conversation: list[dict[str, Any]] | None = None
+        self.previous_id: str | None = None
         self._admission: asyncio.Future[Admission | None] | None = None  # until settled
         self._cleared = asyncio.Event()  # the admission is settled: `_refused` says how
         self._refused = False
@@ -106,7 +115,8 @@ class Exchange:
         # (up to LLAMA_PROXY_MAX_BODY_BYTES). The admission after it: submitted before,
         # the benchmark's overhead at 32 clients grew by a few tenths of a millisecond.
         authorization = asgi.header(self.scope, b"authorization")
-        self.row.key_id = await self.services.auth.authenticate(authorization)
+        x_api_key = asgi.header(self.scope, b"x-api-key")  # as Anthropic's clients send it
+        self.row.key_id = await self.services.auth.authenticate(authorization, x_api_key)
         try:
             body = await asgi.read_body(self.receive, self.scope, self.services.max_body)
         except RequestTooLarge:  # the user's request all the same: counted, logged as theirs
@@ -114,10 +124,24 @@ class Exchange:
             raise
         self.row.bytes_in = len(body)
         await self._admit(self.row.key_id)
+        if (response_id := response_of(self.row.path)) is not None:
+            await self._stored(response_id)
+            return
         stream, wants_usage = False, False
         if self.row.method == "POST":
-            body, stream, wants_usage = self._prepare(body)
+            body, stream, wants_usage = await self._prepare(body)
         await self._forward(body, stream, wants_usage)
+
+    async def _stored(self, response_id: str) -> None:
+        """GET or DELETE a stored response of the caller's (`StoredResponses`)."""
+        await self._admitted()
+        assert self.row.user_id is not None
+        stored = self.services.stored
+        if self.row.method == "GET":
+            answer = await stored.get(self.row.user_id, response_id)
+        else:
+            answer = await stored.delete(self.row.user_id, response_id)
+        await self._whole(200, b"application/json", json.dumps(answer).encode())
 
     async def _admit(self, key_id: str) -> None:
         """Submit the admission: wait for it, unless it is expected to pass (then
@@ -166,16 +190,27 @@ class Exchange:
                 headers={"Retry-After": str(retry)},
             )
 
-    def _prepare(self, raw: bytes) -> tuple[bytes, bool, bool]:
+    async def _prepare(self, raw: bytes) -> tuple[bytes, bool, bool]:
         """The body for the engine, whether it streams, and whether the client wants usage.
-        It is checked as the engines check it (`check_request`), so that no route lets
-        through what another refuses, and sent as it came unless a check changed it."""
-        if self.row.path == "/v1/embeddings":  # refused by the engines, in their words
+        It is checked as the engines check it (`GENERATION_CHECKS`), so that no route lets
+        through what another refuses, and sent as it came unless a check changed it. A
+        Responses request continuing a stored response gets the whole conversation."""
+        path = self.row.path
+        if path == "/v1/embeddings":  # refused by the engines, in their words
             self.row.model = _model(parse_object(raw))
             return raw, False, False
-        body, changed = check_request(self.row.path, raw)
+        body = parse_object(raw)
+        self.row.model = _model(body)
+        changed = False
+        if path == RESPONSES:
+            await self._continue(body)
+            changed = True
+        changed = normalise(body) or changed
+        GENERATION_CHECKS[path](body)
         self.row.model = body["model"]
         self.row.stream = stream = body.get("stream") is True
+        if path not in CHAT_CHECKS:  # the other APIs' streams carry their usage
+            return (json.dumps(body).encode() if changed else raw), stream, False
         options = body.get("stream_options") or {}
         wants_usage = options.get("include_usage") is True
         if stream and not wants_usage:
@@ -183,6 +218,32 @@ class Exchange:
             body["stream_options"] = {**options, "include_usage": True}
             changed = True
         return (json.dumps(body).encode() if changed else raw), stream, wants_usage
+
+    async def _continue(self, body: dict[str, Any]) -> None:
+        """A Responses request's whole input (`StoredResponses.conversation`), kept with
+        its response if that is to be stored (the engine stores nothing). The user's
+        admission is settled first: their stored responses are read as theirs."""
+        await self._admitted()
+        assert self.row.user_id is not None
+        stored = self.services.stored
+        keep = stored.keeps(body)
+        previous = body.get("previous_response_id")
+        self.previous_id = previous if isinstance(previous, str) else None
+        body.pop("store", None)
+        items = await stored.conversation(self.row.user_id, body)
+        self.conversation = items if keep else None
+
+    async def _kept(self, response: dict[str, Any]) -> dict[str, Any]:
+        """A Responses answer as the gateway gives it: continuing its previous response,
+        and stored when it is whole (`store` says whether it was)."""
+        response["previous_response_id"] = self.previous_id
+        response["store"] = self.conversation is not None
+        finished = response.get("status") in ("completed", "incomplete")
+        if finished and self.conversation is not None and self.row.user_id is not None:
+            response["store"] = await self.services.stored.save(
+                self.row.user_id, self.conversation, response
+            )
+        return response
 
     async def _forward(self, body: bytes, stream: bool, wants_usage: bool) -> None:
         """Relay the engine's answer. A client that goes away cancels the engine's work, and
@@ -257,7 +318,10 @@ class Exchange:
 
     async def _relay_body(self, reply: Reply) -> None:
         raw = await reply.read()
-        self.meter.whole(reply.content_type, raw)
+        answer = self.meter.whole(reply.content_type, raw)
+        if self.row.path == RESPONSES and answer is not None:
+            await self._gate()  # stored only once admitted
+            raw = json.dumps(await self._kept(answer)).encode()
         await self._whole(reply.status, reply.content_type.encode(), raw)
 
     async def _relay_error(self, reply: Reply) -> None:
@@ -275,17 +339,21 @@ class Exchange:
         gateway asked for is not passed on."""
         await self._start(200, STREAM_HEADERS)
         events = sse.EventSplitter()
-        done = False
+        responses = self.row.path == RESPONSES
         async for chunk in reply.chunks():
             out = []
             for raw in events.feed(chunk):
                 event = sse.Event.parse(raw)
-                done = done or event.done
-                if self.meter.event(event, wants_usage):
-                    out.append(raw)
+                data = event.json()
+                if not self.meter.event(event, data, wants_usage):
+                    continue
+                if responses and data is not None and isinstance(data.get("response"), dict):
+                    data["response"] = await self._kept(data["response"])
+                    raw = sse.event(data, str(data.get("type")))
+                out.append(raw)
             if out:
                 await self.answer.body(b"".join(out))
-        if not done:
+        if not self.meter.ended:
             raise UpstreamFailed("The engine ended the stream before it was complete.")
         await self.answer.body(b"", more=False)
 

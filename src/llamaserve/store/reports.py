@@ -69,7 +69,8 @@ async def usage(
                   count(*) FILTER (WHERE completion_tokens IS NULL
                                    AND engine IS NOT NULL
                                    AND outcome IN ('cancelled', 'error')
-                                   AND path IN ('/v1/chat/completions', '/v1/completions'))
+                                   AND path IN ('/v1/chat/completions', '/v1/completions',
+                                                '/v1/responses', '/v1/messages'))
                       AS uncounted,
                   coalesce(sum(bytes_in), 0)::bigint AS bytes_in,  -- sum(bigint) is numeric
                   coalesce(sum(bytes_out), 0)::bigint AS bytes_out,

@@ -86,7 +86,7 @@ def storable_text(value: str) -> str:
     """`value` escaped and bounded; the same text again when it was already storable."""
     if _fits(value):
         return value
-    text = _escape(value[:TEXT_LIMIT])
+    text = escape(value[:TEXT_LIMIT])
     if len(value) > TEXT_LIMIT or len(text) > TEXT_LIMIT:
         mark = f"...[cut: {len(value)} characters]"
         text = text[: TEXT_LIMIT - len(mark)] + mark
@@ -105,7 +105,9 @@ def _fits(value: str) -> bool:
     return True
 
 
-def _escape(text: str) -> str:
+def escape(text: str) -> str:
+    """Text PostgreSQL can hold: NUL as the characters `\\x00`, a lone surrogate as
+    `\\ud800` (the request log's, and the stored responses')."""
     return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 

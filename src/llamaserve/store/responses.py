@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 
 from llamaserve.store.errors import InvalidValue
+from llamaserve.store.requests import escape
 
 _SAVE = """
 INSERT INTO llama_responses AS r (id, user_id, expires_at, input, response)
@@ -156,9 +157,7 @@ def _escaped(value: Any) -> Any:
 
 def _escape(text: str) -> str:
     """As the request log escapes text (store/requests.py), without its length bound."""
-    if _storable(text):
-        return text
-    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if _storable(text) else escape(text)
 
 
 def _storable(text: str) -> bool:
