@@ -302,7 +302,7 @@ def test_delete_user_asks_and_keeps_log_rows(cli: Cli) -> None:
     error_line(cli("delete-user", "--username", "alice"), "--yes")  # no terminal to ask
     assert len(cli.json("list-users")) == 1
     out = cli.ok("delete-user", "--username", "alice", "--yes")
-    assert "deleted user alice and its 1 key; kept its 2 request log rows" in out
+    assert "deleted user alice, its 1 key and its stored responses; kept its 2 request" in out
     assert cli.json("list-users") == []
     logged = cli.json("logs", "--user", "alice")
     assert [(r["username"], r["user_id"]) for r in logged] == [("alice", None)] * 2

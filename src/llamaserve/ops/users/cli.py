@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add(
         "delete-user",
         commands.delete_user,
-        "delete a user and its keys; its request log rows are kept",
+        "delete a user, its keys and stored responses; its request log rows are kept",
         "delete-user --username alice --yes",
     )
     _username(sub)

@@ -128,13 +128,15 @@ async def delete_user(ctx: Context, args: argparse.Namespace) -> int:
     if await users.get_user(ctx.conn, username=args.username) is None:
         raise NoSuchUser(f"no such user: {args.username}")
     if not args.yes and not _confirm(
-        f"delete user {args.username} and all its keys? Its request log rows are kept. [y/N] "
+        f"delete user {args.username}, all its keys and its stored responses? Its request log "
+        "rows are kept. [y/N] "
     ):
         print("not deleted")
         return 1
     deleted = await users.delete_user(ctx.conn, username=args.username)
     print(
-        f"deleted user {deleted.username} and its {_count(deleted.keys, 'key')}; kept its "
+        f"deleted user {deleted.username}, its {_count(deleted.keys, 'key')} and its stored "
+        f"responses; kept its "
         f"{_count(deleted.requests_kept, 'request log row')} (username kept, user id cleared)"
     )
     return 0
