@@ -433,6 +433,8 @@ def test_values_openai_refuses_are_400_naming_the_parameter(
      ("chat", {"messages": [{"role": "wizard", "content": "Hi"}]}, "messages.0.role",
       "'system', 'developer', 'user', 'assistant', 'tool' or 'function'"),
      ("chat", {"messages": [{"content": "Hi"}]}, "messages.0.role", "Missing required"),
+     ("chat", {"messages": [{"role": "tool", "content": "4", "tool_call_id": None}]},
+      "messages.0.tool_call_id", "Missing required"),
      ("chat", {"logit_bias": {"abc": 1}}, "logit_bias.abc", "a token id"),
      ("chat", {"response_format": {"type": "xml"}}, "response_format.type",
       "'text', 'json_object' or 'json_schema'"),

@@ -137,3 +137,13 @@ def test_a_message_without_content_is_refused_unless_it_calls_a_tool() -> None:
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     calling = {"role": "assistant", "content": None, "tool_calls": [call]}
     assert checked(messages=[*MESSAGES, calling])[0]["messages"][1] == calling
+
+
+@pytest.mark.parametrize("call_id", [None, 4, "absent"])
+def test_a_tool_message_needs_its_call_id(call_id: Any) -> None:
+    """llama-server failed on a tool message whose tool_call_id was null (a 500)."""
+    message: dict[str, Any] = {"role": "tool", "content": "4"}
+    if call_id != "absent":
+        message["tool_call_id"] = call_id
+    refused = refusal(model="m", messages=[*MESSAGES, message])
+    assert refused.status == 400 and refused.param == "messages.1.tool_call_id"

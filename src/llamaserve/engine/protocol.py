@@ -46,6 +46,7 @@ class ChatMessage(OpenModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class FunctionDefinition(OpenModel):
@@ -125,6 +126,12 @@ def check_chat(body: dict[str, Any]) -> None:
                 )
         for j, call in enumerate(message.get("tool_calls") or ()):
             _check_call(call, f"messages.{i}.tool_calls.{j}")
+        if message["role"] == "tool" and not isinstance(message.get("tool_call_id"), str):
+            # OpenAI requires it; llama-server failed on a null one (a 500).
+            raise InvalidRequest(
+                f"Missing required parameter: 'messages.{i}.tool_call_id'.",
+                param=f"messages.{i}.tool_call_id",
+            )
         if content is None and not _calls(message):
             raise InvalidRequest(
                 f"Missing required parameter: 'messages.{i}.content' (only an assistant "
