@@ -11,6 +11,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -138,6 +139,46 @@ def test_a_stored_response_continues_is_read_and_deleted(stack: Stack, alice: st
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(first.id)
     assert client.responses.retrieve(second.id).id == second.id
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def test_forced_calls_and_formats_through_the_gateway(
+    stack: Stack, alice: str, claude: anthropic.Anthropic
+) -> None:
+    question = "What is the weather in Paris?"
+    response = stack.client(alice).responses.create(
+        model=stack.model, input=question, max_output_tokens=40, temperature=0,
+        tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER}],
+        tool_choice={"type": "function", "name": "get_weather"},
+    )  # fmt: skip
+    [call] = [item for item in response.output if item.type == "function_call"]
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    message = claude.messages.create(
+        model=stack.model, max_tokens=40, messages=[{"role": "user", "content": question}],
+        tools=[{"name": "get_weather", "input_schema": WEATHER}],
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )  # fmt: skip
+    [tool_use] = [block for block in message.content if block.type == "tool_use"]
+    jsonschema.validate(tool_use.input, WEATHER)
+    formatted = stack.client(alice).responses.create(
+        model=stack.model, input="A city as JSON.", max_output_tokens=40, temperature=0,
+        text={"format": {"type": "json_schema", "name": "city", "schema": WEATHER}},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(formatted.output_text), WEATHER)
+
+
+def test_stored_text_never_reaches_the_gateway_log(stack: Stack, alice: str) -> None:
+    secret = "zebra-quartz-" + alice[-6:]
+    client = stack.client(alice)
+    first = client.responses.create(model=stack.model, input=secret, max_output_tokens=4)
+    client.responses.create(model=stack.model, input="And?", previous_response_id=first.id,
+                            max_output_tokens=4)  # fmt: skip
+    client.responses.retrieve(first.id)
+    log = (stack.project.runtime / "logs" / "gateway.log").read_text()
+    assert "request id=" in log and "/v1/responses" in log
+    assert secret not in log
 
 
 def test_the_cli_shows_these_requests(
