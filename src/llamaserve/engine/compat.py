@@ -31,10 +31,12 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llamaserve.engine import tally
 from llamaserve.engine.call_deltas import CallDeltas
 from llamaserve.engine.fields import model_list, with_refusal
 from llamaserve.engine.protocol import (
     CHECKS,
+    check_key,
     check_route_and_key,
     json_schema_of,
     no_embeddings,
@@ -44,25 +46,13 @@ from llamaserve.engine.protocol import (
     validate,
 )
 from llamaserve.engine.readback import ReadBack
+from llamaserve.engine.tally import Tallies, Tally
 from llamaserve.errors import APIError, InternalError, openai_error
 from llamaserve.http import asgi, sse
 from llamaserve.http.answer import Answer, send_error, send_json
 from llamaserve.routes import check_method, model_of
 
-
-@dataclass
-class Usage:
-    """Tokens of one request, filled in by the engine's generation hook."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
+Usage = Tally  # the tokens of one request, filled in by the engine's generation hook
 
 
 # Set per request by the middleware; the generation hook adds to it from the worker thread.
@@ -181,6 +171,7 @@ class CompatMiddleware:
         self.created = created  # of the model, in its listing
         self.schemas = schemas or {}
         self.fold_system = fold_system
+        self.tallies = Tallies()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -190,6 +181,11 @@ class CompatMiddleware:
             if scope["path"] == "/health":
                 check_method("/health", scope["method"], "GET")
                 await send_json(send, {"status": "ok", "slots": 1})
+                return
+            if scope["path"].startswith(tally.PREFIX):
+                check_method(scope["path"], scope["method"], "GET")
+                check_key(scope, self.key)
+                await self.tallies.answer(scope["path"], send)
                 return
             check_route_and_key(scope, self.key)
         except APIError as error:
@@ -221,7 +217,7 @@ class CompatMiddleware:
                 return
             include_usage, echo = rewritten.include_usage, rewritten.echo
             scope, receive = asgi.with_body(scope, rewritten.body, receive)
-        usage = Usage()
+        usage = self.tallies.open(scope)  # the gateway may ask for it (`tally`)
         token = current_usage.set(usage)
         chat = scope["path"] == "/v1/chat/completions"
         mender = ResponseMender(send, usage if include_usage else None, echo, chat=chat)
@@ -230,6 +226,7 @@ class CompatMiddleware:
         except Exception as exc:
             await mender.fail(InternalError(f"The engine failed: {exc}"))
         finally:
+            usage.ended = True
             current_usage.reset(token)
 
     async def _models(self, scope: Scope, receive: Receive, send: Send, model: str | None) -> None:

@@ -220,6 +220,11 @@ def check_route_and_key(scope: Scope, key: bytes) -> None:
     """What both engines check first, in OpenAI's order: an OpenAI route (404), its
     method (405), then the key (401); the engines' own other routes are never served."""
     check_route(scope["path"], scope["method"])
+    check_key(scope, key)
+
+
+def check_key(scope: Scope, key: bytes) -> None:
+    """The engine's key, from `Authorization: Bearer` or `x-api-key` (401 if not)."""
     headers = dict(scope["headers"])
     token = api_key(headers.get(b"authorization"), headers.get(b"x-api-key"))
     if not hmac.compare_digest(token.encode("latin-1"), key):

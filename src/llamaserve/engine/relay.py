@@ -20,15 +20,18 @@ from typing import Any
 from pydantic import SecretStr
 from starlette.types import Receive, Scope, Send
 
+from llamaserve.engine import tally
 from llamaserve.engine.fields import model_list
 from llamaserve.engine.protocol import (
     CHECKS,
+    check_key,
     check_route_and_key,
     no_embeddings,
     parse_request,
     retrieve_model,
 )
 from llamaserve.engine.readback import ReadBack
+from llamaserve.engine.tally import Tallies
 from llamaserve.engine.translate import (
     Assembler,
     Translator,
@@ -74,6 +77,7 @@ class Relay:
         # Keep-alive connections to llama-server, with our key; no bound on its silences
         # (a long answer that does not stream says nothing until it is whole).
         self._upstream = Upstream(api_key, read_timeout=None, name="llama-server")
+        self.tallies = Tallies()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -103,6 +107,11 @@ class Relay:
             await self._call("GET", "/health")
             await send_json(send, {"status": "ok", "slots": self.slots})
             return
+        if path.startswith(tally.PREFIX):
+            check_method(path, method, "GET")
+            check_key(scope, self._key)
+            await self.tallies.answer(path, send)
+            return
         check_route_and_key(scope, self._key)
         model = model_of(path)
         if path == "/v1/models":
@@ -118,6 +127,8 @@ class Relay:
                 await self._read_back(read_back, send)
                 return
             translator = self._translator(path, body)
+            if tally.name_of(scope) is not None:  # the gateway may ask for its count
+                translator.count_in(self.tallies.open(scope))
             await asgi.until_disconnected(self._generate(path, translator, send), receive)
 
     async def _models(self) -> dict[str, Any]:
@@ -198,6 +209,9 @@ class Relay:
         except Exception as exc:
             traceback.print_exc(file=sys.stderr)
             await answer.fail(InternalError(f"The relay failed: {type(exc).__name__}."))
+        finally:
+            if translator.tally is not None:
+                translator.tally.ended = True
 
 
 async def chunks(reply: Reply) -> AsyncIterator[dict[str, Any]]:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from llamaserve.engine.fields import with_refusal
 from llamaserve.engine.protocol import json_schema_of, prompts
+from llamaserve.engine.tally import Tally
 from llamaserve.errors import InvalidRequest
 
 Kind = Literal["chat", "completion"]
@@ -63,13 +64,23 @@ class Translator:
         # the answer's; the prompt's tokens when its text is still to be asked for.
         self.echo: str | None = None
         self.echo_tokens: list[int] | None = None
+        self.tally: Tally | None = None  # the request's tokens, as the gateway may ask
+
+    def count_in(self, tally: Tally) -> None:
+        """Count the request's tokens into `tally` as llama-server reports them, token by
+        token (its per-token timings: the prompt's tokens, cached and processed, and
+        those generated so far)."""
+        self.tally = tally
+        self.body["timings_per_token"] = True
 
     def chunk(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
         """The chunk as OpenAI would send it, or None when it has nothing for the client."""
         usage = chunk.pop("usage", None)
-        chunk.pop("timings", None)  # llama-server's own, not OpenAI's
+        timings = chunk.pop("timings", None)  # llama-server's own, not OpenAI's
         if isinstance(usage, dict):
             self.usage = {key: usage[key] for key in USAGE_FIELDS if key in usage}
+        if self.tally is not None:
+            _count(self.tally, timings, self.usage)
         if self.kind == "completion" and str(chunk.get("id", "")).startswith("chatcmpl-"):
             chunk["id"] = "cmpl-" + chunk["id"].removeprefix("chatcmpl-")
         self.head = {key: chunk[key] for key in HEAD_FIELDS if key in chunk}
@@ -149,6 +160,15 @@ def _trim(item: dict[str, Any], count: int) -> dict[str, Any]:
     for alternative in item["top_logprobs"]:
         alternative.pop("id", None)
     return item
+
+
+def _count(tally: Tally, timings: Any, usage: dict[str, int] | None) -> None:
+    if usage is not None:
+        tally.prompt_tokens = usage.get("prompt_tokens", tally.prompt_tokens)
+        tally.completion_tokens = usage.get("completion_tokens", tally.completion_tokens)
+    elif isinstance(timings, dict):
+        tally.prompt_tokens = int(timings.get("cache_n", 0)) + int(timings.get("prompt_n", 0))
+        tally.completion_tokens = int(timings.get("predicted_n", 0))
 
 
 def chat_translator(body: dict[str, Any], *, native_tools: bool) -> Translator:

@@ -23,6 +23,7 @@ from urllib.parse import quote
 from starlette.types import Receive, Scope, Send
 
 from llamaserve.bodies import parse_object
+from llamaserve.engine import tally
 from llamaserve.engine.bridge import GENERATION_CHECKS
 from llamaserve.engine.protocol import CHECKS as CHAT_CHECKS
 from llamaserve.engine.protocol import normalise
@@ -56,6 +57,10 @@ from llamaserve.store.requests import RequestRow
 log = logging.getLogger("llamaserve.gateway")
 
 RETRYABLE = frozenset({502, 503, 504})  # the engine could not take the request
+# How long the gateway waits for an engine to have stopped a request cut off, to read
+# what it generated: the engine stops at its next token.
+TALLY_POLLS = 100
+TALLY_POLL_SECONDS = 0.02
 
 
 @dataclass(frozen=True)
@@ -100,14 +105,41 @@ class Exchange:
 
     async def run(self) -> None:
         try:
-            await self._serve()
-        except APIError as error:
-            await self._fail(error)
-        except Exception as exc:
-            log.exception("request %s failed", self.row.request_id)
-            await self._fail(InternalError(f"Internal error ({type(exc).__name__})."))
+            try:
+                await self._serve()
+            except APIError as error:
+                await self._fail(error)
+            except Exception as exc:
+                log.exception("request %s failed", self.row.request_id)
+                await self._fail(InternalError(f"Internal error ({type(exc).__name__})."))
+            await self._count_what_was_cut()
         finally:
             self._finish()
+
+    async def _count_what_was_cut(self) -> None:
+        """The tokens of a request that reached an engine but ended without its usage (its
+        client went away, an error, a stop): the engine's own count, read from it
+        (`engine/tally.py`), once it has stopped. Left unknown if the engine cannot say."""
+        row = self.row
+        if row.engine is None or row.method != "POST" or row.completion_tokens is not None:
+            return
+        path = tally.PREFIX + row.request_id
+        try:
+            for _ in range(TALLY_POLLS):
+                async with self.services.upstream.send(row.engine, "GET", path) as reply:
+                    answer = await reply.read()
+                if reply.status != 200:
+                    return
+                counted = json.loads(answer)
+                if counted.get("ended"):
+                    break
+                await asyncio.sleep(TALLY_POLL_SECONDS)
+        except (APIError, OSError, ValueError) as exc:
+            log.warning("request %s: its tokens could not be read from the engine: %s",
+                        row.request_id, exc)  # fmt: skip
+            return
+        row.prompt_tokens = counted.get("prompt_tokens")
+        row.completion_tokens = counted.get("completion_tokens")
 
     async def _serve(self) -> None:
         check_route(self.row.path, self.row.method)  # never an engine's /slots, /props...
@@ -306,7 +338,10 @@ class Exchange:
         # The path as parsed, encoded again: what the client sent percent-encoded is never
         # decoded into the request line (a CR/LF there would write a second request).
         path = quote(self.row.path, safe="/")
-        async with self.services.upstream.send(url, self.row.method, path, body) as reply:
+        name = self.row.request_id if self.row.method == "POST" else None
+        async with self.services.upstream.send(
+            url, self.row.method, path, body, tally=name
+        ) as reply:
             if reply.status in RETRYABLE and not last:
                 raise ServiceUnavailable(f"The engine answered {reply.status}.")
             if reply.status >= 400:

@@ -47,6 +47,7 @@ HIGH_WATER = 256 * 1024
 # What a request line's method and target may hold: a token, and printable ASCII
 # without spaces starting with '/'. Anything else (a decoded CR/LF, a space) would let
 # one client's path write a second request, with the engine's key, on the connection.
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a request's name for its tally
 _METHOD = re.compile(r"[A-Z]+")
 _TARGET = re.compile(r"/[!-~]*")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
@@ -312,18 +313,22 @@ class Upstream:
 
     @asynccontextmanager
     async def send(
-        self, url: str, method: str, path: str, body: bytes = b""
+        self, url: str, method: str, path: str, body: bytes = b"", *, tally: str | None = None
     ) -> AsyncIterator[Reply]:
-        """Send a request; the reply is released (and the engine told, if unfinished) on exit."""
+        """Send a request; the reply is released (and the engine told, if unfinished) on exit.
+        `tally`: the request's name, under which the engine keeps its count of the
+        request's tokens for the gateway to read (`engine/tally.py`)."""
         origin = self._origins.get(url) or self._origins.setdefault(url, _Origin.of(url))
-        request = self._request(origin, method, path, body)
+        request = self._request(origin, method, path, body, tally)
         connection = await self._exchange(url, origin, request)
         try:
             yield Reply(connection, self._timeout)
         finally:
             self._release(url, connection)
 
-    def _request(self, origin: _Origin, method: str, path: str, body: bytes) -> bytes:
+    def _request(
+        self, origin: _Origin, method: str, path: str, body: bytes, tally: str | None = None
+    ) -> bytes:
         """The request's bytes, from parts checked first: nothing is written otherwise."""
         target = origin.prefix + path
         if not (_METHOD.fullmatch(method) and _TARGET.fullmatch(target)):
@@ -331,6 +336,8 @@ class Upstream:
         head = [f"{method} {target} HTTP/1.1".encode("ascii"), b"Host: " + origin.authority]
         if self._auth is not None:
             head.append(b"Authorization: " + self._auth)
+        if tally is not None and _NAME.fullmatch(tally):
+            head.append(b"X-Llamaserve-Tally: " + tally.encode("ascii"))
         if body or method == "POST":
             head.append(b"Content-Type: application/json")
             head.append(b"Content-Length: %d" % len(body))
