@@ -141,7 +141,9 @@ def test_a_stored_response_continues_is_read_and_deleted(stack: Stack, alice: st
     assert client.responses.retrieve(second.id).id == second.id
 
 
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+# A city from a list: short whatever the sampling, so that no answer is cut at max_tokens.
+CITY = {"type": "string", "enum": ["Paris", "London", "Rome"]}
+WEATHER = {"type": "object", "properties": {"city": CITY}, "required": ["city"]}
 
 
 def test_forced_calls_and_formats_through_the_gateway(
@@ -157,6 +159,7 @@ def test_forced_calls_and_formats_through_the_gateway(
     jsonschema.validate(json.loads(call.arguments), WEATHER)
     message = claude.messages.create(
         model=stack.model, max_tokens=40, messages=[{"role": "user", "content": question}],
+        extra_body={"temperature": 0},
         tools=[{"name": "get_weather", "input_schema": WEATHER}],
         tool_choice={"type": "tool", "name": "get_weather"},
     )  # fmt: skip
