@@ -92,8 +92,8 @@ def test_a_forced_tool_returns_a_tool_use_that_validates(
 ) -> None:
     question = [{"role": "user", "content": "What is the weather in Paris?"}]
     forced = {"type": "tool", "name": "get_weather"}
-    asked = {"model": engine.model, "max_tokens": 40, "tools": [WEATHER],
-             "tool_choice": forced, "messages": question}  # fmt: skip
+    asked = {"model": engine.model, "max_tokens": 40, "tools": [WEATHER], "tool_choice": forced,
+             "messages": question, "extra_body": {"temperature": 0}}  # fmt: skip
     if stream:
         with client.messages.stream(**asked) as events:  # type: ignore[arg-type]
             message = events.get_final_message()
