@@ -4,6 +4,7 @@ a real database: every command, text and --json output, errors, exit codes, --he
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import pytest
 
 from llamaserve.cli import main as cli_main
 from llamaserve.ops.users import cli as users_cli
-from llamaserve.store import migrations
+from llamaserve.store import migrations, quotas, users
 from tests.conftest import ROOT, free_port
 from tests.pgfixtures import PgDatabase
 
@@ -27,10 +28,18 @@ CLI = ROOT / "bin" / "user_management_cli.sh"
 BOOTSTRAP = ROOT / "bin" / "bootstrap_user_cli.sh"
 KEY = re.compile(r"^key:\s+(lsk_[0-9a-f]{10}_[A-Za-z0-9_-]{43})$", re.M)
 USER_FIELDS = {"id", "username", "enabled", "rate_limit", "rate_window_seconds", "created_at"}
-SUMMARY_FIELDS = USER_FIELDS | {"active_keys", "last_used", "requests_24h", "tokens_24h"}
+USER_FIELDS |= {"token_rate_limit", "token_quota", "quota_period"}
+SUMMARY_FIELDS = USER_FIELDS | {"active_keys", "last_used", "requests_24h", "tokens_24h", "quota"}
+QUOTA_FIELDS = {"tokens", "period", "period_start", "resets_at", "used", "reserved", "left"}
 KEY_FIELDS = {"username", "key_id", "key", "expires_at"}
 USAGE_FIELDS = {"username", "requests", "errors", "prompt_tokens", "completion_tokens"}
-USAGE_FIELDS |= {"uncounted", "bytes_in", "bytes_out", "p50_ms", "p95_ms"}
+USAGE_FIELDS |= {"uncounted", "bytes_in", "bytes_out", "p50_ms", "p95_ms", "quota"}
+# The token settings the CLI's output depends on, whatever the checkout's .env says.
+TOKEN_DEFAULTS = {
+    "LLAMA_PROXY_TOKEN_QUOTA": "0",
+    "LLAMA_PROXY_QUOTA_PERIOD": "day",
+    "LLAMA_PROXY_TOKEN_RATE_LIMIT": "0",
+}
 
 
 def run(
@@ -63,7 +72,12 @@ class Cli:
     database: PgDatabase
 
     def __call__(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return run(CLI, *args, env={**self.database.env, **env})
+        return run(CLI, *args, env={**self.database.env, **TOKEN_DEFAULTS, **env})
+
+    def ok_with(self, env: dict[str, str], *args: str) -> str:
+        result = self(*args, **env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
 
     def ok(self, *args: str) -> str:
         result = self(*args)
@@ -113,7 +127,7 @@ def test_every_command_help_shows_an_example() -> None:
     assert set(subparsers.choices) == {
         *("check", "init-db", "create-user", "list-users", "disable-user", "enable-user"),
         *("delete-user", "create-key", "list-keys", "revoke-key", "rotate-key", "set-limits"),
-        *("usage", "logs"),
+        *("set-quota", "usage", "logs"),
     }
     for name, command in subparsers.choices.items():
         assert re.search(
@@ -173,10 +187,16 @@ def test_create_user_json_and_list_users(cli: Cli) -> None:
     assert (listed[1]["active_keys"], listed[1]["last_used"]) == (1, None)
     table = cli.ok("list-users").splitlines()
     assert re.split(r"\s{2,}", table[0]) == [
-        *("USER", "STATE", "KEYS", "LIMIT", "CREATED", "LAST USED", "REQ 24H", "TOKENS 24H")
+        *("USER", "STATE", "KEYS", "LIMIT", "TPM", "QUOTA", "QUOTA USED", "QUOTA LEFT"),
+        *("CREATED", "LAST USED", "REQ 24H", "TOKENS 24H"),
     ]
-    assert re.match(r"alice\s+enabled\s+1\s+60/60s \(default\)\s+\d{4}-.*never\s+0\s+0$", table[1])
+    assert re.match(
+        r"alice\s+enabled\s+1\s+60/60s \(default\)\s+none \(default\)\s+none \(default\)"
+        r"\s+-\s+-\s+\d{4}-.*never\s+0\s+0$",
+        table[1],
+    )
     assert re.match(r"bob\s+enabled\s+1\s+10/30s\s", table[2])
+    assert listed[0]["quota"] is None
 
 
 def test_duplicate_and_invalid_usernames(cli: Cli) -> None:
@@ -196,6 +216,8 @@ def test_duplicate_and_invalid_usernames(cli: Cli) -> None:
         (["create-key", "--username", "nobody"], "no such user: nobody"),
         (["list-keys", "--username", "nobody"], "no such user: nobody"),
         (["set-limits", "--username", "nobody", "--default"], "no such user: nobody"),
+        (["set-limits", "--username", "nobody", "--token-rate-limit", "5"], "no such user"),
+        (["set-quota", "--username", "nobody", "--none"], "no such user: nobody"),
         (["usage", "--user", "nobody"], "no such user: nobody"),
         (["logs", "--user", "nobody"], "no such user: nobody"),
         (["revoke-key", "--key-id", "0123456789"], "no such key: 0123456789"),
@@ -221,6 +243,15 @@ def test_an_unknown_user_through_the_script(cli: Cli) -> None:
         ["create-user", "--username", "a", "--rate-limit", "-1"],
         ["set-limits", "--username", "a"],
         ["set-limits", "--username", "a", "--rate-limit", "5", "--default"],
+        ["set-limits", "--username", "a", "--token-rate-limit", "5", "--default"],
+        ["set-limits", "--username", "a", "--token-rate-limit", "-5"],
+        ["set-quota", "--username", "a"],
+        ["set-quota", "--username", "a", "--tokens", "5", "--none"],
+        ["set-quota", "--username", "a", "--tokens", "0"],
+        ["set-quota", "--username", "a", "--tokens", "5", "--per", "7x"],
+        ["set-quota", "--username", "a", "--tokens", "5", "--per", "year"],
+        ["set-quota", "--username", "a", "--none", "--per", "day"],
+        ["set-quota", "--username", "a", "--default", "--per", "6h"],
         ["usage", "--since", "5x"],
         ["logs", "-n", "0"],
         ["create-key", "--username", "a", "--expires-in", "0d"],
@@ -289,6 +320,108 @@ def test_set_limits(cli: Cli) -> None:
     error_line(cli("set-limits", "--username", "alice", "--default", "--window", "9"), "--window")
 
 
+def test_set_limits_of_tokens_per_minute(cli: Cli) -> None:
+    cli.ok("create-user", "--username", "alice")
+    out = cli.ok("set-limits", "--username", "alice", "--token-rate-limit", "20000")
+    assert "alice: rate limit 60/60s (default); token rate limit 20000/min" in out
+    out = cli.ok("set-limits", "--user", "alice", "--rate-limit", "5", "--token-rate-limit", "0")
+    assert "alice: rate limit 5/60s; token rate limit none" in out
+    [alice] = cli.json("list-users")
+    assert (alice["rate_limit"], alice["token_rate_limit"]) == (5, 0)
+    out = cli.ok("set-limits", "--username", "alice", "--rate-limit", "7")  # the other stays
+    assert "token rate limit none" in out
+    assert re.search(r"^alice\s+enabled\s+1\s+7/60s\s+none\s", cli.ok("list-users"), re.M)
+    error_line(cli("set-limits", "--username", "alice", "--token-rate-limit", "1", "--window", "9"))
+    out = cli.ok_with({"LLAMA_PROXY_TOKEN_RATE_LIMIT": "900"}, "set-limits", "--user", "alice",
+                      "--default")  # fmt: skip
+    assert "alice: rate limit 60/60s (default); token rate limit 900/min (default)" in out
+    [alice] = cli.json("list-users")
+    assert (alice["rate_limit"], alice["token_rate_limit"]) == (None, None)
+
+
+def charge(database: PgDatabase, username: str, want: int, tokens: int) -> quotas.Reservation:
+    """A request of the user, admitted and charged as the gateway does it."""
+
+    async def run() -> quotas.Reservation:
+        conn = await database.connect()
+        try:
+            user = await users.get_user(conn, username=username)
+            assert user is not None
+            r = await quotas.reserve(conn, user_id=user.id, want=want, default_quota=0,
+                                     default_period="day", default_tpm=0)  # fmt: skip
+            await quotas.settle(conn, user_id=user.id, period_start=r.period_start,
+                                granted=r.granted, tokens=tokens)  # fmt: skip
+            return r
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def test_set_quota_and_what_is_left(cli: Cli) -> None:
+    cli.ok("create-user", "--username", "alice")
+    cli.ok("create-user", "--username", "bob")
+    out = cli.ok("set-quota", "--username", "alice", "--tokens", "200000")
+    assert out.strip() == "alice: token quota 200000/day"
+    out = cli.ok("set-quota", "--username", "alice", "--tokens", "50000", "--per", "6h")
+    assert out.strip() == "alice: token quota 50000/6h"
+    [alice, bob] = cli.json("list-users")
+    assert (alice["token_quota"], alice["quota_period"]) == (50000, "21600s")
+    assert set(alice["quota"]) == QUOTA_FIELDS and alice["quota"]["left"] == 50000
+    assert bob["quota"] is None
+
+    r = charge(cli.database, "alice", 1000, 1234)
+    assert r.granted == 1000
+    [alice, _] = cli.json("list-users")
+    quota = alice["quota"]
+    assert (quota["tokens"], quota["period"], quota["used"], quota["left"]) == (
+        50000, "21600s", 1234, 48766,
+    )  # fmt: skip
+    start = datetime.fromisoformat(quota["period_start"])
+    assert start.hour % 6 == 0 and start.minute == 0 and start.tzinfo is not None
+    assert datetime.fromisoformat(quota["resets_at"]) - start == timedelta(hours=6)
+    table = cli.ok("list-users")
+    assert re.search(r"^alice\s+.*\s50000/6h\s+1234\s+48766\s", table, re.M)
+    assert re.search(r"^bob\s+.*\snone \(default\)\s+-\s+-\s", table, re.M)
+
+    # The default quota applies to bob, not to alice (her own), nor once she has none.
+    wide = {"LLAMA_PROXY_TOKEN_QUOTA": "1000", "LLAMA_PROXY_QUOTA_PERIOD": "week"}
+    assert re.search(r"^bob\s+.*\s1000/week \(default\)\s+0\s+1000\s",
+                     cli.ok_with(wide, "list-users"), re.M)  # fmt: skip
+    assert cli.ok("set-quota", "--username", "alice", "--none").strip() == (
+        "alice: token quota none"
+    )
+    [alice, bob] = json.loads(cli.ok_with(wide, "list-users", "--json"))
+    assert (alice["token_quota"], alice["quota_period"], alice["quota"]) == (0, None, None)
+    assert bob["quota"]["tokens"] == 1000 and bob["quota"]["period"] == "week"
+    out = cli.ok_with(wide, "set-quota", "--username", "alice", "--default")
+    assert out.strip() == "alice: token quota 1000/week (default)"
+    [alice, _] = cli.json("list-users")
+    assert (alice["token_quota"], alice["quota_period"], alice["quota"]) == (None, None, None)
+
+
+def test_usage_shows_the_quota(cli: Cli) -> None:
+    created = cli.json("create-user", "--username", "alice")
+    cli.ok("create-user", "--username", "bob")
+    cli.ok("set-quota", "--username", "alice", "--tokens", "5000", "--per", "month")
+    charge(cli.database, "alice", 100, 300)
+    for username, user_id in (("alice", created["id"]), ("bob", None)):
+        cli.database.execute(
+            "INSERT INTO llama_requests (request_id, created_at, user_id, username, method, "
+            "path, status, outcome, latency_ms, prompt_tokens, completion_tokens) "
+            "VALUES ('r', now(), $1, $2, 'POST', '/v1/chat/completions', 200, 'ok', 10, 200, 100)",
+            user_id,
+            username,
+        )
+    rows = {r["username"]: r for r in cli.json("usage")}
+    assert set(rows["alice"]) == USAGE_FIELDS
+    assert rows["alice"]["quota"]["used"] == 300 and rows["alice"]["quota"]["left"] == 4700
+    assert rows["bob"]["quota"] is None
+    text = cli.ok("usage")
+    assert re.search(r"^alice\s+1\s+0\s+200\s+100\s.*\s5000/month\s+300\s+4700$", text, re.M)
+    assert re.search(r"^bob\s+1\s+0\s+200\s+100\s.*\s-\s+-\s+-$", text, re.M)
+
+
 def test_delete_user_asks_and_keeps_log_rows(cli: Cli) -> None:
     created = cli.json("create-user", "--username", "alice")
     for _ in range(2):
@@ -345,7 +478,9 @@ def test_usage_and_logs(cli: Cli) -> None:
     assert cli.json("usage", "--since", "1d")[0]["requests"] == 6
     text = cli.ok("usage", "--since", "30m")
     assert "requests in the last 30m" in text and "UNCOUNTED" in text
-    assert re.search(r"^alice\s+5\s+3\s+15\s+45\s+1\s+500 B\s+10.0 kB\s+100\s+118$", text, re.M)
+    assert re.search(
+        r"^alice\s+5\s+3\s+15\s+45\s+1\s+500 B\s+10.0 kB\s+100\s+118\s+-\s+-\s+-$", text, re.M
+    )
     assert "no requests in the last 1m" in cli.ok("usage", "--since", "1m")
 
     logged = cli.json("logs", "-n", "2")

@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 from dotenv.parser import parse_stream
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENGINES = ("llama-cpp-python", "llama-server")
@@ -29,6 +29,36 @@ ENGINES = ("llama-cpp-python", "llama-server")
 # whole words only, so that a random key with "xxx" or "your" inside one still passes.
 PLACEHOLDER_WORD = re.compile(r"^(change|insert|placeholder|your|todo|replace|x{3,})", re.I)
 MIN_KEY_LENGTH = 16
+
+
+CALENDAR_PERIODS = ("day", "week", "month")
+SPAN = re.compile(r"^(\d+)([smhd])$")
+SPAN_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+MAX_SPAN = 3660 * 86400  # ten years
+
+
+def parse_period(text: str) -> str:
+    """A quota period in its canonical form: `day`, `week`, `month` (calendar periods in
+    UTC), or a span in whole seconds (`6h` -> `21600s`). ValueError says what is accepted."""
+    value = text.strip().lower()
+    if value in CALENDAR_PERIODS:
+        return value
+    match = SPAN.match(value)
+    seconds = int(match[1]) * SPAN_SECONDS[match[2]] if match else 0
+    if not 1 <= seconds <= MAX_SPAN:
+        raise ValueError(
+            f"invalid period {text!r}: use day, week, month, or a span such as 6h, 30m or 2d"
+        )
+    return f"{seconds}s"
+
+
+def describe_period(period: str) -> str:
+    """A canonical period as people write it: day, week, month, 6h, 90m, 45s."""
+    if period in CALENDAR_PERIODS:
+        return period
+    seconds = int(period.removesuffix("s"))
+    unit = next(unit for unit, size in SPAN_SECONDS.items() if seconds % size == 0)
+    return f"{seconds // SPAN_SECONDS[unit]}{unit}"
 
 
 def split_urls(value: str) -> list[str]:
@@ -151,6 +181,28 @@ class Settings(BaseSettings):
         description="Length of the rate-limit window in seconds: a user may send the whole "
         "limit at once, then one more request every window / limit seconds.",
     )
+    llama_proxy_token_rate_limit: int = Field(
+        0,
+        ge=0,
+        le=2**31 - 1,
+        description="Tokens (prompt and completion) per user per minute, for users without "
+        "their own (`set-limits --token-rate-limit`); 0 = no limit. A request is admitted "
+        "while the user's bucket holds a token, and its real tokens are taken when it ends "
+        "(going into debt if need be); the bucket refills at this / 60 per second.",
+    )
+    llama_proxy_token_quota: int = Field(
+        0,
+        ge=0,
+        description="Tokens (prompt and completion) per user per LLAMA_PROXY_QUOTA_PERIOD, "
+        "for users without their own (`set-quota`); 0 = no quota. A request is admitted "
+        "while the user has tokens left, and its completion is bounded to what is left.",
+    )
+    llama_proxy_quota_period: str = Field(
+        "day",
+        description="Period of LLAMA_PROXY_TOKEN_QUOTA: day, week (from Monday) or month, "
+        "calendar periods in UTC, or a span such as 6h, 30m or 2d, windows aligned on the "
+        "Unix epoch in UTC (6h: from 00:00, 06:00, 12:00, 18:00).",
+    )
 
     llama_proxy_allow_public_engine: bool = Field(
         False,
@@ -228,6 +280,11 @@ class Settings(BaseSettings):
         description="SSL mode of the database connection, with libpq's meanings (not used "
         "by the private cluster).",
     )
+
+    @field_validator("llama_proxy_quota_period")
+    @classmethod
+    def _canonical_period(cls, value: str) -> str:
+        return parse_period(value)
 
     def backend_urls(self) -> list[str]:
         return split_urls(self.llama_server_backend_url)

@@ -1,8 +1,8 @@
 """Users and their API keys: the SQL behind the user CLI.
 
 Keys are made by store/keys.py; only their id and hash reach the database. Deleting a
-user deletes its keys and rate-limit state (ON DELETE CASCADE) but keeps its rows in
-`llama_requests` for accounting: their user_id becomes NULL, their username stays.
+user deletes its keys, rate-limit and quota state (ON DELETE CASCADE) but keeps its rows
+in `llama_requests` for accounting: their user_id becomes NULL, their username stays.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from typing import Final, Literal
 
 import asyncpg
 
+from llamaserve.config import parse_period
 from llamaserve.store.errors import InvalidValue, NoSuchKey, NoSuchUser, UserExists
 from llamaserve.store.keys import NewKey, generate_key
 
 USERNAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 MAX_INT = 2**31 - 1  # PostgreSQL's integer
 RECENT = timedelta(hours=24)
-_USER_COLUMNS = "id, username, enabled, rate_limit, rate_window_seconds, created_at"
+_USER_COLUMNS = """id, username, enabled, rate_limit, rate_window_seconds, token_rate_limit,
+    token_quota, quota_period, created_at"""
 _KEY_COLUMNS = """k.key_id, u.username, k.created_at, k.expires_at, k.revoked_at,
     CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked'
          WHEN k.expires_at <= now() THEN 'expired'
@@ -34,6 +36,9 @@ class User:
     enabled: bool
     rate_limit: int | None  # None: the gateway's default; 0: no limit
     rate_window_seconds: int | None  # None: the gateway's default
+    token_rate_limit: int | None  # tokens per minute; None: the gateway's default; 0: none
+    token_quota: int | None  # tokens per period; None: the gateway's default; 0: none
+    quota_period: str | None  # day, week, month or 21600s; None: the gateway's default
     created_at: datetime
 
 
@@ -108,7 +113,8 @@ async def get_user(conn: asyncpg.Connection, *, username: str) -> User | None:
 async def list_users(conn: asyncpg.Connection) -> list[UserSummary]:
     """Every user with its active keys, last use, and requests and tokens of the last 24 h."""
     rows = await conn.fetch(
-        """SELECT u.id, u.username, u.enabled, u.rate_limit, u.rate_window_seconds, u.created_at,
+        """SELECT u.id, u.username, u.enabled, u.rate_limit, u.rate_window_seconds,
+                  u.token_rate_limit, u.token_quota, u.quota_period, u.created_at,
                   (SELECT count(*) FROM api_keys k
                     WHERE k.user_id = u.id AND k.revoked_at IS NULL
                       AND (k.expires_at IS NULL OR k.expires_at > now())) AS active_keys,
@@ -153,6 +159,45 @@ async def set_limits(
         username,
         rate_limit,
         rate_window_seconds,
+    )
+    return _found(row, username)
+
+
+async def set_token_rate_limit(
+    conn: asyncpg.Connection, *, username: str, token_rate_limit: int | None
+) -> User:
+    """Override the gateway's tokens per minute for one user (0: none); None restores it."""
+    if token_rate_limit is not None and not 0 <= token_rate_limit <= MAX_INT:
+        raise InvalidValue(
+            f"invalid token rate limit {token_rate_limit}: use 0 (no limit) or more tokens"
+        )
+    row = await conn.fetchrow(
+        f"UPDATE users SET token_rate_limit = $2 WHERE username = $1 RETURNING {_USER_COLUMNS}",
+        username,
+        token_rate_limit,
+    )
+    return _found(row, username)
+
+
+async def set_quota(
+    conn: asyncpg.Connection, *, username: str, token_quota: int | None, period: str | None
+) -> User:
+    """A user's own token quota: tokens per period (as parse_period reads it); 0 tokens
+    and no period for none; None and None for the gateway's default."""
+    if token_quota is not None and not 0 <= token_quota < 2**63:
+        raise InvalidValue(f"invalid token quota {token_quota}: use 0 (no quota) or more tokens")
+    if (period is None) != (not token_quota):
+        raise InvalidValue("a token quota needs a period, and no quota has none")
+    try:
+        canonical = None if period is None else parse_period(period)
+    except ValueError as exc:
+        raise InvalidValue(str(exc)) from None
+    row = await conn.fetchrow(
+        f"""UPDATE users SET token_quota = $2, quota_period = $3
+            WHERE username = $1 RETURNING {_USER_COLUMNS}""",
+        username,
+        token_quota,
+        canonical,
     )
     return _found(row, username)
 

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import asyncpg
@@ -22,6 +22,7 @@ from llamaserve.config import (
     Settings,
     base_layout,
     load_settings,
+    parse_period,
     protect_setting_files,
 )
 from llamaserve.ops import cluster
@@ -47,6 +48,8 @@ Add --help to any command for its options and an example.
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.check is not None:
+        args.check(args)  # a usage error argparse cannot see by itself exits 2 here
     try:
         for warning in protect_setting_files(base_layout()):
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.set_defaults(check=None)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, summary: str, *examples: str) -> argparse.ArgumentParser:
@@ -109,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "create-user --username batch-jobs --rate-limit 600 --window 60",
     )
     _username(sub)
-    _limits(sub, required=False)
+    _limits(sub, default=False)
     _json(sub)
 
     _json(
@@ -188,13 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add(
         "set-limits",
         commands.set_limits,
-        "set a user's rate limit, or restore the default",
+        "set a user's rate limits (requests, tokens per minute), or restore the defaults",
         "set-limits --username alice --rate-limit 10 --window 60",
         "set-limits --username alice --rate-limit 0      # no limit",
+        "set-limits --username alice --token-rate-limit 20000",
         "set-limits --username alice --default",
     )
     _username(sub)
-    _limits(sub, required=True)
+    _limits(sub, default=True)
+    sub.add_argument(
+        "--token-rate-limit",
+        type=_count,
+        metavar="N",
+        help="tokens per minute, prompt and completion; 0 = no limit",
+    )
+    _check(sub, _one_limit)
+
+    sub = add(
+        "set-quota",
+        commands.set_quota,
+        "set a user's token quota per period, or none, or restore the default",
+        "set-quota --username alice --tokens 200000 --per day",
+        "set-quota --username alice --tokens 50000 --per 6h",
+        "set-quota --username alice --none        # no quota, whatever the default",
+        "set-quota --username alice --default",
+    )
+    _username(sub)
+    _quota(sub)
 
     sub = add(
         "usage",
@@ -248,14 +272,17 @@ def _expires_in(sub: argparse.ArgumentParser, default: str = "never") -> None:
     )
 
 
-def _limits(sub: argparse.ArgumentParser, *, required: bool) -> None:
-    choice = sub.add_mutually_exclusive_group(required=required)
+def _limits(sub: argparse.ArgumentParser, *, default: bool) -> None:
+    """--rate-limit and --window, and --default instead of them (set-limits)."""
+    choice = sub.add_mutually_exclusive_group()
     choice.add_argument(
         "--rate-limit", type=_count, metavar="N", help="requests per window; 0 = no limit"
     )
-    if required:
+    if default:
         choice.add_argument(
-            "--default", action="store_true", help="use LLAMA_PROXY_RATE_LIMIT and its window"
+            "--default",
+            action="store_true",
+            help="use LLAMA_PROXY_RATE_LIMIT, its window and LLAMA_PROXY_TOKEN_RATE_LIMIT",
         )
     sub.add_argument(
         "--window",
@@ -263,6 +290,63 @@ def _limits(sub: argparse.ArgumentParser, *, required: bool) -> None:
         metavar="SECONDS",
         help="window of --rate-limit (default: LLAMA_PROXY_RATE_WINDOW_SECONDS)",
     )
+
+
+def _quota(sub: argparse.ArgumentParser) -> None:
+    choice = sub.add_mutually_exclusive_group(required=True)
+    choice.add_argument(
+        "--tokens", type=_positive, metavar="N", help="tokens per period, prompt and completion"
+    )
+    choice.add_argument("--none", action="store_true", help="no quota for this user")
+    choice.add_argument(
+        "--default",
+        action="store_true",
+        help="use LLAMA_PROXY_TOKEN_QUOTA per LLAMA_PROXY_QUOTA_PERIOD",
+    )
+    sub.add_argument(
+        "--per",
+        type=_period,
+        metavar="PERIOD",
+        help="day (default), week, month (calendar, UTC), or a span: 6h, 30m, 2d",
+    )
+    _check(sub, _per_with_tokens)
+
+
+def _check(
+    sub: argparse.ArgumentParser, problem: Callable[[argparse.Namespace], str | None]
+) -> None:
+    """A rule on a command's arguments that argparse cannot express: broken, it is a
+    usage error (exit 2), reported by main() before anything else happens."""
+
+    def check(args: argparse.Namespace) -> None:
+        if (message := problem(args)) is not None:
+            sub.error(message)
+
+    sub.set_defaults(check=check)
+
+
+def _one_limit(args: argparse.Namespace) -> str | None:
+    if args.default:
+        tokens = args.token_rate_limit is not None
+        return (
+            "argument --token-rate-limit: not allowed with argument --default" if tokens else None
+        )
+    if args.rate_limit is None and args.token_rate_limit is None:
+        return "one of the arguments --rate-limit --token-rate-limit --default is required"
+    return None
+
+
+def _per_with_tokens(args: argparse.Namespace) -> str | None:
+    if args.per is not None and args.tokens is None:
+        return "argument --per: allowed only with argument --tokens"
+    return None
+
+
+def _period(text: str) -> str:
+    try:
+        return parse_period(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_duration(text: str) -> Duration:

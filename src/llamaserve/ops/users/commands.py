@@ -17,9 +17,9 @@ from typing import Any
 
 import asyncpg
 
-from llamaserve.config import Layout, Settings
+from llamaserve.config import Layout, Settings, describe_period
 from llamaserve.ops.tables import format_bytes, format_time, render_table
-from llamaserve.store import db, migrations, reports, users
+from llamaserve.store import db, migrations, quotas, reports, users
 from llamaserve.store.errors import InvalidValue, NoSuchUser, SchemaMismatch
 from llamaserve.store.keys import NewKey
 
@@ -88,19 +88,23 @@ async def create_user(ctx: Context, args: argparse.Namespace) -> int:
 
 async def list_users(ctx: Context, args: argparse.Namespace) -> int:
     summaries = await users.list_users(ctx.conn)
+    usage = await _quota_usage(ctx)
     if args.json:
-        _print_json(summaries)
+        _print_json([{**asdict(s), "quota": _quota_json(usage.get(s.username))} for s in summaries])
         return 0
     if not summaries:
         print(f"no users yet: {CLI} create-user --username NAME")
         return 0
-    header = ["USER", "STATE", "KEYS", "LIMIT", "CREATED", "LAST USED", "REQ 24H", "TOKENS 24H"]
+    header = ["USER", "STATE", "KEYS", "LIMIT", "TPM", *QUOTA_HEADER, "CREATED", "LAST USED"]
+    header += ["REQ 24H", "TOKENS 24H"]
     rows = [
         [
             s.username,
             "enabled" if s.enabled else "disabled",
             str(s.active_keys),
             describe_limit(s, ctx.settings),
+            describe_token_rate(s, ctx.settings),
+            *_quota_cells(describe_quota(s, ctx.settings), usage.get(s.username)),
             format_time(s.created_at),
             format_time(s.last_used, never="never"),
             str(s.requests_24h),
@@ -108,7 +112,8 @@ async def list_users(ctx: Context, args: argparse.Namespace) -> int:
         ]
         for s in summaries
     ]
-    print(render_table(header, rows, right={"KEYS", "REQ 24H", "TOKENS 24H"}))
+    right = {"KEYS", "QUOTA USED", "QUOTA LEFT", "REQ 24H", "TOKENS 24H"}
+    print(render_table(header, rows, right=right))
     return 0
 
 
@@ -195,30 +200,55 @@ async def rotate_key(ctx: Context, args: argparse.Namespace) -> int:
 
 
 async def set_limits(ctx: Context, args: argparse.Namespace) -> int:
-    if args.default and args.window is not None:
-        raise InvalidValue("--window goes with --rate-limit, not with --default")
-    user = await users.set_limits(
-        ctx.conn,
-        username=args.username,
-        rate_limit=None if args.default else args.rate_limit,
-        rate_window_seconds=None if args.default else args.window,
+    """--rate-limit and --token-rate-limit each change their own limit; --default both."""
+    if args.window is not None and args.rate_limit is None:
+        raise InvalidValue("--window goes with --rate-limit")
+    name, user = args.username, None
+    async with ctx.conn.transaction():
+        if args.default or args.rate_limit is not None:
+            rate, window = (None, None) if args.default else (args.rate_limit, args.window)
+            user = await users.set_limits(
+                ctx.conn, username=name, rate_limit=rate, rate_window_seconds=window
+            )
+        if args.default or args.token_rate_limit is not None:
+            tpm = None if args.default else args.token_rate_limit
+            user = await users.set_token_rate_limit(ctx.conn, username=name, token_rate_limit=tpm)
+    assert user is not None  # cli.py asks for one of the three
+    print(
+        f"{user.username}: rate limit {describe_limit(user, ctx.settings)}; "
+        f"token rate limit {describe_token_rate(user, ctx.settings)}"
     )
-    print(f"{user.username}: rate limit {describe_limit(user, ctx.settings)}")
+    return 0
+
+
+async def set_quota(ctx: Context, args: argparse.Namespace) -> int:
+    if args.tokens:
+        tokens, period = args.tokens, args.per or "day"
+    else:
+        tokens, period = (None if args.default else 0), None
+    user = await users.set_quota(
+        ctx.conn, username=args.username, token_quota=tokens, period=period
+    )
+    print(f"{user.username}: token quota {describe_quota(user, ctx.settings)}")
     return 0
 
 
 async def usage(ctx: Context, args: argparse.Namespace) -> int:
     rows = await reports.usage(ctx.conn, username=args.username, since=args.since.delta)
     await _known_user(ctx, args.username, found=bool(rows))
+    found = await _quota_usage(ctx, [r.username for r in rows if r.username])
+    quotas_of = [found.get(r.username) if r.username else None for r in rows]
     if args.json:
-        _print_json(rows)
+        _print_json(
+            [{**asdict(r), "quota": _quota_json(q)} for r, q in zip(rows, quotas_of, strict=True)]
+        )
         return 0
     span = args.since.text
     if not rows:
         print(f"no requests in the last {span}")
         return 0
     header = ["USER", "REQUESTS", "ERRORS", "PROMPT TOK", "COMPL TOK", "UNCOUNTED", "IN", "OUT"]
-    header += ["P50", "P95"]
+    header += ["P50", "P95", *QUOTA_HEADER]
     table = [
         [
             r.username or "(no user)",
@@ -231,14 +261,16 @@ async def usage(ctx: Context, args: argparse.Namespace) -> int:
             format_bytes(r.bytes_out),
             _ms(r.p50_ms),
             _ms(r.p95_ms),
+            *_quota_cells(_quota_text(q), q),
         ]
-        for r in rows
+        for r, q in zip(rows, quotas_of, strict=True)
     ]
     print(
         f"requests in the last {span} (latency of successful requests; UNCOUNTED: ended "
-        "before the engine counted their tokens, which are not in the totals)"
+        "before the engine counted their tokens, which are not in the totals; QUOTA: "
+        "tokens used and left in the quota's current period)"
     )
-    print(render_table(header, table, right=set(header[1:])))
+    print(render_table(header, table, right=set(header[1:]) - {"QUOTA"}))
     return 0
 
 
@@ -277,6 +309,52 @@ def describe_limit(user: users.User, settings: Settings) -> str:
     window = user.rate_window_seconds or settings.llama_proxy_rate_window_seconds
     text = "none" if rate == 0 else f"{rate}/{window}s"
     return f"{text} (default)" if default else text
+
+
+def describe_token_rate(user: users.User, settings: Settings) -> str:
+    """A user's effective tokens per minute: '20000/min (default)', '500/min' or 'none'."""
+    tpm = user.token_rate_limit
+    rate = settings.llama_proxy_token_rate_limit if tpm is None else tpm
+    text = "none" if rate == 0 else f"{rate}/min"
+    return f"{text} (default)" if tpm is None else text
+
+
+def describe_quota(user: users.User, settings: Settings) -> str:
+    """A user's effective token quota: '200000/day (default)', '50000/6h' or 'none'."""
+    default = user.token_quota is None
+    tokens = settings.llama_proxy_token_quota if default else user.token_quota
+    period = user.quota_period or settings.llama_proxy_quota_period
+    text = "none" if not tokens else f"{tokens}/{describe_period(period)}"
+    return f"{text} (default)" if default else text
+
+
+QUOTA_HEADER = ["QUOTA", "QUOTA USED", "QUOTA LEFT"]
+
+
+def _quota_cells(quota: str, usage: quotas.QuotaUsage | None) -> list[str]:
+    """QUOTA_HEADER's cells: the quota, and the tokens used and left in its current period."""
+    if usage is None:
+        return [quota, "-", "-"]
+    return [quota, str(usage.used), str(usage.left)]
+
+
+def _quota_text(usage: quotas.QuotaUsage | None) -> str:
+    return "-" if usage is None else f"{usage.tokens}/{describe_period(usage.period)}"
+
+
+def _quota_json(usage: quotas.QuotaUsage | None) -> dict[str, Any] | None:
+    return None if usage is None else {k: v for k, v in asdict(usage).items() if k != "username"}
+
+
+async def _quota_usage(
+    ctx: Context, usernames: list[str] | None = None
+) -> dict[str, quotas.QuotaUsage]:
+    return await quotas.current_usage(
+        ctx.conn,
+        default_quota=ctx.settings.llama_proxy_token_quota,
+        default_period=ctx.settings.llama_proxy_quota_period,
+        usernames=usernames,
+    )
 
 
 async def _known_user(ctx: Context, username: str | None, *, found: bool) -> None:

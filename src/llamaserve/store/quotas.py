@@ -1,0 +1,255 @@
+"""Token quotas and the tokens-per-minute limit: admission (`reserve`) and charge
+(`settle`), each one statement, exact across any number of gateways on the database.
+
+A quota is a number of tokens (prompt and completion) per period. Periods are `day`,
+`week` (ISO: from Monday) and `month`, calendar periods in UTC, or a span of whole
+seconds (`21600s` for 6 h), a fixed window aligned on the Unix epoch in UTC (00:00,
+06:00, 12:00, 18:00 for 6 h). Their bounds are computed in SQL from the database's
+clock (`llama_quota_period(period, at)`, called with now()), never this machine's.
+
+A request is admitted while its user has quota left (used + reserved < quota): its
+completion may then take at most what is left (`granted`, reserved until the request is
+charged its real tokens). So the only overshoot of a quota is the prompt tokens of the
+requests admitted before it ran out. Each user's period is one row, changed by
+`INSERT ... ON CONFLICT DO UPDATE ... WHERE`, which locks the row and judges its latest
+version: the quota is exact under concurrency, including the first request of a period.
+
+The tokens-per-minute limit is a token bucket: capacity the limit, refilling at
+limit / 60 per second by the database's clock. A request is admitted while the level is
+above 0 and charged its real tokens when it ends, so the level may go below 0 (a debt
+that refilling pays off). Admission locks the bucket's row (and refills it), so the
+level it judges is the latest.
+
+Lock order, in both statements: the user's row (FOR KEY SHARE, so that deleting the
+user waits for them, and they for it), the bucket, then the period's row: no deadlock.
+A user with neither a quota nor a tokens-per-minute limit costs one index lookup in
+`users` and takes no lock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from llamaserve.config import parse_period
+
+MAX_TOKENS = 2**63 - 1  # PostgreSQL's bigint: a larger max_tokens is as good as no bound
+
+_RESERVE = """
+WITH u AS (  -- the user if metered, locked against deletion before its rows
+    SELECT id, quota, period, tpm
+    FROM users
+    CROSS JOIN LATERAL (SELECT COALESCE(token_quota, $3::bigint) AS quota,
+                               COALESCE(quota_period, $4::text) AS period,
+                               COALESCE(token_rate_limit, $5::int) AS tpm) AS limits
+    WHERE id = $1::bigint AND (quota > 0 OR tpm > 0)
+    FOR KEY SHARE OF users
+),
+w AS (
+    SELECT p.period_start, p.period_end
+    FROM u CROSS JOIN LATERAL llama_quota_period(u.period, now()) AS p
+    WHERE u.quota > 0
+),
+b AS (  -- the bucket, refilled up to now with the capacity it had
+    INSERT INTO token_rate_state AS s (user_id, level, capacity, updated_at)
+    SELECT id, tpm, tpm, now() FROM u WHERE tpm > 0
+    ON CONFLICT (user_id) DO UPDATE SET
+        level = LEAST(excluded.capacity, s.level + s.capacity / 60.0
+                      * GREATEST(0, extract(epoch FROM now() - s.updated_at))),
+        capacity = excluded.capacity,
+        updated_at = GREATEST(s.updated_at, now())
+    RETURNING s.level, s.capacity
+),
+q AS (  -- the period's row: reserve what the completion may use of what is left
+    INSERT INTO quota_usage AS q (user_id, period_start, reserved, last_grant)
+    SELECT u.id, w.period_start, g.first, g.first
+    FROM u CROSS JOIN w LEFT JOIN b ON true
+    CROSS JOIN LATERAL (SELECT LEAST(COALESCE($2::bigint, u.quota), u.quota) AS first) AS g
+    WHERE u.tpm = 0 OR b.level > 0
+    ON CONFLICT (user_id, period_start) DO UPDATE SET  -- excluded.last_grant: min(want, quota)
+        reserved = q.reserved
+                   + LEAST(excluded.last_grant, (SELECT quota FROM u) - q.used - q.reserved),
+        last_grant = LEAST(excluded.last_grant, (SELECT quota FROM u) - q.used - q.reserved)
+    WHERE q.used + q.reserved < (SELECT quota FROM u)
+    RETURNING q.used, q.reserved, q.last_grant
+),
+seen AS (  -- the period's row as this statement's snapshot saw it: for a refusal
+    SELECT qu.used, qu.reserved
+    FROM w JOIN quota_usage qu ON qu.user_id = $1 AND qu.period_start = w.period_start
+)
+SELECT u.id IS NOT NULL AS metered, u.quota, u.period, u.tpm, w.period_start, w.period_end,
+       b.level, q.used, q.reserved, q.last_grant, seen.used AS seen_used,
+       seen.reserved AS seen_reserved, now() AS now
+FROM (VALUES (1)) AS one
+LEFT JOIN u ON true LEFT JOIN w ON true LEFT JOIN b ON true LEFT JOIN q ON true
+LEFT JOIN seen ON true
+"""
+
+_SETTLE = """
+WITH u AS (  -- the user, locked as in _RESERVE: only when there is something to charge
+    SELECT id FROM users
+    WHERE id = $1::bigint
+      AND ($2::timestamptz IS NOT NULL OR EXISTS (SELECT FROM token_rate_state WHERE user_id = $1))
+    FOR KEY SHARE
+),
+b AS (
+    UPDATE token_rate_state s SET
+        level = LEAST(s.capacity, s.level + s.capacity / 60.0
+                      * GREATEST(0, extract(epoch FROM now() - s.updated_at))) - $4::bigint,
+        updated_at = GREATEST(s.updated_at, now())
+    FROM u WHERE s.user_id = u.id
+    RETURNING s.user_id
+)
+UPDATE quota_usage q SET used = q.used + $4::bigint, reserved = GREATEST(0, q.reserved - $3::bigint)
+FROM u LEFT JOIN b ON b.user_id = u.id
+WHERE q.user_id = u.id AND q.period_start = $2::timestamptz
+"""
+
+_USAGE = """
+SELECT u.username, l.quota AS tokens, l.period, w.period_start, w.period_end AS resets_at,
+       COALESCE(qu.used, 0) AS used, COALESCE(qu.reserved, 0) AS reserved
+FROM users u
+CROSS JOIN LATERAL (SELECT COALESCE(u.token_quota, $1::bigint) AS quota,
+                           COALESCE(u.quota_period, $2::text) AS period) AS l
+CROSS JOIN LATERAL llama_quota_period(l.period, now()) AS w
+LEFT JOIN quota_usage qu ON qu.user_id = u.id AND qu.period_start = w.period_start
+WHERE l.quota > 0 AND ($3::text[] IS NULL OR u.username = ANY($3::text[]))
+ORDER BY u.username
+"""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """An admission's verdict on a user's tokens, and what its answer's headers say."""
+
+    allowed: bool
+    reason: str | None  # when refused: "quota" or "token_rate"
+    granted: int | None  # completion tokens reserved; None: the user has no quota
+    period: str | None  # the quota's period (canonical: day, week, month, 21600s)
+    period_start: datetime | None  # the period reserved in, for settle
+    quota: int  # tokens per period; 0 = no quota
+    used: int  # charged in the period
+    left: int  # quota - used - reserved, after this reservation (never below 0)
+    resets_at: datetime | None  # the period's end
+    tpm_limit: int  # tokens per minute; 0 = no limit
+    tpm_remaining: int  # the bucket's level after refill, floored (never below 0)
+    tpm_reset_seconds: float  # until the bucket is full again
+    retry_after: float  # when refused: until admission could pass
+
+    @property
+    def metered(self) -> bool:
+        """A quota or a tokens-per-minute limit applies (settle has something to do)."""
+        return self.quota > 0 or self.tpm_limit > 0
+
+
+UNMETERED = Reservation(
+    allowed=True, reason=None, granted=None, period=None, period_start=None, quota=0,
+    used=0, left=0, resets_at=None, tpm_limit=0, tpm_remaining=0, tpm_reset_seconds=0.0,
+    retry_after=0.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QuotaUsage:
+    """A user's quota in the current period."""
+
+    username: str
+    tokens: int  # per period
+    period: str  # canonical
+    period_start: datetime
+    resets_at: datetime
+    used: int
+    reserved: int  # by requests not yet charged
+    left: int  # never below 0
+
+
+async def reserve(
+    conn: Any,
+    *,
+    user_id: int,
+    want: int | None,
+    default_quota: int,
+    default_period: str,
+    default_tpm: int,
+) -> Reservation:
+    """Admit a request of the user, or refuse it; when admitted with a quota, reserve
+    min(want, left) tokens for its completion (want None: all that is left).
+
+    The defaults apply to a user without settings of their own (NULL): 0 = none.
+    A user gone meanwhile is admitted unmetered (the next request will not pass).
+    """
+    want = None if want is None else min(max(0, want), MAX_TOKENS)
+    args = (default_quota, parse_period(default_period), default_tpm)
+    row = await conn.fetchrow(_RESERVE, user_id, want, *args)
+    if not row["metered"]:
+        return UNMETERED
+    return _reservation(row)
+
+
+async def settle(
+    conn: Any, *, user_id: int, period_start: datetime | None, granted: int | None, tokens: int
+) -> None:
+    """Charge a request's real tokens (prompt and completion): to the period it was
+    admitted in (even one that has ended since), releasing its reservation, and to the
+    bucket of its tokens-per-minute limit."""
+    charged = min(max(0, tokens), MAX_TOKENS)
+    await conn.execute(_SETTLE, user_id, period_start, granted or 0, charged)
+
+
+async def current_usage(
+    conn: Any,
+    *,
+    default_quota: int,
+    default_period: str,
+    usernames: Sequence[str] | None = None,
+) -> dict[str, QuotaUsage]:
+    """The users with a quota (of these usernames, or all), by username: their current
+    period's tokens used, reserved and left."""
+    names = None if usernames is None else list(usernames)
+    rows = await conn.fetch(_USAGE, default_quota, parse_period(default_period), names)
+    return {
+        row["username"]: QuotaUsage(
+            **dict(row), left=max(0, row["tokens"] - row["used"] - row["reserved"])
+        )
+        for row in rows
+    }
+
+
+async def period_bounds(conn: Any, *, period: str, at: datetime) -> tuple[datetime, datetime]:
+    """The period (start, end) holding the instant `at`, as admissions compute it."""
+    row = await conn.fetchrow("SELECT * FROM llama_quota_period($1, $2)", parse_period(period), at)
+    return row["period_start"], row["period_end"]
+
+
+def _reservation(row: Any) -> Reservation:
+    quota, tpm = int(row["quota"]), int(row["tpm"])
+    level: float = row["level"] if tpm else 0.0
+    reserved_now = row["last_grant"] is not None  # the period's row as it is after that
+    used, reserved = (row["used"], row["reserved"]) if reserved_now else (
+        row["seen_used"] or 0, row["seen_reserved"] or 0)  # fmt: skip
+    left = max(0, quota - used - reserved)
+    rate_ok = tpm == 0 or level > 0
+    reason, retry = None, 0.0
+    if not (reserved_now or (quota == 0 and rate_ok)):
+        if quota > 0 and (rate_ok or left == 0):
+            reason, retry, left = "quota", (row["period_end"] - row["now"]).total_seconds(), 0
+        else:  # until the level is back above 0
+            reason, retry = "token_rate", -level * 60 / tpm
+    return Reservation(
+        allowed=reason is None,
+        reason=reason,
+        granted=None if quota == 0 else int(row["last_grant"] or 0),
+        period=row["period"] if quota > 0 else None,
+        period_start=row["period_start"],
+        quota=quota,
+        used=int(used),
+        left=left,
+        resets_at=row["period_end"],
+        tpm_limit=tpm,
+        tpm_remaining=max(0, math.floor(level)),
+        tpm_reset_seconds=max(0.0, (tpm - level) * 60 / tpm) if tpm else 0.0,
+        retry_after=max(0.0, retry),
+    )
