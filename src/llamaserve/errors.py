@@ -10,6 +10,7 @@ APIError
 ├── MethodNotAllowed        405  invalid_request_error  invalid_request_error
 ├── RequestTooLarge         413  invalid_request_error  request_too_large
 ├── RateLimited             429  rate_limit_error       rate_limit_error
+│   └── QuotaExceeded       429  insufficient_quota     rate_limit_error
 ├── InternalError           500  server_error           api_error
 ├── UpstreamFailed          502  upstream_error         api_error
 ├── ServiceUnavailable      503  service_unavailable    overloaded_error
@@ -104,6 +105,12 @@ class RateLimited(APIError):
     status = 429
     type = "rate_limit_error"
     anthropic_type = "rate_limit_error"
+
+
+class QuotaExceeded(RateLimited):
+    """A user's token quota used up: OpenAI's 429 `insufficient_quota`."""
+
+    type = "insufficient_quota"
 
 
 class InternalError(APIError):

@@ -36,6 +36,7 @@ def gateway(tmp_path: Path) -> Gateway:
         in_flight=built.in_flight,
         requests=built.requests,
         stored=unused,
+        quotas=unused,
     )
     return built
 

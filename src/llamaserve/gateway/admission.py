@@ -47,10 +47,22 @@ class Admissions:
     """
 
     def __init__(
-        self, pool: Any, default_limit: int, default_window: int, max_batch: int = 256
+        self,
+        pool: Any,
+        default_limit: int,
+        default_window: int,
+        max_batch: int = 256,
+        *,
+        default_quota: int = 0,
+        default_tpm: int = 0,
     ) -> None:
         self._pool = pool
-        self._defaults = {"default_limit": default_limit, "default_window": default_window}
+        self._defaults = {
+            "default_limit": default_limit,
+            "default_window": default_window,
+            "default_quota": default_quota,
+            "default_tpm": default_tpm,
+        }
         self._max_batch = max_batch
         self._waiting: list[_Waiting] = []
         self._task: asyncio.Task[None] | None = None

@@ -19,6 +19,7 @@ from llamaserve.gateway.engines import EngineWatch
 from llamaserve.gateway.exchange import Exchange, Services
 from llamaserve.gateway.leases import Leases
 from llamaserve.gateway.logbook import RequestLog
+from llamaserve.gateway.quotas import Quotas
 from llamaserve.gateway.scheduling import EngineState, QueueLimits, Scheduler
 from llamaserve.gateway.slots import Slots
 from llamaserve.gateway.stored import StoredResponses
@@ -64,6 +65,7 @@ class Gateway:
         self.leases: Leases
         self.requests: RequestLog
         self.stored: StoredResponses
+        self.quotas: Quotas
         self.services: Services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,6 +102,14 @@ class Gateway:
             self.pool,
             self.settings.llama_proxy_rate_limit,
             self.settings.llama_proxy_rate_window_seconds,
+            default_quota=self.settings.llama_proxy_token_quota,
+            default_tpm=self.settings.llama_proxy_token_rate_limit,
+        )
+        self.quotas = Quotas(
+            self.pool,
+            default_quota=self.settings.llama_proxy_token_quota,
+            default_period=self.settings.llama_proxy_quota_period,
+            default_tpm=self.settings.llama_proxy_token_rate_limit,
         )
         self.leases = Leases(self.pool, self.settings.llama_proxy_user_concurrency, self.scheduler)
         await self.leases.start()
@@ -120,6 +130,7 @@ class Gateway:
             in_flight=self.in_flight,
             requests=self.requests,
             stored=self.stored,
+            quotas=self.quotas,
         )
         await self.upstream.open()
         await self.watch.probe_all()
@@ -134,6 +145,7 @@ class Gateway:
         await self.watch.close()
         await self.leases.close()
         await self.stored.close()
+        await self.quotas.close()
         await self.requests.close()
         await self.upstream.close()
         await self.pool.close()

@@ -43,6 +43,7 @@ from llamaserve.gateway.admission import Admissions, rate_limit_headers, refuse_
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.metering import Meter
+from llamaserve.gateway.quotas import COMPLETION_BOUNDS, Quotas, refusal, token_headers
 from llamaserve.gateway.scheduling import EngineState
 from llamaserve.gateway.slots import Slots
 from llamaserve.gateway.stored import StoredResponses
@@ -52,6 +53,7 @@ from llamaserve.http.stopping import InFlight
 from llamaserve.http.upstream import Reply, Upstream
 from llamaserve.routes import RESPONSES, check_route, response_of
 from llamaserve.store.limits import Admission
+from llamaserve.store.quotas import Reservation
 from llamaserve.store.requests import RequestRow
 
 log = logging.getLogger("llamaserve.gateway")
@@ -75,6 +77,7 @@ class Services:
     in_flight: InFlight
     requests: RequestLog
     stored: StoredResponses
+    quotas: Quotas
 
 
 class Exchange:
@@ -99,6 +102,8 @@ class Exchange:
         # A Responses request's whole input, kept with its response when it is stored.
         self.conversation: list[dict[str, Any]] | None = None
         self.previous_id: str | None = None
+        self.metered = False  # the user's tokens are metered: a quota or a token rate limit
+        self.reservation: Reservation | None = None  # of the tokens it may use
         self._admission: asyncio.Future[Admission | None] | None = None  # until settled
         self._cleared = asyncio.Event()  # the admission is settled: `_refused` says how
         self._refused = False
@@ -185,6 +190,7 @@ class Exchange:
         else:
             self.row.user_id = pending.expected.user_id
             self.row.username = pending.expected.username
+            self.metered = pending.expected.metered
 
     async def _admitted(self) -> None:
         """Settle the admission (only ever in the request's own task, never in the relay's),
@@ -211,6 +217,7 @@ class Exchange:
         if admission is None:  # the key was deleted with its user
             raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
         self.row.user_id, self.row.username = admission.user_id, admission.username
+        self.metered = admission.metered
         refuse_unless_usable(admission.state)
         self.answer.headers += rate_limit_headers(admission)
         if not admission.allowed:
@@ -239,6 +246,8 @@ class Exchange:
             changed = True
         changed = normalise(body) or changed
         GENERATION_CHECKS[path](body)
+        if self.metered and path in COMPLETION_BOUNDS:
+            changed = await self._reserve(body) or changed
         self.row.model = body["model"]
         self.row.stream = stream = body.get("stream") is True
         if path not in CHAT_CHECKS:  # the other APIs' streams carry their usage
@@ -250,6 +259,19 @@ class Exchange:
             body["stream_options"] = {**options, "include_usage": True}
             changed = True
         return (json.dumps(body).encode() if changed else raw), stream, wants_usage
+
+    async def _reserve(self, body: dict[str, Any]) -> bool:
+        """Reserve the tokens a metered user's request may use (`Quotas`), its completion
+        bounded to what is left; refused with 429 when nothing is. True: the body changed."""
+        await self._admitted()  # a refusal of the rate limit comes first
+        if not self.metered or self.row.user_id is None:
+            return False
+        reservation = await self.services.quotas.reserve(self.row.user_id, self.row.path, body)
+        self.answer.headers += token_headers(reservation)
+        if not reservation.allowed:
+            raise refusal(reservation)
+        self.reservation = reservation
+        return True
 
     async def _continue(self, body: dict[str, Any]) -> None:
         """A Responses request's whole input (`StoredResponses.conversation`), kept with
@@ -422,6 +444,9 @@ class Exchange:
         if self._admission is not None:  # never settled: the client went away first
             _discard(self._admission)
         row = self.row
+        if self.reservation is not None or (self.metered and row.path in COMPLETION_BOUNDS
+                                            and row.engine is not None):  # fmt: skip
+            self.services.quotas.settle(self.reservation, row)
         row.latency_ms = self.meter.elapsed_ms()
         row.bytes_out = self.answer.bytes_out
         if row.outcome == "ok" and row.status >= 400:  # the engine's own error, passed on

@@ -29,7 +29,9 @@ _ADMIT = """
 WITH k AS (
     SELECT r.ord, u.id AS user_id, u.username, u.enabled, k.revoked_at, k.expires_at,
            COALESCE(u.rate_limit, $2::int) AS lim,
-           COALESCE(u.rate_window_seconds, $3::int) AS win
+           COALESCE(u.rate_window_seconds, $3::int) AS win,
+           COALESCE(u.token_quota, $4::bigint) > 0
+               OR COALESCE(u.token_rate_limit, $5::int) > 0 AS metered
     FROM unnest($1::text[]) WITH ORDINALITY AS r(key_id, ord)
     JOIN api_keys k ON k.key_id = r.key_id
     JOIN users u ON u.id = k.user_id
@@ -94,6 +96,7 @@ class Admission:
     remaining: int
     reset_seconds: float  # until the bucket is full again
     retry_after: float  # until one more request fits (when not allowed)
+    metered: bool = False  # a token quota or token rate limit applies (`store.quotas`)
 
 
 async def key_hash(conn: Any, *, key_id: str) -> bytes | None:
@@ -114,13 +117,20 @@ async def key_state(conn: Any, *, key_id: str) -> str | None:
 
 
 async def admit(
-    conn: Any, *, key_ids: Sequence[str], default_limit: int, default_window: int
+    conn: Any,
+    *,
+    key_ids: Sequence[str],
+    default_limit: int,
+    default_window: int,
+    default_quota: int = 0,
+    default_tpm: int = 0,
 ) -> list[Admission | None]:
     """The admissions of requests with these keys, in their order (None for a key that
-    does not exist). A key may appear several times: one request each."""
+    does not exist). A key may appear several times: one request each. Each says whether
+    its user's tokens are metered (a quota or a token rate limit, theirs or the default)."""
     if not key_ids:
         return []
-    args = (default_limit, default_window)
+    args = (default_limit, default_window, default_quota, default_tpm)
     rows: list[Any] = [None] * len(key_ids)
     for row in await conn.fetch(_ADMIT, key_ids, *args):
         rows[row["ord"] - 1] = row
@@ -157,6 +167,7 @@ def _admission(row: Any, state: str) -> Admission:
         remaining=0,
         reset_seconds=0.0,
         retry_after=0.0,
+        metered=bool(row["metered"]),
     )
     if state != "ok" or limit == 0:
         return base
