@@ -2,19 +2,27 @@
 
 schemathesis generates requests from OpenAI's description of its API (read where it
 lies, `../shared/data/openai-openapi/openapi.yaml`, MIT; never copied into the project),
-reduced to the five routes Llamaserve serves: GET /v1/models, GET /v1/models/{model},
-POST /v1/chat/completions, /v1/completions and /v1/embeddings. It sends valid and invalid
+reduced to the eight of its operations Llamaserve serves: GET /v1/models, GET
+/v1/models/{model}, POST /v1/chat/completions, /v1/completions, /v1/embeddings and
+/v1/responses, GET and DELETE /v1/responses/{response_id}. It sends valid and invalid
 ones (its examples, coverage and fuzzing phases) to one target, and checks each answer:
 
 - not_a_server_error: no 5xx, whatever the request;
 - content_type_conformance, response_schema_conformance: an answer the description
-  describes (a 200) has its content type and its schema;
-- ignored_auth: a request without a valid key is refused.
+  describes (a 200) has its content type and its schema (not deleteResponse's 404,
+  which it describes as a bare error object: OpenAI sends its envelope);
+- ignored_auth: a request without a valid key is refused;
+- error_envelope (ours): every 4xx and 5xx is OpenAI's envelope, `{"error": {...}}`
+  with exactly `message`, `type`, `param` and `code`.
 
 It does not check that every status is one the description lists (it lists 200 only,
 so every 400 and 404 would count), nor that invalid requests are refused and valid ones
-taken (OpenAI's schema is not Llamaserve's: `n` > 1, images and embeddings are refused
-on purpose).
+taken (OpenAI's schema is not Llamaserve's: `n` > 1, images, embeddings and tools other
+than functions are refused on purpose). Nor can it check a stream, the few times it asks
+for one: schemathesis checks each server-sent event against the schema OpenAI gives for
+its data, so a streamed answer fails response_schema_conformance (a streamed completion
+content_type_conformance too: its 200 is described as JSON only); the streams' events are
+checked against the description by tests/engine/test_openapi_answers.py.
 
 Targets: `gateway` (with a user's key, in front of `--engine`), `llama-server` and
 `llama-cpp-python` (each alone, with the engine's key), started as the benchmark starts
@@ -23,10 +31,14 @@ everything stopped at the end), with the default model; or `--url`, a server alr
 running, whose key is in the environment variable FUZZ_API_KEY.
 
 Every generation is bounded: before each request is sent, `max_tokens` and
-`max_completion_tokens` above `--max-tokens` (or null, or both absent) become
-`--max-tokens`, and a request that names a model (any string) names the served one, or
-nearly every request would be a 404; every other request for GET /v1/models/{model}
-names it too.
+`max_completion_tokens` (a Responses request's `max_output_tokens`) above `--max-tokens`
+(or null, or all absent) become `--max-tokens`, and a request that names a model (any
+string) names the served one, or nearly every request would be a 404, as does a
+Responses request that names none (its description makes `model` optional, but the
+engines need it); every other request for GET /v1/models/{model} names it too, and
+every other one for a stored response names the last response created and stored, if
+any (the gateway stores them; the engine alone keeps none, and answers 404 naming the
+gateway).
 
 Output: schemathesis's report on the terminal (each failure with a curl command that
 reproduces it, shrunk as far as the time allowed), and in `--out`/fuzz-TARGET-TIME/ its
@@ -59,20 +71,42 @@ from bench.stack import ROOT, BenchError, Stack, guarded, take_environment
 
 SPEC = ROOT.parent / "shared" / "data" / "openai-openapi" / "openapi.yaml"
 OPERATIONS = ("listModels", "retrieveModel", "createChatCompletion", "createCompletion",
-              "createEmbedding")  # fmt: skip
-CHECKS = "not_a_server_error,content_type_conformance,response_schema_conformance,ignored_auth"
+              "createEmbedding", "createResponse", "getResponse", "deleteResponse")  # fmt: skip
 TARGETS = ("gateway", "llama-server", "llama-cpp-python")
+ENVELOPE = {"message", "type", "param", "code"}  # OpenAI's error object
 # The keys are hidden in the reports (schemathesis would hide every field named like a
 # secret: `max_tokens` too, and the reproducers with it); no cache in the working directory.
+# The checks run are named here, not with --checks, which would override the operation's;
+# `error_envelope` is ours.
 CONFIG = """[output.sanitization]
 keys-to-sanitize = ["authorization", "cookie", "set-cookie", "proxy-authorization"]
 sensitive-markers = ["authorization"]
 
 [cache]
 enabled = false
+
+[checks]
+enabled = false
+not_a_server_error.enabled = true
+content_type_conformance.enabled = true
+response_schema_conformance.enabled = true
+ignored_auth.enabled = true
+error_envelope.enabled = true
+
+# The description says deleteResponse's 404 is OpenAI's bare error object (`Error`), but
+# OpenAI answers it in its envelope, as every other error (error_envelope checks it);
+# its 200 has no schema, so there is nothing else to check.
+[[operations]]
+include-operation-id = "deleteResponse"
+checks.response_schema_conformance.enabled = false
 """
-GENERATION = ("/chat/completions", "/completions")  # the description's paths, after /v1
-LENGTHS = ("max_tokens", "max_completion_tokens")
+# The description's paths (after /v1) that generate, and the fields that bound each.
+GENERATION = {
+    "/chat/completions": ("max_tokens", "max_completion_tokens"),
+    "/completions": ("max_tokens", "max_completion_tokens"),
+    "/responses": ("max_output_tokens",),
+}
+RESPONSES, STORED = "/responses", "/responses/{response_id}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -149,39 +183,85 @@ def served_model(url: str, key: str) -> str:
 
 @contextmanager
 def bounded_requests(model: str, max_tokens: int) -> Iterator[None]:
-    """While it lasts, every request is bounded before it is sent (see the docstring)."""
+    """While it lasts, every request is bounded before it is sent, and every other one
+    names what is served (see the docstring)."""
     import schemathesis
     from schemathesis import hooks
+    from schemathesis.checks import CHECKS as registry
 
-    retrievals = 0
+    calls: dict[str, int] = {}  # requests sent so far, by path
+    stored: list[str] = []  # the ids of the responses created and stored
 
     def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
-        nonlocal retrievals
-        if case.operation.path == "/models/{model}":
-            retrievals += 1
-            if retrievals % 2 and isinstance(case.path_parameters, dict):
-                case.path_parameters["model"] = model
-        if case.operation.path in GENERATION and isinstance(case.body, dict):
-            bound_body(case.body, model, max_tokens)
-        elif isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
-            case.body["model"] = model
+        path = case.operation.path
+        calls[path] = calls.get(path, 0) + 1
+        every_other = calls[path] % 2 == 1
+        named = case.path_parameters if isinstance(case.path_parameters, dict) else {}
+        if every_other and path == "/models/{model}":
+            named["model"] = model
+        elif every_other and path == STORED and stored:
+            named["response_id"] = stored[-1]
+        body = case.body if isinstance(case.body, dict) else None
+        if body is not None and path == RESPONSES:
+            body.setdefault("model", model)  # optional in the description, not here
+        if body is not None and path in GENERATION:
+            bound_body(body, model, max_tokens, GENERATION[path])
+        elif body is not None and isinstance(body.get("model"), str):
+            body["model"] = model
+
+    def after_call(context: Any, case: Any, response: Any) -> None:
+        if case.operation.path == RESPONSES and response.status_code == 200:
+            created = _json(response)
+            if isinstance(created, dict) and created.get("store") is True:
+                stored.append(str(created["id"]))
 
     schemathesis.hook(before_call)
+    schemathesis.hook(after_call)
+    schemathesis.check(error_envelope)
     try:
         yield
     finally:
         hooks.unregister(before_call)
+        hooks.unregister(after_call)
+        registry.unregister(error_envelope.__name__)
 
 
-def bound_body(body: dict[str, Any], model: str, max_tokens: int) -> None:
+def bound_body(body: dict[str, Any], model: str, max_tokens: int, lengths: tuple[str, ...]) -> None:
     if isinstance(body.get("model"), str):
         body["model"] = model
-    for name in LENGTHS:
+    for name in lengths:
         value = body.get(name, 0)
         if value is None or (type(value) is int and value > max_tokens):
             body[name] = max_tokens
-    if not any(name in body for name in LENGTHS):
-        body["max_tokens"] = max_tokens
+    if not any(name in body for name in lengths):
+        body[lengths[0]] = max_tokens
+
+
+def error_envelope(ctx: Any, response: Any, case: Any) -> None:
+    """A check: an error answer (4xx, 5xx) is OpenAI's envelope, `{"error": {...}}` with
+    a message, a type, a param and a code."""
+    if response.status_code < 400:
+        return
+    body = _json(response)
+    error = body.get("error") if isinstance(body, dict) else None
+    if not (
+        isinstance(error, dict)
+        and set(body) == {"error"}
+        and set(error) == ENVELOPE
+        and isinstance(error["message"], str)
+        and isinstance(error["type"], str)
+    ):
+        raise AssertionError(
+            f"A {response.status_code} answer is not OpenAI's error envelope: {response.text[:300]}"
+        )
+
+
+def _json(response: Any) -> Any:
+    """A whole JSON answer's body (None for a stream or anything else)."""
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def run_schemathesis(args: argparse.Namespace, url: str, key: str, out: Path) -> int:
@@ -194,7 +274,7 @@ def run_schemathesis(args: argparse.Namespace, url: str, key: str, out: Path) ->
         "--config-file", str(config),
         "run", str(args.spec), "--url", f"{url}/v1", "--header", f"Authorization: Bearer {key}",
         *[arg for op in OPERATIONS for arg in ("--include-operation-id", op)],
-        "--checks", CHECKS, "--phases", "examples,coverage,fuzzing",
+        "--phases", "examples,coverage,fuzzing",
         "--max-examples", str(args.max_examples), "--max-time", str(args.max_time),
         "--seed", str(args.seed), "--workers", "1", "--request-timeout", "120",
         "--generation-database", "none", "--suppress-health-check", "all", "--no-color",

@@ -26,8 +26,9 @@ URI = "urn:openai:openapi.yaml"
 class OpenAPI:
     """The description's component schemas, by name."""
 
-    def __init__(self, registry: Registry[Any]) -> None:
-        self._registry = registry
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self._schemas: dict[str, Any] = spec["components"]["schemas"]
+        self._registry = Registry().with_resource(URI, DRAFT202012.create_resource(spec))
 
     def check(self, name: str, instance: Any) -> None:
         """Fail with every place where `instance` is not a valid `name`."""
@@ -36,14 +37,23 @@ class OpenAPI:
         found = [f"{name} at /{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
         assert not found, "\n".join(message[:300] for message in found)
 
+    def member(self, union: str, kind: str) -> str:
+        """The schema of a union (`ResponseStreamEvent`) whose `type` is `kind`: checked
+        against it, an event that fails says where, not only that no member took it."""
+        for choice in self._schemas[union]["anyOf"]:
+            name = choice["$ref"].rsplit("/", 1)[-1]
+            kinds = self._schemas[name].get("properties", {}).get("type", {}).get("enum", [])
+            if kind in kinds:
+                return str(name)
+        raise AssertionError(f"{union} has no member of type {kind!r}")
+
 
 @functools.cache
 def openapi() -> OpenAPI:
     """OpenAI's description, read once; the test is skipped when the file is absent."""
     if not SPEC.is_file():
         pytest.skip(f"OpenAI's OpenAPI description is not at {SPEC}")
-    spec = _nullable(yaml.load(SPEC.read_text(), Loader=yaml.CSafeLoader))
-    return OpenAPI(Registry().with_resource(URI, DRAFT202012.create_resource(spec)))
+    return OpenAPI(_nullable(yaml.load(SPEC.read_text(), Loader=yaml.CSafeLoader)))
 
 
 def _nullable(node: Any) -> Any:

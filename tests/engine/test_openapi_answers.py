@@ -1,5 +1,6 @@
-"""Both engines' answers against OpenAI's own OpenAPI description (tests/openapi.py), and
-the headers a fuzzing with it found missing: `Allow` on a 405, `x-request-id` on every
+"""Both engines' answers against OpenAI's own OpenAPI description (tests/openapi.py):
+chat, completions, models and the Responses API, whole, streamed and refused; and the
+headers a fuzzing with it found missing: `Allow` on a 405, `x-request-id` on every
 answer."""
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ ANSWERS = {  # the request's own parameters, by case
                       "functions": [{"name": "record", "parameters": PERSON}],
                       "function_call": {"name": "record"}},
 }  # fmt: skip
+RESPONSES = {  # a Responses request's own parameters, by case
+    "text": {"input": "Write a list of fruits.", "max_output_tokens": 4, "temperature": 0},
+    "json schema": {"instructions": "Answer as JSON.", "input": "Jason is 30 years old.",
+                    "text": {"format": {"type": "json_schema", "name": "person",
+                                        "schema": PERSON}},
+                    "max_output_tokens": 60, "temperature": 0, "metadata": {"case": "json"},
+                    "user": "someone"},
+    "function call": {"input": "Jason is 30 years old.", "max_output_tokens": 60,
+                      "temperature": 0,
+                      "tools": [{"type": "function", "name": "record", "parameters": PERSON}],
+                      "tool_choice": {"type": "function", "name": "record"}},
+}  # fmt: skip
+REFUSED = {  # Responses requests an engine refuses, 400 in OpenAI's envelope
+    "a temperature out of range": {"input": "Hi", "temperature": 5},
+    "no input": {"instructions": "Hi"},
+    "a web search": {"input": "Hi", "tools": [{"type": "web_search"}]},
+    "an image": {"input": [{"role": "user", "content": [{"type": "input_image",
+                                                          "image_url": "x"}]}]},
+    "a stored response": {"input": "Hi", "previous_response_id": "resp_1"},
+}  # fmt: skip
 CLIENTS_ID = uuid.uuid4()
 
 
@@ -41,6 +62,20 @@ def post(engine: Engine, path: str, body: dict[str, Any]) -> httpx.Response:
     )
     assert response.status_code == 200, response.text
     return response
+
+
+def named_events(response: httpx.Response) -> list[dict[str, Any]]:
+    """The events of a Responses stream, each named as its `type` says; no `[DONE]`."""
+    found, name = [], None
+    for line in response.text.splitlines():
+        if line.startswith("event: "):
+            name = line[len("event: ") :]
+        elif line.startswith("data: "):
+            data = json.loads(line[len("data: ") :])
+            assert data["type"] == name, response.text
+            found.append(data)
+    assert [event["sequence_number"] for event in found] == list(range(len(found)))
+    return found
 
 
 def events(response: httpx.Response) -> list[dict[str, Any]]:
@@ -83,6 +118,53 @@ def test_a_completion_is_openais(engine: Engine, spec: OpenAPI, logprobs: int | 
     # finish_reason, which every chunk but the last has (OpenAI's own too).
     body = {"prompt": "One, two,", "max_tokens": 4, "temperature": 0, "logprobs": logprobs}
     spec.check("CreateCompletionResponse", post(engine, "/v1/completions", body).json())
+
+
+@pytest.mark.parametrize("case", list(RESPONSES))
+def test_a_whole_response_is_openais(engine: Engine, spec: OpenAPI, case: str) -> None:
+    """createResponse's 200 application/json: `Response`, whose function tools OpenAI
+    echoes with every field (`strict` and `parameters` null when not given). The
+    description is stricter than OpenAI, which says `"usage": null` (in a stream, until
+    its end) and `"user": null`: it types them as an object and a string that may be
+    absent, and absent they are here."""
+    whole = post(engine, "/v1/responses", RESPONSES[case]).json()
+    spec.check("Response", whole)
+    kinds = [item["type"] for item in whole["output"]]
+    assert kinds == (["function_call"] if case == "function call" else ["message"])
+
+
+@pytest.mark.parametrize("case", list(RESPONSES))
+def test_a_response_stream_is_openais(engine: Engine, spec: OpenAPI, case: str) -> None:
+    """createResponse's text/event-stream: each event is its own member of
+    `ResponseStreamEvent` (checked against it, a failure says where), in OpenAI's order."""
+    found = named_events(post(engine, "/v1/responses", {**RESPONSES[case], "stream": True}))
+    for event in found:
+        spec.check(spec.member("ResponseStreamEvent", event["type"]), event)
+    kinds = [event["type"] for event in found]
+    text = ["response.output_item.added", "response.content_part.added",
+            "response.output_text.delta", "response.output_text.done",
+            "response.content_part.done", "response.output_item.done"]  # fmt: skip
+    call = ["response.output_item.added", "response.function_call_arguments.delta",
+            "response.function_call_arguments.done", "response.output_item.done"]  # fmt: skip
+    body = dict.fromkeys(kinds[2:-1])  # in order, each once
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert list(body) == (call if case == "function call" else text), kinds
+    assert found[-1]["response"]["output"] == [found[-2]["item"]]
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_refused_response_is_openais_error(engine: Engine, spec: OpenAPI, case: str) -> None:
+    answer = httpx.post(
+        f"{engine.base_url}/v1/responses",
+        json={"model": engine.model, **REFUSED[case]},
+        headers={"Authorization": f"Bearer {engine.api_key}"},
+        timeout=60,
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    spec.check("ErrorResponse", answer.json())
+    assert set(answer.json()["error"]) == ENVELOPE
 
 
 def test_a_read_back_is_openais(engine: Engine, spec: OpenAPI) -> None:

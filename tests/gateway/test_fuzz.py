@@ -1,6 +1,7 @@
 """A short fuzzing with OpenAI's own OpenAPI description (bench/fuzz.py, schemathesis) of
-the gateway and of the engine behind it, with the real model: no request of it gets a
-5xx. The full run, with its report, is `python -m bench.fuzz`."""
+the gateway and of the engine behind it, with the real model, the Responses API's
+routes among the rest: no request of it gets a 5xx, nor an error outside OpenAI's
+envelope. The full run, with its report, is `python -m bench.fuzz`."""
 
 from __future__ import annotations
 
@@ -39,3 +40,5 @@ def test_no_request_of_the_description_gets_a_server_error(
         figures = smoke(stack.engine_url, stack.engine_key, tmp_path)
     assert figures["requests"] >= 100, figures
     assert figures["server_errors"] == 0, figures["server_error_kinds"]
+    envelopes = [found for found in figures["failures"] if "error_envelope" in found["title"]]
+    assert not envelopes, figures["reproducers"]

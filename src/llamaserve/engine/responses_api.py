@@ -51,7 +51,9 @@ class TextConfig(OpenModel):
 class Tool(OpenModel):
     type: str
     name: str | None = None
+    description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 class ResponsesRequest(OpenModel):
@@ -69,6 +71,7 @@ class ResponsesRequest(OpenModel):
     store: bool | None = None
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
+    user: str | None = None
 
 
 def check_responses(body: dict[str, Any]) -> None:
@@ -240,6 +243,21 @@ def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     )
 
 
+def _format_run(request: dict[str, Any]) -> dict[str, Any]:
+    """The request's text format as it was run: a JSON schema with its name (`to_chat`)."""
+    fmt = (request.get("text") or {}).get("format") or {"type": "text"}
+    if fmt["type"] == "json_schema":
+        return {**fmt, "name": fmt.get("name") or "response"}
+    return dict(fmt)
+
+
+def _tool_run(tool: dict[str, Any]) -> dict[str, Any]:
+    """A function tool as OpenAI echoes it: every field named, null when not given
+    (`strict` too: the engine does not enforce it, so it says what was asked)."""
+    fields = ("type", "name", "description", "parameters", "strict")
+    return {name: tool.get(name) for name in fields}
+
+
 Event = tuple[str, dict[str, Any]]  # a named event and its data
 
 
@@ -312,10 +330,12 @@ class ResponseWriter:
         return events
 
     def response(self) -> dict[str, Any]:
-        """The Response object as it stands."""
+        """The Response object as it stands. OpenAI says `"usage": null` until the end
+        and `"user": null` when none was given, but its description types both as
+        objects and strings that may be absent, not null: absent here, which its SDKs
+        read as null."""
         request = self.request
-        fmt = (request.get("text") or {}).get("format") or {"type": "text"}
-        return {
+        response = {
             "id": self.id,
             "object": "response",
             "created_at": self.created_at,
@@ -326,20 +346,23 @@ class ResponseWriter:
             "max_output_tokens": request.get("max_output_tokens"),
             "model": request["model"],
             "output": copy.deepcopy(self.output),  # a snapshot
-            "parallel_tool_calls": request.get("parallel_tool_calls", True),
+            "parallel_tool_calls": request.get("parallel_tool_calls") is not False,
             "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None},
             "store": False,
             "temperature": request.get("temperature", 1.0),
-            "text": {"format": fmt},
-            "tool_choice": request.get("tool_choice", "auto"),
-            "tools": request.get("tools") or [],
+            "text": {"format": _format_run(request)},
+            "tool_choice": request.get("tool_choice") or "auto",
+            "tools": [_tool_run(tool) for tool in request.get("tools") or ()],
             "top_p": request.get("top_p", 1.0),
             "truncation": "disabled",
-            "usage": self.usage,
-            "user": request.get("user"),
             "metadata": request.get("metadata") or {},
         }
+        if self.usage is not None:
+            response["usage"] = self.usage
+        if request.get("user") is not None:
+            response["user"] = request["user"]
+        return response
 
     def _event(self, kind: str, /, **data: Any) -> Event:
         event = (kind, {"type": kind, "sequence_number": self._sequence, **data})
