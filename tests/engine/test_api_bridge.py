@@ -214,3 +214,14 @@ def test_the_stop_reason_is_anthropics(finish: str, reason: str) -> None:
     writer = messages_api.MessageWriter({"model": "m"})
     written(writer, chat_stream(["x"], finish=finish))
     assert writer.message()["stop_reason"] == reason
+
+
+def test_tool_choice_auto_without_tools_is_openais_default() -> None:
+    """As OpenAI echoes it (`tool_choice` 'auto', `tools` []): no call, no refusal."""
+    for choice in ("auto", "none"):
+        chat = responses_api.to_chat({"model": "m", "input": "Hi", "tool_choice": choice})
+        assert "tool_choice" not in chat and "tools" not in chat
+    forced = responses_api.to_chat(
+        {"model": "m", "input": "Hi", "tool_choice": {"type": "function", "name": "f"}}
+    )
+    assert forced["tool_choice"] == {"type": "function", "function": {"name": "f"}}

@@ -133,7 +133,10 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("tools"):
         chat["tools"] = [_chat_tool(tool, f"tools.{i}") for i, tool in enumerate(body["tools"])]
     if (choice := body.get("tool_choice")) is not None:
-        chat["tool_choice"] = _chat_tool_choice(choice)
+        chat_choice = _chat_tool_choice(choice)
+        # 'auto' or 'none' with no tools is OpenAI's default (its answers echo it): no call.
+        if chat.get("tools") or chat_choice not in ("auto", "none"):
+            chat["tool_choice"] = chat_choice
     return chat
 
 
