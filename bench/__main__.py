@@ -3,7 +3,9 @@
 Everything runs in a temporary runtime directory (its own config.env, private
 PostgreSQL, users and ports on 127.0.0.1) and is stopped at the end; the checkout's
 own runtime/ is not touched. The user's LLAMA_MODEL, LLAMA_N_THREADS and the other
-names in `stack.PASSTHROUGH` carry over from the environment.
+names in `stack.PASSTHROUGH` carry over from the environment. `--metered` gives the
+overhead scenario's user a token quota and a token rate limit (never reached): what
+metering costs.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the mock engine's answer delay (default 50)",
     )
     parser.add_argument(
+        "--metered",
+        action="store_true",
+        help="the overhead scenario's user has a token quota and a token rate limit "
+        "(never reached)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=ROOT / "bench" / "results",
@@ -86,6 +94,7 @@ def _bench(args: argparse.Namespace) -> int:
     passthrough = take_environment()
     mode = "quick" if args.quick else "full"
     stem = "bench-" + time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    stem += "-metered" if args.metered else ""
     results: dict[str, Any] = {"meta": {**machine.machine(), "mode": mode, "argv": sys.argv}}
     ledger = Ledger()
     say(f"setting up a private stack ({mode} run)")
@@ -118,7 +127,7 @@ def _run(args: argparse.Namespace, stack: Stack, ledger: Ledger, results: dict[s
     if "overhead" in args.only:
         say("a) gateway overhead against the mock engine")
         mock = overhead.MockSettings(delay_ms=args.mock_delay_ms)
-        results["overhead"] = overhead.run(stack, mock, args.quick, ledger)
+        results["overhead"] = overhead.run(stack, mock, args.quick, ledger, metered=args.metered)
     if "model" not in args.only and "fairness" not in args.only:
         return
     keys = {name: stack.create_user(f"bench-{name}") for name in ("model", "heavy", "light")}

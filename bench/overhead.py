@@ -4,7 +4,9 @@ The same requests go to the mock engine directly (with the engine key) and throu
 gateway in front of it (a real user key: authentication, the rate limit and the
 request log all on; the limit is too high to trigger). Overhead is gateway minus
 direct at the same percentile, for plain completions at concurrency 1 and 32, and
-for the time to first token of streams.
+for the time to first token of streams. With `metered`, the user also has a token quota
+and a token rate limit, too large to trigger: each request through the gateway then
+costs the reservation before it goes to the engine and the charge after.
 """
 
 from __future__ import annotations
@@ -79,9 +81,13 @@ class Measured:
     gateway_cpu: dict[str, float]
 
 
-def run(stack: Stack, mock: MockSettings, quick: bool, ledger: Ledger) -> dict[str, Any]:
+def run(
+    stack: Stack, mock: MockSettings, quick: bool, ledger: Ledger, *, metered: bool = False
+) -> dict[str, Any]:
     """Start the mock engine and a gateway in front of it, and measure every case."""
     key = stack.create_user("bench-overhead")
+    if metered:
+        stack.meter_user("bench-overhead")
     with running_mock(stack, mock) as engine, stack.gateway_to(engine.url) as gateway:
         trees = {"gateway": gateway.pid, "mock engine": engine.pid}
         postgres = stack.postgres_pid()
@@ -103,7 +109,8 @@ def run(stack: Stack, mock: MockSettings, quick: bool, ledger: Ledger) -> dict[s
         ledger.add(f"overhead {m.case.name} direct", m.direct, gateway=False)
         results.append(_compare(m))
     ledger.verify(stack)
-    return {"mock": asdict(mock), "cases": results, "machine": machine, "memory": resident}
+    return {"mock": asdict(mock), "metered": metered, "cases": results, "machine": machine,
+            "memory": resident}  # fmt: skip
 
 
 @contextmanager
@@ -199,6 +206,7 @@ def _compare(m: Measured) -> dict[str, Any]:
         "direct": {**d, "cpu_ms_per_request": m.direct_cpu},
         "gateway": {**g, "cpu_ms_per_request": m.gateway_cpu},
         "overhead_p50_ms": _minus(g["latency_p50_ms"], d["latency_p50_ms"]),
+        "overhead_p95_ms": _minus(g["latency_p95_ms"], d["latency_p95_ms"]),
         "overhead_p99_ms": _minus(g["latency_p99_ms"], d["latency_p99_ms"]),
         "ttft_overhead_p50_ms": _minus(g["ttft_p50_ms"], d["ttft_p50_ms"]),
         "ttft_overhead_p99_ms": _minus(g["ttft_p99_ms"], d["ttft_p99_ms"]),

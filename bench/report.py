@@ -77,9 +77,11 @@ def _overhead(results: dict[str, Any]) -> str:
                      case["ttft_overhead_p50_ms"]])  # fmt: skip
     headers = ["case", "n", "direct p50", "gw p50", "+p50", "direct p99", "gw p99", "+p99",
                "direct rps", "gw rps", "+ttft p50"]  # fmt: skip
+    metered = "; the user metered: token quota and rate, never reached"
     title = (
         f"a) Gateway overhead, ms (mock engine: {mock['delay_ms']:g} ms delay; streams "
-        f"{mock['chunks']} chunks {mock['chunk_ms']:g} ms apart)"
+        f"{mock['chunks']} chunks {mock['chunk_ms']:g} ms apart"
+        f"{metered if overhead.get('metered') else ''})"
     )
     note = _machine_note(overhead.get("machine"), "the machine")
     return title + "\n" + grid(headers, rows) + note + "\n\n" + _cpu(overhead["cases"])

@@ -2,9 +2,10 @@
 
 A temporary runtime directory with its own config.env (engine and gateway on loopback
 ports), the private PostgreSQL cluster (`bootstrap_user_cli.sh`, `init-db`), users made
-with `user_management_cli.sh`, and engines started with `console.sh start`. Extra
-processes (the mock engine, a gateway in front of it) are spawned with a log file each
-and always stopped. Nothing here touches the checkout's own runtime/.
+(and, if asked, metered: a token quota and rate limit) with `user_management_cli.sh`, and
+engines started with `console.sh start`. Extra processes (the mock engine, a gateway in
+front of it) are spawned with a log file each and always stopped. Nothing here touches
+the checkout's own runtime/.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ PASSTHROUGH = (
     "LLAMA_PROXY_RESERVED_SLOTS",
 )
 GENEROUS_LIMIT = "1000000"  # requests per minute: rate limiting on, never triggered
+# A token quota (per day) and tokens per minute: metered, never refused (see `meter_user`).
+GENEROUS_QUOTA = "1000000000000"
+GENEROUS_TOKEN_RATE = "1000000000"
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,13 @@ class Stack:
             "--rate-limit", GENEROUS_LIMIT, "--window", "60", "--json",
         )  # fmt: skip
         return str(json.loads(out)["key"])
+
+    def meter_user(self, name: str) -> None:
+        """A token quota and a token rate limit for the user, too large to refuse anything:
+        each of their requests pays for the reservation and the charge."""
+        users = "bin/user_management_cli.sh"
+        self.run(users, "set-quota", "--username", name, "--tokens", GENEROUS_QUOTA, "--per", "day")
+        self.run(users, "set-limits", "--username", name, "--token-rate-limit", GENEROUS_TOKEN_RATE)
 
     def start(self, engine: str, parallel: int) -> None:
         """`console.sh start` of the engine, the database and the gateway."""

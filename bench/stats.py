@@ -33,7 +33,7 @@ def kinds(batch: Batch) -> dict[str, int]:
 
 
 def latency_summary(batch: Batch) -> dict[str, Any]:
-    """Latency p50/p99 and requests per second of the finished requests."""
+    """Latency p50/p95/p99 and requests per second of the finished requests."""
     done = [o for o in batch.outcomes if o.kind == "ok"]
     latencies = [o.latency for o in done]
     ttfts = [o.ttft for o in done if o.ttft is not None]
@@ -41,6 +41,7 @@ def latency_summary(batch: Batch) -> dict[str, Any]:
         "requests": len(batch.outcomes),
         **kinds(batch),
         "latency_p50_ms": ms(latencies, 50),
+        "latency_p95_ms": ms(latencies, 95),
         "latency_p99_ms": ms(latencies, 99),
         "ttft_p50_ms": ms(ttfts, 50),
         "ttft_p99_ms": ms(ttfts, 99),
