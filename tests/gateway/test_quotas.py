@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import raw_post
 from tests.gateway.conftest import Stack
 from tests.gateway.harness import Site
 from tests.gateway.helpers import extra_gateway
@@ -195,7 +196,14 @@ def test_clients_that_leave_are_charged_what_they_cost(stack: Stack, alice: str)
             "max_tokens": 2000, "temperature": 0, "ignore_eos": True}  # fmt: skip
     ids = [leave_after(stack, alice, "/v1/chat/completions", body, n) for n in range(1, 21)]
     rows = [stack.row(request_id) for request_id in ids]
-    total = sum(row["prompt_tokens"] + row["completion_tokens"] for row in rows)
     assert all(row["completion_tokens"] >= n for n, row in enumerate(rows, start=1))
+    # And one that did not stream, left while the engine generated.
+    with raw_post(stack.gateway_url, alice, "/v1/chat/completions", body):
+        time.sleep(1.0)
+    wait_for(lambda: len(stack.query("SELECT 1 FROM llama_requests WHERE key_id = $1",
+                                     alice.split("_")[1])) == 21)  # fmt: skip
+    rows = stack.query("SELECT * FROM llama_requests WHERE key_id = $1", alice.split("_")[1])
+    assert all(row["outcome"] == "cancelled" and row["completion_tokens"] > 0 for row in rows)
+    total = sum(row["prompt_tokens"] + row["completion_tokens"] for row in rows)
 
     wait_for(lambda: quota_use(stack, username) == (total, 0))
