@@ -128,6 +128,9 @@ class Exchange:
         row = self.row
         if row.engine is None or row.method != "POST" or row.completion_tokens is not None:
             return
+        failed = row.outcome == "error" and (row.status >= 500 or self.answer.streaming)
+        if row.outcome != "cancelled" and not failed:
+            return  # answered whole without usage, or refused by the engine: nothing to read
         path = tally.PREFIX + row.request_id
         try:
             for _ in range(TALLY_POLLS):
