@@ -94,12 +94,17 @@ def storable_text(value: str) -> str:
 
 
 def _fits(value: str) -> bool:
-    if len(value) > TEXT_LIMIT or "\x00" in value:
+    return len(value) <= TEXT_LIMIT and holdable(value)
+
+
+def holdable(text: str) -> bool:
+    """Whether PostgreSQL can hold the text as it is: no NUL, and UTF-8 can encode it."""
+    if "\x00" in text:
         return False
-    if value.isascii():  # a flag of the string: no scan
+    if text.isascii():  # a flag of the string: no scan
         return True
     try:
-        value.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate
         return False
     return True

@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 
 from llamaserve.store.errors import InvalidValue
-from llamaserve.store.requests import escape
+from llamaserve.store.requests import escape, holdable
 
 _SAVE = """
 INSERT INTO llama_responses AS r (id, user_id, expires_at, input, response)
@@ -71,7 +71,7 @@ async def save(
     of another user's live response raises InvalidValue and changes nothing (ids are the
     gateway's own, random: it means a bug). A user deleted meanwhile gets nothing stored.
     """
-    if not _storable(response_id):
+    if not holdable(response_id):
         raise InvalidValue(f"cannot store a response under the id {response_id!r}")
     values = (to_json(input_items), to_json(response))
     try:
@@ -88,7 +88,7 @@ async def save(
 
 async def load(pool: Any, *, response_id: str, user_id: int) -> Stored | None:
     """The user's live response of that id; None when unknown, expired or another's."""
-    if not _storable(response_id):
+    if not holdable(response_id):
         return None
     row = await pool.fetchrow(
         """SELECT input, response, created_at FROM llama_responses
@@ -105,7 +105,7 @@ async def load(pool: Any, *, response_id: str, user_id: int) -> Stored | None:
 
 async def delete(pool: Any, *, response_id: str, user_id: int) -> bool:
     """Delete the user's live response of that id; False when there is none to delete."""
-    if not _storable(response_id):
+    if not holdable(response_id):
         return False
     deleted = await pool.fetchval(
         """DELETE FROM llama_responses
@@ -134,7 +134,7 @@ def to_json(value: Any) -> str:
     one pass; else with its text escaped (see the module's docstring)."""
     try:
         text = _dumps(value)
-        if "\\u0000" in text or not _storable(text):  # a text "\\u0000" also comes here
+        if "\\u0000" in text or not holdable(text):  # a text "\\u0000" also comes here
             text = _dumps(_escaped(value))
     except (TypeError, ValueError) as exc:  # NaN, or what JSON does not know
         raise InvalidValue(f"cannot store as JSON: {exc}") from exc
@@ -157,18 +157,4 @@ def _escaped(value: Any) -> Any:
 
 def _escape(text: str) -> str:
     """As the request log escapes text (store/requests.py), without its length bound."""
-    return text if _storable(text) else escape(text)
-
-
-def _storable(text: str) -> bool:
-    """Whether PostgreSQL can hold the text as it is: no NUL, and UTF-8 can encode it
-    (so an id that is not, no row has)."""
-    if "\x00" in text:
-        return False
-    if text.isascii():  # a flag of the string: no scan
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-    return True
+    return text if holdable(text) else escape(text)
