@@ -57,6 +57,7 @@ class Writer(Protocol):
     def start(self) -> list[Event]: ...
     def chunk(self, chunk: dict[str, Any]) -> list[Event]: ...
     def finish(self) -> list[Event]: ...
+    def whole(self) -> dict[str, Any]: ...
 
 
 def bridged(path: str) -> bool:
@@ -113,18 +114,9 @@ class ApiBridge:
             await answer.fail(InternalError(f"The engine failed: {type(exc).__name__}."))
         else:
             if path == COUNT_TOKENS:
-                assert isinstance(writer, messages_api.MessageWriter)
-                await answer.json({"input_tokens": writer.usage["input_tokens"]})
+                await answer.json({"input_tokens": writer.whole()["usage"]["input_tokens"]})
             elif not run.stream:
-                assert isinstance(
-                    writer, (responses_api.ResponseWriter, messages_api.MessageWriter)
-                )
-                whole = (
-                    writer.response()
-                    if isinstance(writer, responses_api.ResponseWriter)
-                    else writer.message()
-                )
-                await answer.json(whole)
+                await answer.json(writer.whole())
 
 
 class _Run:

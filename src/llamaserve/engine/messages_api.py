@@ -276,6 +276,8 @@ class MessageWriter:
             "usage": dict(self.usage),
         }
 
+    whole = message  # the answer of a request that did not stream
+
     def _text(self, text: str) -> list[Event]:
         events = []
         if self._open is None or self.content[self._open]["type"] != "text":

@@ -367,6 +367,8 @@ class ResponseWriter:
             response["user"] = request["user"]
         return response
 
+    whole = response  # the answer of a request that did not stream
+
     def _event(self, kind: str, /, **data: Any) -> Event:
         event = (kind, {"type": kind, "sequence_number": self._sequence, **data})
         self._sequence += 1
