@@ -6,6 +6,7 @@ responses kept apart per user. The real model: test_apis.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -192,3 +193,25 @@ async def test_store_false_or_storing_off_keeps_nothing(site: Site) -> None:
         assert off["store"] is False
         assert (await gateway.get(f"/v1/responses/{off['id']}", headers=key)).status_code == 404
     assert (await site.fetch("SELECT count(*) FROM llama_responses"))[0][0] == 0
+
+
+@pytest.mark.anyio
+async def test_hostile_response_ids_and_keys_are_plain_refusals(site: Site) -> None:
+    """What a client puts in a stored response's id or in x-api-key reaches the database
+    only as a parameter, and never as anything but a 404 or a 401."""
+    key = {"x-api-key": site.create_user("hostile-ids")}
+    async with site.gateway() as gateway:
+        for response_id in ("%00", "%ED%A0%80", "resp_1'%20OR%20'1'='1", "x" * 5000):
+            for method in ("GET", "DELETE"):
+                answer = await gateway.request(method, f"/v1/responses/{response_id}", headers=key)
+                assert answer.status_code == 404, (method, response_id, answer.text)
+                assert set(answer.json()["error"]) == ENVELOPE
+        body = {"model": MODEL, "input": "x", "previous_response_id": "\u0000\ud800"}
+        continued = await gateway.post("/v1/responses", headers=key,
+                                       content=json.dumps(body))  # ASCII: \u escapes  # fmt: skip
+        assert continued.status_code in (400, 404) and set(continued.json()["error"]) == ENVELOPE
+        for bad in (b"lsk_\xff\xfe", b"lsk_a b", b"'; DROP TABLE users; --"):
+            refused = await gateway.post("/v1/messages", json=message("x"),
+                                         headers={b"x-api-key": bad})  # fmt: skip
+            assert_anthropic_error(refused, 401, "authentication_error")
+    assert (await site.fetch("SELECT count(*) FROM users"))[0][0] >= 1
