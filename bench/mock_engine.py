@@ -67,6 +67,7 @@ class MockEngine:
         self.arrivals: list[str] = []
         self.finished: list[str] = []
         self.abandoned: list[str] = []
+        self.bounds: list[tuple[str, Any]] = []  # (tag, max_tokens) of each request
         self.record = True  # the benchmark's process keeps no tags
         self.hung = False
         self.api_key: str | None = None  # set: the bridged APIs are served, with this key
@@ -95,6 +96,8 @@ class MockEngine:
     async def _generate(self, request: dict[str, Any], receive: Receive, send: Send) -> None:
         tag = str(request["messages"][0]["content"])
         self._note(self.arrivals, tag)
+        if self.record:
+            self.bounds.append((tag, request.get("max_tokens")))
         stream = request.get("stream") is True
         if stream:
             await send({"type": "http.response.start", "status": 200, "headers": SSE})

@@ -61,20 +61,21 @@ async def test_requests_that_come_together_share_round_trips(pool: CountingPool)
     await admissions.admit(key)  # the first request ever makes the bucket
     pool.statements = 0
 
-    found = await asyncio.gather(*(admissions.admit(key) for _ in range(50)))
+    answers = await asyncio.gather(*(admissions.admit(key) for _ in range(50)))
+    found = [a.admission for a in answers if a is not None]
 
-    assert sum(a is not None and a.allowed for a in found) == 29
+    assert sum(a.allowed for a in found) == 29
     # All 50 are waiting before the round trip starts: one statement takes them all.
     assert pool.statements == 1
-    assert sorted(a.remaining for a in found if a and a.allowed) == list(range(29))
+    assert sorted(a.remaining for a in found if a.allowed) == list(range(29))
 
 
 async def test_a_lone_request_is_sent_at_once(pool: CountingPool) -> None:
     key = await key_of(pool, "bob", rate_limit=10)
     admissions = Admissions(pool, default_limit=60, default_window=60)
     for expected in range(9, 4, -1):
-        admission = await admissions.admit(key)
-        assert admission is not None and admission.remaining == expected
+        admitted = await admissions.admit(key)
+        assert admitted is not None and admitted.admission.remaining == expected
     assert await admissions.admit("lsk_no_such_key") is None
 
 
@@ -108,7 +109,9 @@ async def test_a_client_that_leaves_drops_only_its_own_answer(pool: CountingPool
     done = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
 
     kept = done[1::2]
-    assert all(not isinstance(a, BaseException) and a is not None and a.allowed for a in kept)
+    assert all(
+        not isinstance(a, BaseException) and a is not None and a.admission.allowed for a in kept
+    )
     assert all(isinstance(a, asyncio.CancelledError) for a in done[::2])
     # Later requests are admitted as usual.
     assert (await admissions.admit(key)) is not None
@@ -148,11 +151,11 @@ async def test_a_request_is_expected_to_pass_only_with_tokens_to_spare(
     assert [p.expected is not None for p in pending] == [False, True, True, False]
     assert pending[1].expected is not None and pending[1].expected.username == "dave"
     found = [await p.future for p in pending]
-    assert [a is not None and a.allowed for a in found] == [True] * 4
+    assert [a is not None and a.admission.allowed for a in found] == [True] * 4
     later = [admissions.submit(key), admissions.submit("lsk_no_such_key")]
     assert [p.expected for p in later] == [None, None]  # none left; an unknown key
     refused, unknown = [await p.future for p in later]
-    assert refused is not None and not refused.allowed and unknown is None
+    assert refused is not None and not refused.admission.allowed and unknown is None
 
 
 async def test_after_a_failed_round_trip_every_request_waits_for_the_database(

@@ -145,3 +145,69 @@ def test_a_key_revoked_meanwhile_gets_nothing_from_the_engine(
     time.sleep(0.5)
     assert ("after" in engine.arrivals) == ("after" in engine.abandoned)
     assert "after" not in engine.finished
+
+
+def test_a_metered_users_request_goes_ahead_of_its_reservation(
+    site: Site, engine: MockEngine, gateway: str
+) -> None:
+    """A user with a token quota and a tokens-per-minute limit, both far from spent: their
+    request reaches the engine while the database still holds its reservation."""
+    name = "early-metered"
+    key = site.create_user(name)
+    site.cli("set-limits", "--username", name, "--token-rate-limit", "100000")
+    site.cli("set-quota", "--username", name, "--tokens", "100000", "--per", "day")
+    first = {**body("first"), "max_tokens": 10}
+    assert chat(gateway, key, first).status_code == 200  # the gateway knows what is left
+
+    async def scenario() -> httpx.Response:
+        conn = await site.connect()
+        try:
+            async with conn.transaction():  # the reservation waits for this
+                await conn.execute(
+                    "SELECT 1 FROM quota_usage WHERE user_id = "
+                    "(SELECT id FROM users WHERE username = $1) FOR UPDATE",
+                    name,
+                )
+                request = asyncio.create_task(asyncio.to_thread(
+                    chat, gateway, key, {**body("ahead"), "max_tokens": 10}))  # fmt: skip
+                await until(lambda: "ahead" in engine.arrivals)
+                await asyncio.sleep(0.2)
+                assert not request.done()  # its answer waits for the reservation
+            return await asyncio.wait_for(request, 10)
+        finally:
+            await conn.close()
+
+    answer = asyncio.run(scenario())
+    assert answer.status_code == 200
+    assert answer.headers["x-ratelimit-limit-tokens"] == "100000"
+    assert ("ahead", 10) in engine.bounds
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["chat", "stream"])
+def test_a_quota_taken_meanwhile_sends_the_request_again_bounded(
+    site: Site, engine: MockEngine, gateway: str, stream: bool
+) -> None:
+    """Another gateway spent most of the quota after this one last saw it: the request
+    went ahead with its own bound, and goes again with what was reserved for it."""
+    name = f"early-rebound-{'stream' if stream else 'chat'}"
+    key = site.create_user(name)
+    site.cli("set-quota", "--username", name, "--tokens", "1000", "--per", "day")
+    assert chat(gateway, key, {**body(f"{name}-first"), "max_tokens": 10}).status_code == 200
+    of_user = "user_id = (SELECT id FROM users WHERE username = $1)"
+
+    deadline = time.monotonic() + 10
+    while site.query(f"SELECT 1 FROM quota_usage WHERE {of_user} AND used = 9", name) == []:
+        assert time.monotonic() < deadline, "the first request was not charged"
+        time.sleep(0.05)  # charged: 8 prompt tokens, 1 completion token
+    site.query(f"UPDATE quota_usage SET used = used + 800 WHERE {of_user} RETURNING 1", name)
+
+    answer = chat(gateway, key, {**body(name, stream=stream), "max_tokens": 500})
+
+    assert answer.status_code == 200
+    assert [bound for tag, bound in engine.bounds if tag == name] == [500, 1000 - 809]
+    row = site.row(answer.headers["x-request-id"])
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (8, 1)
+    deadline = time.monotonic() + 10
+    while site.query(f"SELECT 1 FROM quota_usage WHERE {of_user} AND used = 818", name) == []:
+        assert time.monotonic() < deadline, "not charged the tokens of what it answered"
+        time.sleep(0.05)

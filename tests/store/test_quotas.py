@@ -107,6 +107,40 @@ async def test_granted_is_bounded_by_what_is_left(pg_conn: asyncpg.Connection) -
     assert (r.allowed, r.granted, r.left) == (True, 750, 0)
 
 
+async def test_a_batch_is_reserved_as_if_one_by_one(pg_conn: asyncpg.Connection) -> None:
+    """`reserve_many` (one statement for a batch of admissions) grants and refuses what
+    `reserve` one request at a time would, to twin users in the same state."""
+    wants: list[int | None] = [300, 0, 500, 400, None, 10]
+    twins = []
+    for suffix in ("batch", "single"):
+        twins.append((
+            await new_user(pg_conn, f"q-{suffix}", quota=1000, per="day"),
+            await new_user(pg_conn, f"open-{suffix}"),  # unmetered
+            await new_user(pg_conn, f"tpm-{suffix}", tpm=50),
+            await new_user(pg_conn, f"both-{suffix}", quota=600, per="day", tpm=10**6),
+        ))  # fmt: skip
+
+    def asks(users: tuple[int, ...]) -> list[tuple[int, int | None]]:
+        return [(user, want) for want in wants for user in users]
+
+    batch = await quotas.reserve_many(
+        pg_conn, asks=asks(twins[0]), default_quota=0, default_period="day", default_tpm=0
+    )
+    single = [await reserve(pg_conn, user, want) for user, want in asks(twins[1])]
+
+    def seen(r: Reservation) -> tuple[object, ...]:
+        return (r.allowed, r.reason, r.granted, r.used, r.left, r.quota, r.tpm_limit)
+
+    assert [seen(r) for r in batch] == [seen(r) for r in single]
+    quota_user = [seen(r)[:5] for r in batch[:: len(twins[0])]]
+    assert quota_user == [
+        (True, None, 300, 0, 700), (True, None, 0, 0, 700), (True, None, 500, 0, 200),
+        (True, None, 200, 0, 0), (False, "quota", 0, 0, 0), (False, "quota", 0, 0, 0),
+    ]  # fmt: skip
+    for batched, alone in zip(twins[0], twins[1], strict=True):
+        assert await row(pg_conn, batched) == await row(pg_conn, alone)
+
+
 async def test_a_used_up_quota_refuses_until_the_period_ends(pg_conn: asyncpg.Connection) -> None:
     alice = await new_user(pg_conn, "alice", quota=100, per="day")
     r = await reserve(pg_conn, alice, 100)

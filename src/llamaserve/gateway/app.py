@@ -103,6 +103,7 @@ class Gateway:
             self.settings.llama_proxy_rate_limit,
             self.settings.llama_proxy_rate_window_seconds,
             default_quota=self.settings.llama_proxy_token_quota,
+            default_period=self.settings.llama_proxy_quota_period,
             default_tpm=self.settings.llama_proxy_token_rate_limit,
         )
         self.quotas = Quotas(

@@ -4,7 +4,9 @@ a fair slot of an engine (`Slots`), the relay of its answer, and the request's r
 
 A request whose admission the gateway expects to pass (see `Admissions`) goes to the
 engine while the database decides; the answer's first byte waits for the decision,
-and a refusal cancels the engine's work at once.
+and a refusal cancels the engine's work at once. So does a reservation of a metered
+user's tokens smaller than the completion's bound it went with (another gateway took
+from the quota meanwhile): the request is then sent again with the bound reserved.
 """
 
 from __future__ import annotations
@@ -39,11 +41,24 @@ from llamaserve.errors import (
     server_stopping,
     speaks_anthropic,
 )
-from llamaserve.gateway.admission import Admissions, rate_limit_headers, refuse_unless_usable
+from llamaserve.gateway.admission import (
+    Admissions,
+    Admitted,
+    Ask,
+    rate_limit_headers,
+    refuse_unless_usable,
+)
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.metering import Meter
-from llamaserve.gateway.quotas import COMPLETION_BOUNDS, Quotas, refusal, token_headers
+from llamaserve.gateway.quotas import (
+    COMPLETION_BOUNDS,
+    Quotas,
+    ask_of,
+    bound,
+    refusal,
+    token_headers,
+)
 from llamaserve.gateway.scheduling import EngineState
 from llamaserve.gateway.slots import Slots
 from llamaserve.gateway.stored import StoredResponses
@@ -52,7 +67,6 @@ from llamaserve.http.answer import STREAM_HEADERS, Answer, Headers
 from llamaserve.http.stopping import InFlight
 from llamaserve.http.upstream import Reply, Upstream
 from llamaserve.routes import RESPONSES, check_route, response_of
-from llamaserve.store.limits import Admission
 from llamaserve.store.quotas import Reservation
 from llamaserve.store.requests import RequestRow
 
@@ -104,7 +118,12 @@ class Exchange:
         self.previous_id: str | None = None
         self.metered = False  # the user's tokens are metered: a quota or a token rate limit
         self.reservation: Reservation | None = None  # of the tokens it may use
-        self._admission: asyncio.Future[Admission | None] | None = None  # until settled
+        # A generating request's body, read before its admission (`_read`), or the error
+        # it is refused with once admitted.
+        self._body: dict[str, Any] | APIError | None = None
+        self._normalised = False  # `normalise` changed it
+        self._ahead: dict[str, Any] | None = None  # the body sent ahead of its admission
+        self._admission: asyncio.Future[Admitted | None] | None = None  # until settled
         self._cleared = asyncio.Event()  # the admission is settled: `_refused` says how
         self._refused = False
 
@@ -160,10 +179,10 @@ class Exchange:
         try:
             body = await asgi.read_body(self.receive, self.scope, self.services.max_body)
         except RequestTooLarge:  # the user's request all the same: counted, logged as theirs
-            await self._admit(self.row.key_id)
+            await self._admit(self.row.key_id, None)
             raise
         self.row.bytes_in = len(body)
-        await self._admit(self.row.key_id)
+        await self._admit(self.row.key_id, self._read(body))
         if (response_id := response_of(self.row.path)) is not None:
             await self._stored(response_id)
             return
@@ -183,10 +202,25 @@ class Exchange:
             answer = await stored.delete(self.row.user_id, response_id)
         await self._whole(200, b"application/json", json.dumps(answer).encode())
 
-    async def _admit(self, key_id: str) -> None:
+    def _read(self, raw: bytes) -> Ask | None:
+        """A generating request's body, parsed and normalised before its admission, and
+        what it asks of its user's token quota (nothing for any other request)."""
+        if self.row.method != "POST" or self.row.path not in COMPLETION_BOUNDS:
+            return None
+        try:
+            body = parse_object(raw)
+            self.row.model = _model(body)
+            self._normalised = normalise(body)
+        except APIError as error:  # a refusal of its admission comes first
+            self._body = error
+            return None
+        self._body = body
+        return ask_of(self.row.path, body)
+
+    async def _admit(self, key_id: str, ask: Ask | None) -> None:
         """Submit the admission: wait for it, unless it is expected to pass (then
         `_forward` settles it while the engine works)."""
-        pending = self.services.admissions.submit(key_id)
+        pending = self.services.admissions.submit(key_id, ask)
         self._admission = pending.future
         if pending.expected is None:
             await self._admitted()
@@ -211,14 +245,20 @@ class Exchange:
     async def _gate(self) -> None:
         """Wait until the request is admitted. A refused request's relay ends here: it is
         being cancelled, and must never answer (nor wait for a clearance that will not
-        come, if the cancel was lost on its way)."""
+        come, if the cancel was lost on its way). One sent ahead with a larger completion
+        bound than its reservation is sent again (`_Rebound`)."""
         await self._cleared.wait()
         if self._refused:
             raise asyncio.CancelledError
+        ahead, self._ahead = self._ahead, None
+        reserved = self.reservation
+        if ahead is not None and reserved is not None and bound(self.row.path, ahead, reserved):
+            raise _Rebound(json.dumps(ahead).encode())
 
-    def _settle(self, admission: Admission | None) -> None:
-        if admission is None:  # the key was deleted with its user
+    def _settle(self, admitted: Admitted | None) -> None:
+        if admitted is None:  # the key was deleted with its user
             raise AuthenticationFailed("Incorrect API key provided.", code="invalid_api_key")
+        admission = admitted.admission
         self.row.user_id, self.row.username = admission.user_id, admission.username
         self.metered = admission.metered
         refuse_unless_usable(admission.state)
@@ -231,6 +271,11 @@ class Exchange:
                 code="rate_limit_exceeded",
                 headers={"Retry-After": str(retry)},
             )
+        if (reservation := admitted.reservation) is not None:
+            self.answer.headers += token_headers(reservation)
+            if not reservation.allowed:
+                raise refusal(reservation)
+            self.reservation = reservation
 
     async def _prepare(self, raw: bytes) -> tuple[bytes, bool, bool]:
         """The body for the engine, whether it streams, and whether the client wants usage.
@@ -241,16 +286,20 @@ class Exchange:
         if path == "/v1/embeddings":  # refused by the engines, in their words
             self.row.model = _model(parse_object(raw))
             return raw, False, False
-        body = parse_object(raw)
+        if isinstance(self._body, APIError):
+            raise self._body
+        body = self._body if self._body is not None else parse_object(raw)
         self.row.model = _model(body)
-        changed = False
+        changed = self._normalised
         if path == RESPONSES:
             await self._continue(body)
             changed = True
         changed = normalise(body) or changed
         GENERATION_CHECKS[path](body)
-        if self.metered and path in COMPLETION_BOUNDS:
-            changed = await self._reserve(body) or changed
+        if self._admission is not None:  # sent ahead: its bound checked at `_gate`
+            self._ahead = body
+        elif self.reservation is not None:
+            changed = bound(path, body, self.reservation) or changed
         self.row.model = body["model"]
         self.row.stream = stream = body.get("stream") is True
         if path not in CHAT_CHECKS:  # the other APIs' streams carry their usage
@@ -262,19 +311,6 @@ class Exchange:
             body["stream_options"] = {**options, "include_usage": True}
             changed = True
         return (json.dumps(body).encode() if changed else raw), stream, wants_usage
-
-    async def _reserve(self, body: dict[str, Any]) -> bool:
-        """Reserve the tokens a metered user's request may use (`Quotas`), its completion
-        bounded to what is left; refused with 429 when nothing is. True: the body changed."""
-        await self._admitted()  # a refusal of the rate limit comes first
-        if not self.metered or self.row.user_id is None:
-            return False
-        reservation = await self.services.quotas.reserve(self.row.user_id, self.row.path, body)
-        self.answer.headers += token_headers(reservation)
-        if not reservation.allowed:
-            raise refusal(reservation)
-        self.reservation = reservation
-        return True
 
     async def _continue(self, body: dict[str, Any]) -> None:
         """A Responses request's whole input (`StoredResponses.conversation`), kept with
@@ -358,6 +394,14 @@ class Exchange:
                     tried = engine
 
     async def _exchange(
+        self, url: str, body: bytes, stream: bool, wants_usage: bool, last: bool
+    ) -> None:
+        try:
+            await self._send(url, body, stream, wants_usage, last)
+        except _Rebound as again:  # what it went ahead with was more than it may take
+            await self._send(url, again.body, stream, wants_usage, last)
+
+    async def _send(
         self, url: str, body: bytes, stream: bool, wants_usage: bool, last: bool
     ) -> None:
         # The path as parsed, encoded again: what the client sent percent-encoded is never
@@ -464,6 +508,15 @@ class Exchange:
             row.outcome, row.latency_ms, _ms(row.ttft_ms), row.prompt_tokens,
             row.completion_tokens,
         )  # fmt: skip
+
+
+class _Rebound(Exception):
+    """A request sent ahead of its admission must go again, with this body: its
+    completion's bound lowered to the reservation (the client has had nothing)."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__("sent again with the completion's bound reserved")
+        self.body = body
 
 
 def _discard(future: asyncio.Future[Any]) -> None:

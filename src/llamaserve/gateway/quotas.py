@@ -2,13 +2,13 @@
 across gateways, is `store.quotas`).
 
 A request of a user with a quota or a token rate limit is admitted only while the user
-has tokens left, and its completion cannot take more than is left: before it goes to an
-engine, the gateway reserves what its completion may use (`max_tokens`, or the API's
-name for it, bounded to what is left of the quota: a larger one is lowered, a missing one
-set), and when it ends the real count (the row's tokens, the engine's own, also for a
-request cut off) is settled. The only overshoot of a quota is the prompt tokens of
-requests admitted before it ran out. A user with neither costs nothing here: the
-admission already says so (`Admission.metered`).
+has tokens left, and its completion cannot take more than is left: at its admission (in
+the same round trip, `Admissions`), the gateway reserves what its completion may use
+(`max_tokens`, or the API's name for it, bounded to what is left of the quota: a larger
+one is lowered, a missing one set), and when it ends the real count (the row's tokens,
+the engine's own, also for a request cut off) is settled. The only overshoot of a quota
+is the prompt tokens of requests admitted before it ran out. A user with neither costs
+nothing here: the admission already says so (`Admission.metered`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Any
 
 from llamaserve.config import describe_period
 from llamaserve.errors import QuotaExceeded, RateLimited
-from llamaserve.gateway.admission import format_duration
-from llamaserve.gateway.db_status import database_errors
+from llamaserve.gateway.admission import Ask, format_duration
 from llamaserve.routes import MESSAGES, RESPONSES
 from llamaserve.store import quotas
 from llamaserve.store.quotas import Reservation
@@ -37,6 +36,34 @@ COMPLETION_BOUNDS = {
 }
 
 
+def ask_of(path: str, body: dict[str, Any]) -> Ask | None:
+    """What a request asks of its user's quota (its body normalised: `max_tokens` the one
+    bound of chat and completions); None: it generates nothing."""
+    if path not in COMPLETION_BOUNDS:
+        return None
+    asked = body.get(COMPLETION_BOUNDS[path])
+    want = asked if isinstance(asked, int) and not isinstance(asked, bool) else None
+    if path == "/v1/completions" and want == 0:
+        want = 0  # nothing to generate: a read-back
+    return Ask(want)
+
+
+def bound(path: str, body: dict[str, Any], reservation: Reservation) -> bool:
+    """Lower a request's completion bound to what was reserved for it (set it, if it had
+    none); True if the body changed."""
+    field = COMPLETION_BOUNDS.get(path)
+    granted = reservation.granted
+    if field is None or granted is None:
+        return False
+    want = ask_of(path, body)
+    if want is None or want.want == 0:
+        return False
+    if want.want is not None and want.want <= granted:
+        return False
+    body[field] = granted
+    return True
+
+
 class Quotas:
     def __init__(self, pool: Any, *, default_quota: int, default_period: str, default_tpm: int):
         self._pool = pool
@@ -44,33 +71,6 @@ class Quotas:
         self._default_period = default_period
         self._default_tpm = default_tpm
         self._settling: set[asyncio.Task[None]] = set()
-
-    async def reserve(self, user_id: int, path: str, body: dict[str, Any]) -> Reservation:
-        """Admit a request of a metered user or not (`refusal`); if admitted, its
-        completion's bound is lowered to what is left of the quota."""
-        field = COMPLETION_BOUNDS.get(path)
-        asked = body.get(field) if field is not None else None
-        want = asked if isinstance(asked, int) and not isinstance(asked, bool) else None
-        if field is None or (path == "/v1/completions" and want == 0):
-            want = 0  # nothing to generate: a read-back, or no completion at all
-        with database_errors():
-            async with self._pool.acquire() as conn:
-                reservation = await quotas.reserve(
-                    conn,
-                    user_id=user_id,
-                    want=want,
-                    default_quota=self._default_quota,
-                    default_period=self._default_period,
-                    default_tpm=self._default_tpm,
-                )
-        if (
-            reservation.allowed
-            and field is not None
-            and reservation.granted is not None
-            and want != 0
-        ):
-            body[field] = reservation.granted if want is None else min(want, reservation.granted)
-        return reservation
 
     def settle(self, reservation: Reservation | None, row: RequestRow) -> None:
         """Charge a request's real tokens (in the background: the answer has gone). With

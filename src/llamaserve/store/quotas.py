@@ -39,53 +39,64 @@ from llamaserve.config import parse_period
 MAX_TOKENS = 2**63 - 1  # PostgreSQL's bigint: a larger max_tokens is as good as no bound
 
 _RESERVE = """
-WITH u AS (  -- the user if metered, locked against deletion before its rows
+WITH r AS (  -- the requests, in their order; want NULL: no bound
+    SELECT user_id, want FROM unnest($1::bigint[], $2::bigint[]) AS r(user_id, want)
+),
+u AS (  -- the metered users, locked against deletion before their rows, in id order
     SELECT id, quota, period, tpm
     FROM users
     CROSS JOIN LATERAL (SELECT COALESCE(token_quota, $3::bigint) AS quota,
                                COALESCE(quota_period, $4::text) AS period,
                                COALESCE(token_rate_limit, $5::int) AS tpm) AS limits
-    WHERE id = $1::bigint AND (quota > 0 OR tpm > 0)
+    WHERE id IN (SELECT user_id FROM r) AND (quota > 0 OR tpm > 0)
+    ORDER BY id
     FOR KEY SHARE OF users
 ),
 w AS (
-    SELECT p.period_start, p.period_end
+    SELECT u.id, p.period_start, p.period_end
     FROM u CROSS JOIN LATERAL llama_quota_period(u.period, now()) AS p
     WHERE u.quota > 0
 ),
-b AS (  -- the bucket, refilled up to now with the capacity it had
+b AS (  -- the buckets, refilled up to now with the capacity they had
     INSERT INTO token_rate_state AS s (user_id, level, capacity, updated_at)
-    SELECT id, tpm, tpm, now() FROM u WHERE tpm > 0
+    SELECT id, tpm, tpm, now() FROM u WHERE tpm > 0 ORDER BY id
     ON CONFLICT (user_id) DO UPDATE SET
         level = LEAST(excluded.capacity, s.level + s.capacity / 60.0
                       * GREATEST(0, extract(epoch FROM now() - s.updated_at))),
         capacity = excluded.capacity,
         updated_at = GREATEST(s.updated_at, now())
-    RETURNING s.level, s.capacity
+    RETURNING s.user_id, s.level
 ),
-q AS (  -- the period's row: reserve what the completion may use of what is left
+asked AS (  -- each user's requests together (numeric: a sum of huge bounds)
+    SELECT user_id, CASE WHEN bool_and(want IS NOT NULL) THEN sum(want::numeric) END AS total
+    FROM r GROUP BY user_id
+),
+q AS (  -- the period's row: reserve what the completions may use of what is left
     INSERT INTO quota_usage AS q (user_id, period_start, reserved, last_grant)
     SELECT u.id, w.period_start, g.first, g.first
-    FROM u CROSS JOIN w LEFT JOIN b ON true
-    CROSS JOIN LATERAL (SELECT LEAST(COALESCE($2::bigint, u.quota), u.quota) AS first) AS g
+    FROM u JOIN w ON w.id = u.id JOIN asked a ON a.user_id = u.id
+    LEFT JOIN b ON b.user_id = u.id
+    CROSS JOIN LATERAL (SELECT LEAST(COALESCE(a.total, u.quota), u.quota)::bigint AS first) AS g
     WHERE u.tpm = 0 OR b.level > 0
-    ON CONFLICT (user_id, period_start) DO UPDATE SET  -- excluded.last_grant: min(want, quota)
-        reserved = q.reserved
-                   + LEAST(excluded.last_grant, (SELECT quota FROM u) - q.used - q.reserved),
-        last_grant = LEAST(excluded.last_grant, (SELECT quota FROM u) - q.used - q.reserved)
-    WHERE q.used + q.reserved < (SELECT quota FROM u)
-    RETURNING q.used, q.reserved, q.last_grant
+    ORDER BY u.id
+    ON CONFLICT (user_id, period_start) DO UPDATE SET  -- excluded.last_grant: min(asked, quota)
+        reserved = q.reserved + LEAST(
+            excluded.last_grant, (SELECT quota FROM u WHERE id = q.user_id) - q.used - q.reserved),
+        last_grant = LEAST(
+            excluded.last_grant, (SELECT quota FROM u WHERE id = q.user_id) - q.used - q.reserved)
+    WHERE q.used + q.reserved < (SELECT quota FROM u WHERE id = q.user_id)
+    RETURNING q.user_id, q.used, q.reserved, q.last_grant
 ),
 seen AS (  -- the period's row as this statement's snapshot saw it: for a refusal
-    SELECT qu.used, qu.reserved
-    FROM w JOIN quota_usage qu ON qu.user_id = $1 AND qu.period_start = w.period_start
+    SELECT qu.user_id, qu.used, qu.reserved
+    FROM w JOIN quota_usage qu ON qu.user_id = w.id AND qu.period_start = w.period_start
 )
-SELECT u.id IS NOT NULL AS metered, u.quota, u.period, u.tpm, w.period_start, w.period_end,
-       b.level, q.used, q.reserved, q.last_grant, seen.used AS seen_used,
+SELECT u.id AS user_id, u.quota, u.period, u.tpm, w.period_start, w.period_end, b.level,
+       q.used, q.reserved, q.last_grant, seen.used AS seen_used,
        seen.reserved AS seen_reserved, now() AS now
-FROM (VALUES (1)) AS one
-LEFT JOIN u ON true LEFT JOIN w ON true LEFT JOIN b ON true LEFT JOIN q ON true
-LEFT JOIN seen ON true
+FROM u
+LEFT JOIN w ON w.id = u.id LEFT JOIN b ON b.user_id = u.id LEFT JOIN q ON q.user_id = u.id
+LEFT JOIN seen ON seen.user_id = u.id
 """
 
 _SETTLE = """
@@ -181,12 +192,32 @@ async def reserve(
     The defaults apply to a user without settings of their own (NULL): 0 = none.
     A user gone meanwhile is admitted unmetered (the next request will not pass).
     """
-    want = None if want is None else min(max(0, want), MAX_TOKENS)
+    [reservation] = await reserve_many(
+        conn, asks=[(user_id, want)], default_quota=default_quota,
+        default_period=default_period, default_tpm=default_tpm,
+    )  # fmt: skip
+    return reservation
+
+
+async def reserve_many(
+    conn: Any,
+    *,
+    asks: Sequence[tuple[int, int | None]],
+    default_quota: int,
+    default_period: str,
+    default_tpm: int,
+) -> list[Reservation]:
+    """`reserve` for several requests (user id, want) in one statement, as if one after
+    another in their order: a user's requests are granted in turn what is left after
+    those before them, the first that finds nothing left and those after it refused."""
+    wants = [None if want is None else min(max(0, want), MAX_TOKENS) for _, want in asks]
     args = (default_quota, parse_period(default_period), default_tpm)
-    row = await conn.fetchrow(_RESERVE, user_id, want, *args)
-    if not row["metered"]:
-        return UNMETERED
-    return _reservation(row)
+    rows = await conn.fetch(_RESERVE, [user for user, _ in asks], wants, *args)
+    by_user = {row["user_id"]: _Period(row) for row in rows}
+    return [
+        by_user[user].take(want) if user in by_user else UNMETERED
+        for (user, _), want in zip(asks, wants, strict=True)
+    ]
 
 
 async def settle(
@@ -224,32 +255,48 @@ async def period_bounds(conn: Any, *, period: str, at: datetime) -> tuple[dateti
     return row["period_start"], row["period_end"]
 
 
-def _reservation(row: Any) -> Reservation:
-    quota, tpm = int(row["quota"]), int(row["tpm"])
-    level: float = row["level"] if tpm else 0.0
-    reserved_now = row["last_grant"] is not None  # the period's row as it is after that
-    used, reserved = (row["used"], row["reserved"]) if reserved_now else (
-        row["seen_used"] or 0, row["seen_reserved"] or 0)  # fmt: skip
-    left = max(0, quota - used - reserved)
-    rate_ok = tpm == 0 or level > 0
-    reason, retry = None, 0.0
-    if not (reserved_now or (quota == 0 and rate_ok)):
-        if quota > 0 and (rate_ok or left == 0):
-            reason, retry, left = "quota", (row["period_end"] - row["now"]).total_seconds(), 0
-        else:  # until the level is back above 0
-            reason, retry = "token_rate", -level * 60 / tpm
-    return Reservation(
-        allowed=reason is None,
-        reason=reason,
-        granted=None if quota == 0 else int(row["last_grant"] or 0),
-        period=row["period"] if quota > 0 else None,
-        period_start=row["period_start"],
-        quota=quota,
-        used=int(used),
-        left=left,
-        resets_at=row["period_end"],
-        tpm_limit=tpm,
-        tpm_remaining=max(0, math.floor(level)),
-        tpm_reset_seconds=max(0.0, (tpm - level) * 60 / tpm) if tpm else 0.0,
-        retry_after=max(0.0, retry),
-    )
+class _Period:
+    """A metered user's period and bucket as one statement left them, handing out its
+    grants to the user's requests in their order."""
+
+    def __init__(self, row: Any) -> None:
+        self.row = row
+        self.quota, self.tpm = int(row["quota"]), int(row["tpm"])
+        self.level: float = row["level"] if self.tpm else 0.0
+        self.reserved_now = row["last_grant"] is not None  # the statement reserved
+        if self.reserved_now:  # left before it: what it reserved in all is last_grant
+            self.used = int(row["used"])
+            self.left = self.quota - self.used - int(row["reserved"]) + int(row["last_grant"])
+        else:
+            self.used = int(row["seen_used"] or 0)
+            self.left = max(0, self.quota - self.used - int(row["seen_reserved"] or 0))
+
+    def take(self, want: int | None) -> Reservation:
+        quota, tpm, level, row = self.quota, self.tpm, self.level, self.row
+        rate_ok = tpm == 0 or level > 0
+        granted = None
+        reason, retry = None, 0.0
+        if self.reserved_now and self.left > 0:
+            granted = self.left if want is None else min(want, self.left)
+            self.left -= granted
+        elif not (quota == 0 and rate_ok):
+            if quota > 0 and (rate_ok or self.left == 0):
+                reason, retry = "quota", (row["period_end"] - row["now"]).total_seconds()
+                self.left = 0
+            else:  # until the level is back above 0
+                reason, retry = "token_rate", -level * 60 / tpm
+        return Reservation(
+            allowed=reason is None,
+            reason=reason,
+            granted=None if quota == 0 else (granted or 0),
+            period=row["period"] if quota > 0 else None,
+            period_start=row["period_start"],
+            quota=quota,
+            used=self.used,
+            left=self.left,
+            resets_at=row["period_end"],
+            tpm_limit=tpm,
+            tpm_remaining=max(0, math.floor(level)),
+            tpm_reset_seconds=max(0.0, (tpm - level) * 60 / tpm) if tpm else 0.0,
+            retry_after=max(0.0, retry),
+        )
