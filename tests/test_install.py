@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import stat
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from llamaserve.config import Layout, Settings
+from llamaserve.ops import install
 from tests.conftest import ROOT, default_model, run
 
 INSTALL = ROOT / "runtime" / "install.sh"
@@ -51,6 +54,34 @@ def test_install_writes_a_private_config_once_and_keeps_it(tmp_path: Path) -> No
     assert config.read_bytes() == before
     assert "already installed" in second.stdout and "keeping" in second.stdout
     assert "building" not in second.stdout.lower()
+
+
+def test_the_config_gets_two_different_keys_and_an_old_one_gains_the_admin_key(
+    tmp_path: Path,
+) -> None:
+    layout = Layout(ROOT, tmp_path / "rt", ROOT / "models")
+    out = io.StringIO()
+    install.ensure_config(layout, out)
+    text = layout.config_file.read_text()
+    engine_key = Settings(_env_file=layout.config_file).llama_server_api_key.get_secret_value()
+    admin_key = Settings(_env_file=layout.config_file).admin_key()
+    assert admin_key and engine_key and admin_key != engine_key
+    assert admin_key not in out.getvalue() and engine_key not in out.getvalue()
+
+    # A config.env from before the admin key: it gains one, once, and keeps the rest.
+    old = "\n".join(line for line in text.splitlines() if "LLAMA_ADMIN_API_KEY" not in line)
+    layout.config_file.write_text(old + "\n")
+    install.ensure_config(layout, out)
+    install.ensure_config(layout, out)
+    again = layout.config_file.read_text()
+    assert again.startswith(old) and again.count("LLAMA_ADMIN_API_KEY=") == 1
+    assert Settings(_env_file=layout.config_file).admin_key() not in (None, admin_key)
+
+    # One that sets it empty on purpose is left alone: then nobody is an operator.
+    layout.config_file.write_text(old + '\nLLAMA_ADMIN_API_KEY=""\n')
+    install.ensure_config(layout, out)
+    assert layout.config_file.read_text() == old + '\nLLAMA_ADMIN_API_KEY=""\n'
+    assert Settings(_env_file=layout.config_file).admin_key() is None
 
 
 @pytest.mark.slow  # the whole install: the engine build and the model

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         "bytes, URL-safe. Start refuses a key that is empty, a placeholder or shorter than 16 "
         "characters. With the gateway, users get keys of their own: never give them this one.",
     )
+    llama_admin_api_key: SecretStr = Field(
+        SecretStr(""),
+        description="Operator's key for the gateway's `/metrics` and `/dashboard`; install.sh "
+        "generates it as it does the engine's. Never a user's key. Empty, a placeholder or "
+        "shorter than 16 characters: both are refused to everyone.",
+    )
     llama_server_host: str = Field("0.0.0.0", description="Address the engine listens on.")
     llama_server_port: int = Field(8000, ge=1, le=65535, description="Port of the engine.")
     llama_model: str = Field(
@@ -315,6 +321,13 @@ class Settings(BaseSettings):
         if len(key) < MIN_KEY_LENGTH:
             return f"LLAMA_SERVER_API_KEY is shorter than {MIN_KEY_LENGTH} characters"
         return None
+
+    def admin_key(self) -> str | None:
+        """The operator's key, or None when it is unusable (then nobody is an operator)."""
+        key = self.llama_admin_api_key.get_secret_value().strip()
+        if not key or is_placeholder(key) or len(key) < MIN_KEY_LENGTH:
+            return None
+        return key
 
 
 def is_placeholder(key: str) -> bool:

