@@ -73,7 +73,9 @@ def test_the_other_apis_cut_mid_stream_are_counted(
 def test_a_whole_answer_left_while_generating_is_counted(stack: Stack, alice: str) -> None:
     payload = {"model": stack.model, "prompt": "the the the the", **LONG}
     with raw_post(stack.gateway_url, alice, "/v1/completions", payload):
-        time.sleep(1.5)  # generating, nothing sent to the client yet
+        # Generating, nothing sent to the client yet: 2,000 tokens take the engine far
+        # longer than this, and a busy machine may take a second to start the first.
+        time.sleep(3.0)
     rows = []
 
     def logged() -> bool:
