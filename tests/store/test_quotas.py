@@ -407,3 +407,60 @@ async def test_deleting_a_user_during_its_requests_never_deadlocks(
                 assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
     finally:
         await pool.close()
+
+
+async def test_a_batch_is_charged_as_if_one_by_one(pg_conn: asyncpg.Connection) -> None:
+    alice = await new_user(pg_conn, "alice", quota=1000, per="day", tpm=600)
+    bob = await new_user(pg_conn, "bob", tpm=600)  # a bucket, no quota
+    carol = await new_user(pg_conn, "carol")  # neither: nothing to charge
+    a1, a2 = await reserve(pg_conn, alice, 100), await reserve(pg_conn, alice, 200)
+    b1 = await reserve(pg_conn, bob, 50)
+    assert await row(pg_conn, alice) == (0, 300)
+
+    await quotas.settle_many(
+        pg_conn,
+        [
+            quotas.Charge(alice, a1.period_start, a1.granted, 70),
+            quotas.Charge(bob, b1.period_start, b1.granted, 30),
+            quotas.Charge(carol, None, None, 5),
+            quotas.Charge(alice, a2.period_start, a2.granted, 210),
+        ],
+    )
+    assert await row(pg_conn, alice) == (280, 0)
+    levels = dict(await pg_conn.fetch("SELECT user_id, level FROM token_rate_state"))
+    # Refilled by at most a few tokens in the time this test took, never above capacity.
+    assert 600 - 280 <= levels[alice] < 600 - 280 + 10
+    assert 600 - 30 <= levels[bob] < 600 - 30 + 10
+    assert carol not in levels and await row(pg_conn, carol) is None
+
+
+async def test_concurrent_batches_of_many_users_never_deadlock(pg_database: PgDatabase) -> None:
+    """Gateways charge and admit batches of users in whatever order their requests
+    came, all at once: none fails, and every token is charged once."""
+    pool = await db.create_pool(pg_database.settings, pg_database.layout, max_size=20)
+    try:
+        async with pool.acquire() as conn:
+            ids = [
+                await new_user(conn, f"u{i}", quota=10**9, per="day", tpm=10**9) for i in range(6)
+            ]
+
+        async def gateway(order: list[int]) -> None:
+            for _ in range(40):
+                async with pool.acquire() as conn:
+                    asks = [(user_id, 10) for user_id in order]
+                    rs = await quotas.reserve_many(
+                        conn, asks=asks, default_quota=0, default_period="day", default_tpm=0
+                    )
+                    charges = [
+                        quotas.Charge(u, r.period_start, r.granted, 3)
+                        for u, r in zip(order, rs, strict=True)
+                    ]
+                    await quotas.settle_many(conn, charges)
+
+        orders = [ids, ids[::-1], ids[2:] + ids[:2], ids[::-1][3:] + ids[::-1][:3]] * 2
+        await asyncio.gather(*(gateway(order) for order in orders))  # raises on a deadlock
+        async with pool.acquire() as conn:
+            found = await conn.fetch("SELECT used, reserved FROM quota_usage")
+        assert [tuple(r) for r in found] == [(len(orders) * 40 * 3, 0)] * len(ids)
+    finally:
+        await pool.close()
