@@ -65,66 +65,47 @@ def bound(path: str, body: dict[str, Any], reservation: Reservation) -> bool:
 
 
 class Quotas:
-    """Charges requests' real tokens in the background, in batches: the requests that
-    end while a batch is being written are charged together in the next, in one
-    statement (`store.quotas.settle_many`), as the admissions are reserved."""
-
     def __init__(self, pool: Any, *, default_quota: int, default_period: str, default_tpm: int):
         self._pool = pool
         self._default_quota = default_quota
         self._default_period = default_period
         self._default_tpm = default_tpm
-        self._pending: list[tuple[Reservation | None, int, int]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[None]] = set()
 
     def settle(self, reservation: Reservation | None, row: RequestRow) -> None:
-        """Charge a request's real tokens (the answer has gone). With no reservation (the
-        user became metered while it was on its way, sent ahead of its admission), it is
-        charged all the same, to the current period."""
-        if row.user_id is None:
-            return
+        """Charge a request's real tokens (in the background: the answer has gone). With
+        no reservation (the user became metered while it was on its way, sent ahead of
+        its admission), it is charged all the same, to the current period."""
         tokens = (row.prompt_tokens or 0) + (row.completion_tokens or 0)
-        self._pending.append((reservation, row.user_id, tokens))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write())
+        task = asyncio.create_task(self._settle(reservation, row.user_id, tokens))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
-    async def _write(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                async with self._pool.acquire() as conn:
-                    await quotas.settle_many(conn, await self._charges(conn, batch))
-            except Exception as exc:
-                for _, user_id, tokens in batch:
-                    log.error(
-                        "the tokens of user %s (%d) could not be charged: %s", user_id, tokens, exc
+    async def _settle(
+        self, reservation: Reservation | None, user_id: int | None, tokens: int
+    ) -> None:
+        if user_id is None:
+            return
+        try:
+            async with self._pool.acquire() as conn:
+                if reservation is None:  # the period to charge, reserving nothing
+                    reservation = await quotas.reserve(
+                        conn,
+                        user_id=user_id,
+                        want=0,
+                        default_quota=self._default_quota,
+                        default_period=self._default_period,
+                        default_tpm=self._default_tpm,
                     )
-
-    async def _charges(
-        self, conn: Any, batch: list[tuple[Reservation | None, int, int]]
-    ) -> list[quotas.Charge]:
-        unreserved = [user_id for reservation, user_id, _ in batch if reservation is None]
-        found = iter(
-            await quotas.reserve_many(  # the periods to charge, reserving nothing
-                conn,
-                asks=[(user_id, 0) for user_id in unreserved],
-                default_quota=self._default_quota,
-                default_period=self._default_period,
-                default_tpm=self._default_tpm,
-            )
-            if unreserved
-            else []
-        )
-        charges = []
-        for reservation, user_id, tokens in batch:
-            held = reservation if reservation is not None else next(found)
-            charges.append(quotas.Charge(user_id, held.period_start, held.granted, tokens))
-        return charges
+                await quotas.settle(conn, user_id=user_id, period_start=reservation.period_start,
+                                    granted=reservation.granted, tokens=tokens)  # fmt: skip
+        except Exception as exc:
+            log.error("the tokens of user %s (%d) could not be charged: %s", user_id, tokens, exc)
 
     async def close(self) -> None:
         """Wait for the charges still being written."""
-        if self._writer is not None:
-            await asyncio.wait({self._writer}, timeout=10)
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=10)
 
 
 def refusal(reservation: Reservation) -> RateLimited:

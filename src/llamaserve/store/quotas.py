@@ -1,6 +1,5 @@
 """Token quotas and the tokens-per-minute limit: admission (`reserve`) and charge
-(`settle`), each one statement for a batch of requests, exact across any number of
-gateways on the database.
+(`settle`), each one statement, exact across any number of gateways on the database.
 
 A quota is a number of tokens (prompt and completion) per period. Periods are `day`,
 `week` (ISO: from Monday) and `month`, calendar periods in UTC, or a span of whole
@@ -101,44 +100,23 @@ LEFT JOIN seen ON seen.user_id = u.id
 """
 
 _SETTLE = """
-WITH c AS (  -- the charges: user, period admitted in (NULL: no quota), reserved, tokens
-    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::bigint[], $4::bigint[])
-        AS c(user_id, period_start, granted, tokens)
-),
-u AS (  -- the users, locked as in _RESERVE: only those with something to charge
+WITH u AS (  -- the user, locked as in _RESERVE: only when there is something to charge
     SELECT id FROM users
-    WHERE id IN (SELECT user_id FROM c WHERE period_start IS NOT NULL
-                 OR EXISTS (SELECT FROM token_rate_state WHERE user_id = c.user_id))
-    ORDER BY id
+    WHERE id = $1::bigint
+      AND ($2::timestamptz IS NOT NULL OR EXISTS (SELECT FROM token_rate_state WHERE user_id = $1))
     FOR KEY SHARE
-),
-lb AS (  -- their buckets, locked in id order before any is changed
-    SELECT user_id FROM token_rate_state WHERE user_id IN (SELECT id FROM u)
-    ORDER BY user_id FOR UPDATE
 ),
 b AS (
     UPDATE token_rate_state s SET
         level = LEAST(s.capacity, s.level + s.capacity / 60.0
-                      * GREATEST(0, extract(epoch FROM now() - s.updated_at))) - t.tokens,
+                      * GREATEST(0, extract(epoch FROM now() - s.updated_at))) - $4::bigint,
         updated_at = GREATEST(s.updated_at, now())
-    FROM (SELECT user_id, sum(tokens) AS tokens FROM c GROUP BY user_id) AS t
-    WHERE s.user_id = t.user_id AND s.user_id IN (SELECT user_id FROM lb)
+    FROM u WHERE s.user_id = u.id
     RETURNING s.user_id
-),
-qt AS (
-    SELECT user_id, period_start, sum(tokens) AS tokens, sum(granted) AS granted
-    FROM c WHERE period_start IS NOT NULL AND user_id IN (SELECT id FROM u)
-    GROUP BY user_id, period_start
-),
-lq AS (  -- then their periods' rows, in order: after the buckets, as _RESERVE does
-    SELECT q.user_id, q.period_start FROM quota_usage q
-    WHERE (q.user_id, q.period_start) IN (SELECT user_id, period_start FROM qt)
-      AND (SELECT count(*) FROM b) >= 0
-    ORDER BY q.user_id, q.period_start FOR UPDATE
 )
-UPDATE quota_usage q SET used = q.used + t.tokens, reserved = GREATEST(0, q.reserved - t.granted)
-FROM qt AS t JOIN lq ON lq.user_id = t.user_id AND lq.period_start = t.period_start
-WHERE q.user_id = t.user_id AND q.period_start = t.period_start
+UPDATE quota_usage q SET used = q.used + $4::bigint, reserved = GREATEST(0, q.reserved - $3::bigint)
+FROM u LEFT JOIN b ON b.user_id = u.id
+WHERE q.user_id = u.id AND q.period_start = $2::timestamptz
 """
 
 _USAGE = """
@@ -242,36 +220,14 @@ async def reserve_many(
     ]
 
 
-@dataclass(frozen=True)
-class Charge:
-    """A request's real tokens, to charge to the period it was admitted in."""
-
-    user_id: int
-    period_start: datetime | None  # None: no quota, only a tokens-per-minute bucket
-    granted: int | None  # what its admission reserved, released now
-    tokens: int
-
-
 async def settle(
     conn: Any, *, user_id: int, period_start: datetime | None, granted: int | None, tokens: int
 ) -> None:
     """Charge a request's real tokens (prompt and completion): to the period it was
     admitted in (even one that has ended since), releasing its reservation, and to the
     bucket of its tokens-per-minute limit."""
-    await settle_many(conn, [Charge(user_id, period_start, granted, tokens)])
-
-
-async def settle_many(conn: Any, charges: Sequence[Charge]) -> None:
-    """`settle` for several requests in one statement; rows are locked in the same order
-    as admission locks them (users, buckets, periods, each by id), so that concurrent
-    statements of several gateways never deadlock."""
-    await conn.execute(
-        _SETTLE,
-        [c.user_id for c in charges],
-        [c.period_start for c in charges],
-        [c.granted or 0 for c in charges],
-        [min(max(0, c.tokens), MAX_TOKENS) for c in charges],
-    )
+    charged = min(max(0, tokens), MAX_TOKENS)
+    await conn.execute(_SETTLE, user_id, period_start, granted or 0, charged)
 
 
 async def current_usage(
