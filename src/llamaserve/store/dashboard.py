@@ -144,3 +144,9 @@ async def latency(conn: Any, *, since: timedelta) -> list[Latency]:
         since,
     )
     return [Latency(**dict(row)) for row in rows]
+
+
+async def usernames(conn: Any, *, ids: list[int]) -> dict[int, str]:
+    """The usernames of these user ids (those that still exist)."""
+    rows = await conn.fetch("SELECT id, username FROM users WHERE id = ANY($1::bigint[])", ids)
+    return {row["id"]: row["username"] for row in rows}
