@@ -74,7 +74,7 @@ def _document(title: str, body: str, *, script: bool) -> str:
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(title)} · Llamaserve</title>
-<link rel="stylesheet" href="/dashboard/dashboard.css">{js}</head>
+<link rel="icon" href="data:,"><link rel="stylesheet" href="/dashboard/dashboard.css">{js}</head>
 <body>{body}</body></html>
 """
 
