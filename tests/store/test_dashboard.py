@@ -64,12 +64,15 @@ async def test_totals_are_the_usage_of_the_request_log(pg_conn: asyncpg.Connecti
     assert bob.refusals == 2  # the 429s at 1 minute and 23h59 (ages 0 and 3 of AGES)
 
 
-async def test_deleted_rows_leave_the_rollups(pg_conn: asyncpg.Connection) -> None:
+async def test_deleted_and_truncated_rows_leave_the_rollups(pg_conn: asyncpg.Connection) -> None:
     await log_many(pg_conn)
     await pg_conn.execute("DELETE FROM llama_requests WHERE username = 'bob' AND status = 200")
     expected = summed(await reports.usage(pg_conn, since=WEEK))
     assert totalled(await dashboard.totals(pg_conn, since=WEEK)) == expected
     assert [t.requests for t in await dashboard.totals(pg_conn, since=WEEK) if t.username == "bob"]
+    await pg_conn.execute("TRUNCATE llama_requests")
+    assert await dashboard.totals(pg_conn, since=WEEK) == []
+    assert await dashboard.latency(pg_conn, since=WEEK) == []
 
 
 async def test_the_migration_rolls_up_the_rows_logged_before_it(

@@ -15,6 +15,7 @@ envelope, as every error of the gateway.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -35,6 +36,8 @@ from llamaserve.http.answer import Answer, send_error
 from llamaserve.http.asgi import header, read_body
 from llamaserve.routes import check_method
 from llamaserve.store import dashboard, quotas
+
+log = logging.getLogger("llamaserve.gateway")
 
 PREFIX = "/dashboard"
 COOKIE = "llamaserve_dashboard"
@@ -109,7 +112,9 @@ class Dashboard:
             await Answer(send, PAGE_HEADERS).whole(200, HTML, html.encode())
             return
         form = parse_qs((await read_body(receive, scope, FORM_LIMIT)).decode("utf-8", "replace"))
+        client = (scope.get("client") or ("-",))[0]
         if not self.operator.matches(form.get("key", [""])[0]):
+            log.warning("dashboard: a login with a wrong admin key, from %s", client)
             html = dashboard_page.login(enabled=self.operator.enabled, refused=True)
             await Answer(send, PAGE_HEADERS).whole(401, HTML, html.encode())
             return
@@ -117,6 +122,7 @@ class Dashboard:
         with database_errors():
             async with self.pool.acquire() as conn:
                 await dashboard.open_session(conn, token_hash=_hash(token), ttl=SESSION_TTL)
+        log.info("dashboard: the operator logged in from %s", client)
         cookie = _cookie(scope, token, int(SESSION_TTL.total_seconds()))
         await _redirect(send, PREFIX, cookie)
 
@@ -183,17 +189,24 @@ class Dashboard:
     async def _figures(self) -> Figures:
         with database_errors():
             async with self.pool.acquire() as conn:
-                return Figures(
-                    now=await conn.fetchval("SELECT now()"),
-                    day=await dashboard.totals(conn, since=timedelta(hours=24)),
-                    week=await dashboard.totals(conn, since=timedelta(days=7)),
-                    hourly=await dashboard.series(conn, since=timedelta(hours=24), step="hour"),
-                    daily=await dashboard.series(conn, since=timedelta(days=7), step="day"),
-                    latency=await dashboard.latency(conn, since=timedelta(hours=24)),
-                    quotas=await quotas.current_usage(
-                        conn, default_quota=self.default_quota, default_period=self.default_period
-                    ),
+                return await figures(
+                    conn, default_quota=self.default_quota, default_period=self.default_period
                 )
+
+
+async def figures(conn: Any, *, default_quota: int, default_period: str) -> Figures:
+    """The page's figures: its queries, one after another on one connection."""
+    return Figures(
+        now=await conn.fetchval("SELECT now()"),
+        day=await dashboard.totals(conn, since=timedelta(hours=24)),
+        week=await dashboard.totals(conn, since=timedelta(days=7)),
+        hourly=await dashboard.series(conn, since=timedelta(hours=24), step="hour"),
+        daily=await dashboard.series(conn, since=timedelta(days=7), step="day"),
+        latency=await dashboard.latency(conn, since=timedelta(hours=24)),
+        quotas=await quotas.current_usage(
+            conn, default_quota=default_quota, default_period=default_period
+        ),
+    )
 
 
 def _hash(token: str) -> bytes:

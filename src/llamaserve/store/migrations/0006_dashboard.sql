@@ -97,5 +97,14 @@ CREATE TRIGGER llama_requests_deleted AFTER DELETE ON llama_requests
     REFERENCING OLD TABLE AS deleted_rows
     FOR EACH STATEMENT EXECUTE FUNCTION llama_requests_roll_up();
 
+-- Emptied with it.
+CREATE FUNCTION llama_requests_emptied() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    TRUNCATE llama_usage_hourly, llama_latency_hourly;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER llama_requests_truncated AFTER TRUNCATE ON llama_requests
+    FOR EACH STATEMENT EXECUTE FUNCTION llama_requests_emptied();
+
 -- The rows logged before this migration.
 DO $$ BEGIN EXECUTE llama_roll_up_sql('llama_requests', 1); END $$;
