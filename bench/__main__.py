@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import chart, cpu, fairness, machine, memory, model, overhead, report, targets
+from bench import chart, cpu, dashboard, fairness, machine, memory, model, overhead, report, targets
 from bench.integrity import Ledger
 from bench.load import Target
 from bench.progress import say
 from bench.stack import ROOT, BenchError, Stack, guarded, take_environment
 
-SCENARIOS = ("overhead", "model", "fairness")
+SCENARIOS = ("overhead", "model", "fairness", "dashboard")
 # Tried in this order; fairness runs on the first that starts.
 ENGINE_PREFERENCE = ("llama-server", "llama-cpp-python")
 
@@ -37,7 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         type=_names(SCENARIOS),
         default=list(SCENARIOS),
-        help="comma-separated scenarios: overhead,model,fairness (default all)",
+        help="comma-separated scenarios: overhead,model,fairness,dashboard (default all)",
     )
     parser.add_argument(
         "--engines",
@@ -124,6 +124,9 @@ class Run:
 
 
 def _run(args: argparse.Namespace, stack: Stack, ledger: Ledger, results: dict[str, Any]) -> None:
+    if "dashboard" in args.only:
+        say("e) the dashboard's queries over 1,000,000 request-log rows")
+        results["dashboard"] = dashboard.run(stack, args.quick)
     if "overhead" in args.only:
         say("a) gateway overhead against the mock engine")
         mock = overhead.MockSettings(delay_ms=args.mock_delay_ms)

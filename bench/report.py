@@ -12,7 +12,8 @@ Row = Sequence[object]
 
 def table(results: dict[str, Any]) -> str:
     sections = [_header(results), _overhead(results), _model(results), _fairness(results),
-                _memory(results), _integrity(results), _targets(results)]  # fmt: skip
+                _dashboard(results), _memory(results), _integrity(results),
+                _targets(results)]  # fmt: skip
     return "\n\n".join(section for section in sections if section)
 
 
@@ -61,6 +62,21 @@ def _header(results: dict[str, Any]) -> str:
         f"{meta.get('load_average_end', [0.0])[0]:.2f} at the end; commit {meta['commit']}"
         f"{' (modified tree)' if meta['tree_modified'] else ''}"
     )
+
+
+def _dashboard(results: dict[str, Any]) -> str:
+    found = results.get("dashboard")
+    if not found:
+        return ""
+    rows = [[q["query"], q["median_ms"], q["max_ms"]] for q in found["queries"]]
+    for name, key in (("write: with the rollup", "batch_with_rollup"),
+                      ("write: without it", "batch_without_rollup")):  # fmt: skip
+        rows.append([f"{name} ({found['batch_rows']} rows, COPY)", *found[key].values()])
+    title = (
+        f"e) Dashboard queries, ms ({found['rows']:,} rows over 7 days, {found['users']} users; "
+        f"{found['rollup_rows']:,} rollup rows; median of {found['runs']} runs)"
+    )
+    return title + "\n" + grid(["query", "median", "max"], rows)
 
 
 def _overhead(results: dict[str, Any]) -> str:

@@ -12,13 +12,14 @@ TTFT_OVERHEAD_MS = 2.0
 SINGLE_STREAM_RATIO = 0.95
 BATCHING_RATIO = 2.0
 FAIRNESS_RATIO = 0.10
+DASHBOARD_MS = 200.0  # the dashboard page's main query over 1,000,000 request-log rows
 
 Verdict = dict[str, str]
 
 
 def judge(results: dict[str, Any]) -> list[Verdict]:
     checks: list[Callable[[dict[str, Any]], list[Verdict]]] = [
-        _overhead, _ttft, _single_stream, _batching, _fairness, _integrity,
+        _overhead, _ttft, _single_stream, _batching, _fairness, _integrity, _dashboard,
     ]  # fmt: skip
     return [verdict for check in checks for verdict in check(results)]
 
@@ -31,6 +32,15 @@ def _verdict(target: str, figure: str, ok: bool | None) -> Verdict:
 def _case(results: dict[str, Any], name: str) -> dict[str, Any] | None:
     cases = (results.get("overhead") or {}).get("cases", [])
     return next((case for case in cases if case["name"] == name), None)
+
+
+def _dashboard(results: dict[str, Any]) -> list[Verdict]:
+    target = f"dashboard's main query with 1,000,000 rows: median <= {DASHBOARD_MS:g} ms"
+    found = results.get("dashboard")
+    if not found:
+        return [_verdict(target, "not measured", None)]
+    main = found["queries"][0]["median_ms"]
+    return [_verdict(target, f"{main:.1f} ms", main <= DASHBOARD_MS)]
 
 
 def _overhead(results: dict[str, Any]) -> list[Verdict]:

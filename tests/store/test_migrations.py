@@ -18,6 +18,7 @@ pytestmark = pytest.mark.anyio
 TABLES = {
     "llamaserve_schema", "users", "api_keys", "rate_limit_state", "llama_requests",
     "llama_gateways", "llama_generating", "llama_responses", "quota_usage", "token_rate_state",
+    "llama_dashboard_sessions", "llama_usage_hourly", "llama_latency_hourly",
 }  # fmt: skip
 SHIPPED = list(range(1, migrations.latest() + 1))
 

@@ -13,8 +13,10 @@ from starlette.types import Receive, Scope, Send
 from llamaserve.config import Layout, Settings
 from llamaserve.errors import APIError, ServiceUnavailable
 from llamaserve.gateway import db_status
+from llamaserve.gateway.admin import Operator
 from llamaserve.gateway.admission import Admissions
 from llamaserve.gateway.auth import Authenticator
+from llamaserve.gateway.dashboard import Dashboard
 from llamaserve.gateway.engines import EngineWatch
 from llamaserve.gateway.exchange import Exchange, Services
 from llamaserve.gateway.leases import Leases
@@ -67,12 +69,16 @@ class Gateway:
         self.stored: StoredResponses
         self.quotas: Quotas
         self.services: Services
+        self.dashboard: Dashboard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await asgi.lifespan(receive, send, self.startup, self.shutdown)
         elif scope["type"] == "http":
             path = scope["path"]
+            if path.startswith("/dashboard") and path[10:11] in ("", "/"):
+                await self.dashboard(scope, receive, send)
+                return
             if path not in ("/health", "/ready"):
                 await Exchange(self.services, scope, receive, send).run()
                 return
@@ -132,6 +138,13 @@ class Gateway:
             requests=self.requests,
             stored=self.stored,
             quotas=self.quotas,
+        )
+        self.dashboard = Dashboard(
+            self.pool,
+            Operator(self.settings.admin_key()),
+            self.scheduler,
+            default_quota=self.settings.llama_proxy_token_quota,
+            default_period=self.settings.llama_proxy_quota_period,
         )
         await self.upstream.open()
         await self.watch.probe_all()

@@ -163,6 +163,11 @@ class Scheduler:
     def waiting(self) -> int:
         return self._waiting
 
+    def per_user(self) -> dict[Hashable, tuple[int, int]]:
+        """Each user with requests here: (waiting, generating)."""
+        users = {*self._queues, *self._running}
+        return {u: (len(self._queues.get(u, ())), self._running[u]) for u in users}
+
     def _serve_first(self, user: Hashable) -> bool:
         queue = self._queues[user]
         engine = self._pick(queue[0].exclude)
