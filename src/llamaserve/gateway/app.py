@@ -14,6 +14,7 @@ from llamaserve.config import Layout, Settings
 from llamaserve.errors import APIError, ServiceUnavailable
 from llamaserve.gateway import db_status
 from llamaserve.gateway.admission import Admissions
+from llamaserve.gateway.affinity import PrefixMap
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.engines import EngineWatch
 from llamaserve.gateway.exchange import Exchange, Services
@@ -67,6 +68,11 @@ class Gateway:
         self.stored: StoredResponses
         self.quotas: Quotas
         self.services: Services
+
+    def _affinity(self) -> PrefixMap | None:
+        """Where conversations went, to route by prefix (nothing to choose with one engine)."""
+        several = len(self.scheduler.engines) > 1
+        return PrefixMap() if several and self.settings.llama_proxy_routing == "prefix" else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -126,7 +132,7 @@ class Gateway:
             max_body=self.settings.llama_proxy_max_body_bytes,
             auth=self.auth,
             admissions=self.admissions,
-            slots=Slots(self.scheduler, self.leases, self.watch, self.pool),
+            slots=Slots(self.scheduler, self.leases, self.watch, self.pool, self._affinity()),
             upstream=self.upstream,
             in_flight=self.in_flight,
             requests=self.requests,
