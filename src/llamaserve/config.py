@@ -245,7 +245,7 @@ class Settings(BaseSettings):
         description="How the gateway chooses among several engines: `prefix` sends a "
         "request to the engine it sent the longest prefix of its conversation to (where "
         "the engine likely has it cached: turn N of a conversation where turn N-1 ran), "
-        "unless that engine has no free slot and another has one; `least-loaded` sends "
+        "unless that engine has no free slot, or another has 2 more; `least-loaded` sends "
         "each request to the engine with the most free slots. See docs/gateway.md, Routing.",
     )
     llama_proxy_health_interval: float = Field(

@@ -14,7 +14,7 @@ import pytest
 from bench.mock_engine import MODEL, MockEngine
 
 from llamaserve.gateway.affinity import PrefixMap, prefixes_of
-from llamaserve.gateway.scheduling import EngineState, QueueLimits, Scheduler
+from llamaserve.gateway.scheduling import BALANCE_SLOTS, EngineState, QueueLimits, Scheduler
 from tests.gateway.conftest import Stack
 from tests.gateway.harness import Site
 
@@ -135,6 +135,18 @@ async def test_a_turn_waits_for_any_engine_when_all_are_full() -> None:
     assert grant.engine is second and held[0].engine.in_flight == 1
     scheduler.release("u1", first)
     assert (await scheduler.acquire("u4", prefer=first)).engine is first
+
+
+@pytest.mark.anyio
+async def test_a_turn_leaves_its_engine_for_a_much_less_busy_one() -> None:
+    """Each engine batches its own requests: one with BALANCE_SLOTS fewer busy slots
+    answers sooner than a cached prompt saves."""
+    first, second = EngineState("first", capacity=4), EngineState("second", capacity=4)
+    scheduler = Scheduler([first, second], QueueLimits())
+    grants = [await scheduler.acquire(f"u{i}", prefer=first) for i in range(3)]
+    assert BALANCE_SLOTS == 2
+    # 4 free against 4, then 3 against 4: its own; 2 against 4: the other.
+    assert [g.engine for g in grants] == [first, first, second]
 
 
 def chat(messages: list[dict[str, Any]]) -> dict[str, Any]:

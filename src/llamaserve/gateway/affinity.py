@@ -11,7 +11,8 @@ remembered with the engine the request went to (`PrefixMap`, bounded, the least 
 used forgotten first). A request prefers the engine of its longest remembered prefix,
 when that prefix is at least half of its conversation: a new conversation that shares
 only a system prompt with others goes where the load says (`Scheduler`: the preferred
-engine unless it has no free slot and another has one, then the one with most free).
+engine unless it has no free slot, or another has BALANCE_SLOTS more free; then the one
+with the most free slots).
 
 Limits: the map is per gateway (several gateways each learn their own, and may send one
 conversation's turns to different engines); it cannot know that an engine restarted or

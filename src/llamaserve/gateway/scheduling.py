@@ -26,6 +26,11 @@ from dataclasses import dataclass, field
 
 from llamaserve.errors import RateLimited, ServiceUnavailable, retry_soon
 
+# A request leaves its preferred engine (where its prompt is cached) for one with this
+# many more free slots: each engine batches its own requests, and a busier one answers
+# every request it has more slowly (measured: docs/performance.md, multi-turn).
+BALANCE_SLOTS = 2
+
 
 @dataclass(eq=False)
 class EngineState:
@@ -245,13 +250,16 @@ class Scheduler:
     def _pick(
         self, exclude: EngineState | None, prefer: EngineState | None = None
     ) -> EngineState | None:
-        """`prefer` while it has a free slot (and is not `exclude`); else the healthy
-        engine with the most free slots: a request never waits for its preferred engine
-        while another is free."""
-        if prefer is not None and prefer is not exclude and prefer.free > 0:
-            return prefer
+        """`prefer` while it has a free slot (and is not `exclude`) and no other engine has
+        BALANCE_SLOTS more; else the healthy engine with the most free slots: a request
+        never waits for its preferred engine while another is free."""
         candidates = [e for e in self.engines if e is not exclude and e.free > 0]
-        return max(candidates, key=lambda e: e.free) if candidates else None
+        if not candidates:
+            return None
+        best = max(candidates, key=lambda e: e.free)
+        if prefer in candidates and prefer.free + BALANCE_SLOTS > best.free:
+            return prefer
+        return best
 
     def _take(self, user: Hashable, engine: EngineState) -> None:
         engine.in_flight += 1
