@@ -19,13 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import chart, cpu, dashboard, fairness, machine, memory, model, overhead, report, targets
+from bench import (
+    chart,
+    cpu,
+    dashboard,
+    fairness,
+    machine,
+    memory,
+    model,
+    multiturn,
+    overhead,
+    report,
+    targets,
+)
 from bench.integrity import Ledger
 from bench.load import Target
 from bench.progress import say
 from bench.stack import ROOT, BenchError, Stack, guarded, take_environment
 
-SCENARIOS = ("overhead", "model", "fairness", "dashboard")
+SCENARIOS = ("overhead", "model", "fairness", "multiturn", "dashboard")
 # Tried in this order; fairness runs on the first that starts.
 ENGINE_PREFERENCE = ("llama-server", "llama-cpp-python")
 
@@ -37,7 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         type=_names(SCENARIOS),
         default=list(SCENARIOS),
-        help="comma-separated scenarios: overhead,model,fairness,dashboard (default all)",
+        help="comma-separated scenarios: overhead,model,fairness,multiturn,dashboard (default all)",
     )
     parser.add_argument(
         "--engines",
@@ -131,17 +143,25 @@ def _run(args: argparse.Namespace, stack: Stack, ledger: Ledger, results: dict[s
         say("a) gateway overhead against the mock engine")
         mock = overhead.MockSettings(delay_ms=args.mock_delay_ms)
         results["overhead"] = overhead.run(stack, mock, args.quick, ledger, metered=args.metered)
-    if "model" not in args.only and "fairness" not in args.only:
+    if not {"model", "fairness", "multiturn"} & set(args.only):
         return
-    keys = {name: stack.create_user(f"bench-{name}") for name in ("model", "heavy", "light")}
+    names = ("model", "heavy", "light", "multiturn")
+    keys = {name: stack.create_user(f"bench-{name}") for name in names}
     run = Run(args, stack, ledger, results, keys)
     results["engines"] = []
     for engine in [e for e in ENGINE_PREFERENCE if e in args.engines]:
-        if "model" not in args.only and "fairness" in results:
-            break
-        results["engines"].append(_engine(run, engine))
+        if _has_work(args, results, engine):
+            results["engines"].append(_engine(run, engine))
     if "fairness" in args.only and "fairness" not in results:
         results["fairness"] = {"error": "no engine started"}
+
+
+def _has_work(args: argparse.Namespace, results: dict[str, Any], engine: str) -> bool:
+    """Whether a scenario asked for still needs this engine (fairness runs on the first
+    that starts; multi-turn on llama-server, whose cached tokens it counts)."""
+    if "model" in args.only or ("fairness" in args.only and "fairness" not in results):
+        return True
+    return "multiturn" in args.only and engine == "llama-server"
 
 
 def _engine(run: Run, engine: str) -> dict[str, Any]:
@@ -188,6 +208,9 @@ def _measure_engine(run: Run, engine: str, entry: dict[str, Any]) -> None:
         light = Target(stack.gateway_url, keys["light"], model_id)
         plan_f = fairness.Plan.for_run(args.quick)
         run.results["fairness"] = fairness.run(stack, heavy, light, plan_f, engine, run.ledger)
+    if "multiturn" in args.only and engine == "llama-server":
+        say(f"e) multi-turn conversations through the gateway on {engine}, one and two engines")
+        run.results["multiturn"] = multiturn.run(stack, keys["multiturn"], model_id, run.ledger)
 
 
 def _finish(args: argparse.Namespace, results: dict[str, Any], ledger: Ledger, stem: str) -> None:

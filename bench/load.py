@@ -34,6 +34,9 @@ class Outcome:
     ttft: float | None = None  # seconds to the first text (streams)
     gaps: list[float] = field(default_factory=list)  # seconds between text chunks
     completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # of the prompt, from the engine's cache (llama-server)
+    text: str | None = None  # the answer's text, when asked to keep it
     finish_reason: str | None = None
     request_id: str | None = None  # the gateway's x-request-id
     error: str | None = None  # a clear error: the server said what went wrong
@@ -93,10 +96,10 @@ class Client:
         if self._session is not None:
             await self._session.close()
 
-    async def chat(self, body: bytes, stream: bool) -> Outcome:
+    async def chat(self, body: bytes, stream: bool, keep_text: bool = False) -> Outcome:
         """Send one chat completion; never raises for a failed request."""
         assert self._session is not None, "use the client in `async with`"
-        outcome = Outcome(started=time.perf_counter())
+        outcome = Outcome(started=time.perf_counter(), text="" if keep_text else None)
         try:
             async with self._session.post(self.url, data=body, headers=self.headers) as reply:
                 outcome.status = reply.status
@@ -145,10 +148,13 @@ def _read_chunk(chunk: dict[str, Any], outcome: Outcome) -> bool:
         outcome.error = f"stream error: {chunk['error'].get('message')}"
         return False
     if isinstance(chunk.get("usage"), dict):
-        outcome.completion_tokens = chunk["usage"].get("completion_tokens")
+        _read_usage(chunk["usage"], outcome)
     text = False
     for choice in chunk.get("choices") or ():
-        text = text or bool((choice.get("delta") or {}).get("content"))
+        content = (choice.get("delta") or {}).get("content")
+        text = text or bool(content)
+        if content and outcome.text is not None:
+            outcome.text += content
         outcome.finish_reason = choice.get("finish_reason") or outcome.finish_reason
     return text
 
@@ -157,7 +163,13 @@ def _read_completion(raw: bytes, outcome: Outcome) -> None:
     answer = json.loads(raw)
     choices = answer.get("choices") or [{}]
     outcome.finish_reason = choices[0].get("finish_reason")
-    outcome.completion_tokens = (answer.get("usage") or {}).get("completion_tokens")
+    _read_usage(answer.get("usage") or {}, outcome)
+
+
+def _read_usage(usage: dict[str, Any], outcome: Outcome) -> None:
+    outcome.completion_tokens = usage.get("completion_tokens")
+    outcome.prompt_tokens = usage.get("prompt_tokens")
+    outcome.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
 
 
 def _error_text(raw: bytes) -> str:

@@ -7,13 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import multiturn
+
 Row = Sequence[object]
 
 
 def table(results: dict[str, Any]) -> str:
     sections = [_header(results), _overhead(results), _model(results), _fairness(results),
-                _dashboard(results), _memory(results), _integrity(results),
-                _targets(results)]  # fmt: skip
+                multiturn.table(results), _dashboard(results), _memory(results),
+                _integrity(results), _targets(results)]  # fmt: skip
     return "\n\n".join(section for section in sections if section)
 
 

@@ -232,7 +232,7 @@ class Stack:
         conn = await db.connect(settings, layout)
         try:
             records = await conn.fetch(
-                "SELECT request_id, status, outcome, queue_ms, ttft_ms, completion_tokens "
+                "SELECT request_id, status, outcome, queue_ms, ttft_ms, completion_tokens, engine "
                 "FROM llama_requests WHERE request_id = ANY($1::text[])",
                 request_ids,
             )
@@ -280,13 +280,14 @@ class Stack:
             _terminate(proc)
 
     @contextmanager
-    def gateway_to(self, backend_url: str) -> Iterator[Running]:
-        """A gateway process on the stack's database in front of `backend_url`."""
+    def gateway_to(self, backend_url: str, **settings: str) -> Iterator[Running]:
+        """A gateway process on the stack's database in front of `backend_url`, with
+        these settings (environment variables) beside the stack's."""
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         argv = [sys.executable, "-m", "llamaserve", "serve-gateway"]
         env = {"LLAMA_PROXY_PORT": str(port), "LLAMA_SERVER_BACKEND_URL": backend_url}
-        with self.process("bench-gateway", argv, url + "/ready", **env) as pid:
+        with self.process("bench-gateway", argv, url + "/ready", **env, **settings) as pid:
             yield Running(url, pid)
 
 

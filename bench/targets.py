@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from bench import multiturn
+
 OVERHEAD_P50_MS = 1.0
 OVERHEAD_P99_MS = 5.0
 TTFT_OVERHEAD_MS = 2.0
@@ -19,7 +21,8 @@ Verdict = dict[str, str]
 
 def judge(results: dict[str, Any]) -> list[Verdict]:
     checks: list[Callable[[dict[str, Any]], list[Verdict]]] = [
-        _overhead, _ttft, _single_stream, _batching, _fairness, _integrity, _dashboard,
+        _overhead, _ttft, _single_stream, _batching, _fairness,
+        lambda r: multiturn.verdicts(r, _verdict), _integrity, _dashboard,
     ]  # fmt: skip
     return [verdict for check in checks for verdict in check(results)]
 

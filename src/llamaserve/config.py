@@ -240,6 +240,14 @@ class Settings(BaseSettings):
     llama_proxy_queue_timeout: float = Field(
         300.0, gt=0, description="Seconds a request may wait for an engine (503 after)."
     )
+    llama_proxy_routing: Literal["prefix", "least-loaded"] = Field(
+        "prefix",
+        description="How the gateway chooses among several engines: `prefix` sends a "
+        "request to the engine it sent the longest prefix of its conversation to (where "
+        "the engine likely has it cached: turn N of a conversation where turn N-1 ran), "
+        "unless that engine has no free slot, or another has 2 more; `least-loaded` sends "
+        "each request to the engine with the most free slots. See docs/gateway.md, Routing.",
+    )
     llama_proxy_health_interval: float = Field(
         2.0, gt=0, description="Seconds between the gateway's health probes of each engine."
     )

@@ -292,9 +292,10 @@ class ResponseWriter:
         if isinstance(chunk.get("usage"), dict):
             usage = chunk["usage"]
             prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             self.usage = {
                 "input_tokens": prompt,
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                 "output_tokens": completion,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": prompt + completion,

@@ -31,7 +31,8 @@ from llamaserve.errors import InvalidRequest
 
 Kind = Literal["chat", "completion"]
 HEAD_FIELDS = ("id", "object", "created", "model", "system_fingerprint")
-USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+# `prompt_tokens_details.cached_tokens`: the prompt's tokens llama-server took from its cache.
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details")
 TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call")
 
 

@@ -15,6 +15,7 @@ from llamaserve.errors import APIError, ServiceUnavailable
 from llamaserve.gateway import db_status
 from llamaserve.gateway.admin import Operator
 from llamaserve.gateway.admission import Admissions
+from llamaserve.gateway.affinity import PrefixMap
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.dashboard import Dashboard
 from llamaserve.gateway.engines import EngineWatch
@@ -70,6 +71,11 @@ class Gateway:
         self.quotas: Quotas
         self.services: Services
         self.dashboard: Dashboard
+
+    def _affinity(self) -> PrefixMap | None:
+        """Where conversations went, to route by prefix (nothing to choose with one engine)."""
+        several = len(self.scheduler.engines) > 1
+        return PrefixMap() if several and self.settings.llama_proxy_routing == "prefix" else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -132,7 +138,7 @@ class Gateway:
             max_body=self.settings.llama_proxy_max_body_bytes,
             auth=self.auth,
             admissions=self.admissions,
-            slots=Slots(self.scheduler, self.leases, self.watch, self.pool),
+            slots=Slots(self.scheduler, self.leases, self.watch, self.pool, self._affinity()),
             upstream=self.upstream,
             in_flight=self.in_flight,
             requests=self.requests,

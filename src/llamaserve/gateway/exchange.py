@@ -48,6 +48,7 @@ from llamaserve.gateway.admission import (
     rate_limit_headers,
     refuse_unless_usable,
 )
+from llamaserve.gateway.affinity import Prefixes
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.metering import Meter
@@ -118,6 +119,7 @@ class Exchange:
         self.previous_id: str | None = None
         self.metered = False  # the user's tokens are metered: a quota or a token rate limit
         self.reservation: Reservation | None = None  # of the tokens it may use
+        self.prefixes: Prefixes | None = None  # its conversation's, to route it by prefix
         # A generating request's body, read before its admission (`_read`), or the error
         # it is refused with once admitted.
         self._body: dict[str, Any] | APIError | None = None
@@ -296,6 +298,7 @@ class Exchange:
             changed = True
         changed = normalise(body) or changed
         GENERATION_CHECKS[path](body)
+        self.prefixes = self.services.slots.prefixes(path, body)
         if self._admission is not None:  # sent ahead: its bound checked at `_gate`
             self._ahead = body
         elif self.reservation is not None:
@@ -377,7 +380,7 @@ class Exchange:
         slots = self.services.slots
         tried: EngineState | None = None
         for last in (False, True):
-            async with slots.engine(self.row, exclude=tried) as engine:
+            async with slots.engine(self.row, tried, self.prefixes) as engine:
                 self.row.engine = engine.url
                 try:
                     await self._exchange(engine.url, body, stream, wants_usage, last)

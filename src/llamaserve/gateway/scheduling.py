@@ -26,6 +26,11 @@ from dataclasses import dataclass, field
 
 from llamaserve.errors import RateLimited, ServiceUnavailable, retry_soon
 
+# A request leaves its preferred engine (where its prompt is cached) for one with this
+# many more free slots: each engine batches its own requests, and a busier one answers
+# every request it has more slowly (measured: docs/performance.md, multi-turn).
+BALANCE_SLOTS = 2
+
 
 @dataclass(eq=False)
 class EngineState:
@@ -54,6 +59,7 @@ class QueueLimits:
 class _Waiter:
     user: Hashable
     exclude: EngineState | None
+    prefer: EngineState | None  # where its prompt is likely cached (`affinity.py`)
     future: asyncio.Future[EngineState] = field(default_factory=lambda: _loop().create_future())
 
 
@@ -87,18 +93,19 @@ class Scheduler:
         *,
         again: bool = False,
         max_wait: float | None = None,
+        prefer: EngineState | None = None,
     ) -> Grant:
-        """A slot of an engine (not `exclude`). A request that had one and gave it back
-        (`again`) waits first in its user's queue; `max_wait` is what is left of the
-        queue's timeout."""
+        """A slot of an engine (not `exclude`; `prefer`'s while it has one free). A
+        request that had one and gave it back (`again`) waits first in its user's queue;
+        `max_wait` is what is left of the queue's timeout."""
         began = time.monotonic()
         if not any(e.healthy for e in self.engines if e is not exclude):
             raise _no_engine()
-        engine = self._pick(exclude)
+        engine = self._pick(exclude, prefer)
         if not self._queued and engine is not None and self._may_run(user):
             self._take(user, engine)
             return Grant(engine, 0.0)
-        waiter = self._enqueue(user, exclude, again)
+        waiter = self._enqueue(user, exclude, prefer, again)
         self.dispatch()  # a free slot may be held back only from users at their limit
         wait = self.limits.max_wait if max_wait is None else max(0.0, max_wait)
         # asyncio.wait, not wait_for: a cancel that comes as the slot is granted must end
@@ -170,7 +177,7 @@ class Scheduler:
 
     def _serve_first(self, user: Hashable) -> bool:
         queue = self._queues[user]
-        engine = self._pick(queue[0].exclude)
+        engine = self._pick(queue[0].exclude, queue[0].prefer)
         if engine is None:
             return False
         waiter = queue.popleft()
@@ -182,7 +189,13 @@ class Scheduler:
         waiter.future.set_result(engine)
         return True
 
-    def _enqueue(self, user: Hashable, exclude: EngineState | None, again: bool = False) -> _Waiter:
+    def _enqueue(
+        self,
+        user: Hashable,
+        exclude: EngineState | None,
+        prefer: EngineState | None,
+        again: bool = False,
+    ) -> _Waiter:
         queue = self._queues.get(user)
         if not again:  # one given back keeps its place in line, before the user's others
             if queue is not None and len(queue) >= self.limits.user_queue_size:
@@ -198,7 +211,7 @@ class Scheduler:
                     code="queue_full",
                     headers=retry_soon(),
                 )
-        waiter = _Waiter(user, exclude)
+        waiter = _Waiter(user, exclude, prefer)
         if queue is None:
             queue = self._queues[user] = deque()
             self._queued.append(user)
@@ -239,10 +252,19 @@ class Scheduler:
             return True  # too small to keep slots aside
         return sum(e.free for e in healthy) > reserved
 
-    def _pick(self, exclude: EngineState | None) -> EngineState | None:
-        """The healthy engine with the most free slots."""
+    def _pick(
+        self, exclude: EngineState | None, prefer: EngineState | None = None
+    ) -> EngineState | None:
+        """`prefer` while it has a free slot (and is not `exclude`) and no other engine has
+        BALANCE_SLOTS more; else the healthy engine with the most free slots: a request
+        never waits for its preferred engine while another is free."""
         candidates = [e for e in self.engines if e is not exclude and e.free > 0]
-        return max(candidates, key=lambda e: e.free) if candidates else None
+        if not candidates:
+            return None
+        best = max(candidates, key=lambda e: e.free)
+        if prefer in candidates and prefer.free + BALANCE_SLOTS > best.free:
+            return prefer
+        return best
 
     def _take(self, user: Hashable, engine: EngineState) -> None:
         engine.in_flight += 1

@@ -1,6 +1,8 @@
 """A fair slot of an engine for one request: a place in this gateway's fair queue
 (`Scheduler`), then one of the user's leases under the per-user cap across gateways
-(`Leases`). A request that does not generate takes any healthy engine."""
+(`Leases`); on the engine that likely holds its prompt cached, if it has a free slot
+(`PrefixMap`, with LLAMA_PROXY_ROUTING=prefix). A request that does not generate takes
+any healthy engine."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from llamaserve.gateway.admission import refuse_unless_usable
+from llamaserve.gateway.affinity import Prefixes, PrefixMap, prefixes_of
 from llamaserve.gateway.db_status import database_errors
 from llamaserve.gateway.engines import EngineWatch
 from llamaserve.gateway.leases import Leases
@@ -24,24 +27,41 @@ RECHECK_AFTER = 1.0
 
 
 class Slots:
-    def __init__(self, scheduler: Scheduler, leases: Leases, watch: EngineWatch, pool: Any) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        leases: Leases,
+        watch: EngineWatch,
+        pool: Any,
+        affinity: PrefixMap | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.leases = leases
         self.watch = watch
         self.pool = pool
+        self.affinity = affinity  # None: least-loaded routing (or one engine)
+
+    def prefixes(self, path: str, body: dict[str, Any]) -> Prefixes | None:
+        """What routing by prefix needs of a request's body; None when it is off."""
+        return prefixes_of(path, body) if self.affinity is not None else None
 
     @contextlib.asynccontextmanager
     async def engine(
-        self, row: RequestRow, exclude: EngineState | None
+        self, row: RequestRow, exclude: EngineState | None, prefixes: Prefixes | None = None
     ) -> AsyncIterator[EngineState]:
-        """A slot of an engine for generation (its wait added to `row.queue_ms`); any
-        healthy engine for the rest."""
+        """A slot of an engine for generation (its wait added to `row.queue_ms`),
+        preferably where the longest of its `prefixes` went; any healthy engine for the
+        rest."""
         if row.method != "POST":
             yield self.scheduler.any_engine(exclude)
             return
         user = row.user_id
         assert user is not None  # admitted
-        engine, lease = await self._slot(row, user, exclude)
+        affinity = self.affinity if prefixes is not None else None
+        prefer = affinity.holder(prefixes) if affinity is not None and prefixes else None
+        engine, lease = await self._slot(row, user, exclude, prefer)
+        if affinity is not None and prefixes:
+            affinity.remember(prefixes, engine)  # sent there: its prompt is cached there now
         try:
             yield engine
         finally:
@@ -56,7 +76,7 @@ class Slots:
         return self.scheduler.has_other(engine)
 
     async def _slot(
-        self, row: RequestRow, user: int, exclude: EngineState | None
+        self, row: RequestRow, user: int, exclude: EngineState | None, prefer: EngineState | None
     ) -> tuple[EngineState, uuid.UUID]:
         """A slot of an engine, and one of the user's leases under the cap across gateways
         (see `Leases`): a user at the cap through other gateways gives the slot back and
@@ -68,7 +88,7 @@ class Slots:
             began = time.monotonic()
             try:
                 grant = await scheduler.acquire(
-                    user, exclude, again=again, max_wait=deadline - began
+                    user, exclude, again=again, max_wait=deadline - began, prefer=prefer
                 )
             except BaseException:  # timed out, gone, stopped: the wait is logged all the same
                 row.queue_ms = (row.queue_ms or 0.0) + (time.monotonic() - began) * 1000
