@@ -19,6 +19,7 @@ from llamaserve.gateway.engines import EngineWatch
 from llamaserve.gateway.exchange import Exchange, Services
 from llamaserve.gateway.leases import Leases
 from llamaserve.gateway.logbook import RequestLog
+from llamaserve.gateway.metrics import Metrics
 from llamaserve.gateway.quotas import Quotas
 from llamaserve.gateway.scheduling import EngineState, QueueLimits, Scheduler
 from llamaserve.gateway.slots import Slots
@@ -59,6 +60,7 @@ class Gateway:
         # still going are ended with a clear error, so that none is cut off silently,
         # and each has its row (`http.stopping`).
         self.in_flight = InFlight(log)
+        self.metrics = Metrics(settings)
         self.pool: Any = None
         self.auth: Authenticator
         self.admissions: Admissions
@@ -73,6 +75,9 @@ class Gateway:
             await asgi.lifespan(receive, send, self.startup, self.shutdown)
         elif scope["type"] == "http":
             path = scope["path"]
+            if path == "/metrics":
+                await self.metrics.serve(scope, send)
+                return
             if path not in ("/health", "/ready"):
                 await Exchange(self.services, scope, receive, send).run()
                 return
@@ -132,7 +137,9 @@ class Gateway:
             requests=self.requests,
             stored=self.stored,
             quotas=self.quotas,
+            metrics=self.metrics,
         )
+        self.metrics.watch(self.scheduler, self.admissions, self.requests, self.pool, self.settings)
         await self.upstream.open()
         await self.watch.probe_all()
         self.watch.start()

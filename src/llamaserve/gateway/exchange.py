@@ -51,6 +51,7 @@ from llamaserve.gateway.admission import (
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.metering import Meter
+from llamaserve.gateway.metrics import Metrics
 from llamaserve.gateway.quotas import (
     COMPLETION_BOUNDS,
     Quotas,
@@ -92,6 +93,7 @@ class Services:
     requests: RequestLog
     stored: StoredResponses
     quotas: Quotas
+    metrics: Metrics
 
 
 class Exchange:
@@ -126,6 +128,7 @@ class Exchange:
         self._admission: asyncio.Future[Admitted | None] | None = None  # until settled
         self._cleared = asyncio.Event()  # the admission is settled: `_refused` says how
         self._refused = False
+        self._failure: APIError | None = None  # the error the request ended with
 
     async def run(self) -> None:
         try:
@@ -481,6 +484,7 @@ class Exchange:
             except APIError as refusal:
                 error, status = refusal, None
         self.row.error = error.message
+        self._failure = error
         if self.row.outcome != "cancelled":
             self.row.outcome = "error"
         if not self.answer.started:
@@ -501,6 +505,7 @@ class Exchange:
         if row.outcome == "error" and 400 <= row.status < 500:
             row.outcome = "rejected"
         self.services.requests.add(row)
+        self.services.metrics.count(row, self._failure)
         log.info(
             "request id=%s user=%s key=%s %s %s status=%d outcome=%s latency_ms=%.1f "
             "ttft_ms=%s tokens=%s+%s",

@@ -163,6 +163,10 @@ class Scheduler:
     def waiting(self) -> int:
         return self._waiting
 
+    def load(self) -> tuple[dict[Hashable, int], dict[Hashable, int]]:
+        """Per user: their requests waiting, and generating (for the metrics)."""
+        return {user: len(queue) for user, queue in self._queues.items()}, dict(self._running)
+
     def _serve_first(self, user: Hashable) -> bool:
         queue = self._queues[user]
         engine = self._pick(queue[0].exclude)
