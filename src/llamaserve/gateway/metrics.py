@@ -98,7 +98,8 @@ class Metrics:
         self._queue = histogram("llamaserve_queue_wait_seconds", "Time a generating "
             "request waited for an engine's slot, by route.", buckets=QUEUE_BUCKETS)
         # fmt: on
-        # The labelled series, by user and by route: a request finds its own in one lookup.
+        # The labelled series, by user, route and outcome: a request finds each in one lookup.
+        self._requests_of: dict[tuple[str, str, str, int], Counter] = {}
         self._tokens: dict[str, tuple[Counter, Counter]] = {}
         self._timings: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
         self._collector: _Collector | None = None
@@ -120,7 +121,13 @@ class Metrics:
         path = route_of(row.path)
         user = row.username or NO_USER
         users = (user,) if self.by_user else ()
-        self._requests.labels(*users, path, row.outcome, f"{row.status // 100}xx").inc()
+        kind = (user, path, row.outcome, row.status // 100)
+        requests = self._requests_of.get(kind)
+        if requests is None:
+            requests = self._requests_of[kind] = self._requests.labels(
+                *users, path, row.outcome, f"{row.status // 100}xx"
+            )
+        requests.inc()
         tokens = self._tokens.get(user)
         if tokens is None:
             tokens = self._tokens[user] = (_series(self._prompt, users),
