@@ -10,12 +10,17 @@ import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from llamaserve.config import Settings
+from llamaserve.gateway.admission import Admissions
 from llamaserve.gateway.logbook import RequestLog
+from llamaserve.gateway.metrics import Metrics
+from llamaserve.gateway.scheduling import EngineState, QueueLimits, Scheduler
 from llamaserve.store import users
 from tests.gateway.harness import Site
 from tests.gateway.helpers import MockEngine, assert_envelope
@@ -225,3 +230,33 @@ def test_the_request_logs_backlog_is_counted(tmp_path: Path) -> None:
     assert log.spooled() == 1
     kept.unlink()
     assert log.spooled() == 0
+
+
+class _NoDatabase:
+    """A pool whose database does not answer."""
+
+    def acquire(self) -> Any:
+        raise OSError("connection refused")
+
+
+async def test_a_scrape_answers_without_the_database(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(_env_file=None, llama_admin_api_key=ADMIN)  # type: ignore[call-arg]
+    metrics = Metrics(settings)
+    scheduler = Scheduler([EngineState("http://127.0.0.1:9")], QueueLimits())
+    admissions = Admissions(_NoDatabase(), 0, 60)
+    metrics.watch(scheduler, admissions, RequestLog(None, tmp_path), _NoDatabase(), settings)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/metrics",
+             "headers": [(b"authorization", f"Bearer {ADMIN}".encode())]}  # fmt: skip
+    await metrics.serve(scope, send)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 200
+    samples = parse(b"".join(m.get("body", b"") for m in sent[1:]).decode())
+    assert value(samples, "llamaserve_engine_up", engine="http://127.0.0.1:9") == 1
+    assert not [name for name, _ in samples if name.startswith("llamaserve_quota")]
+    assert "quotas not read" in caplog.text
