@@ -267,6 +267,11 @@ class Settings(BaseSettings):
         description="Days a stored response is kept (OpenAI keeps them 30); after, it is "
         "gone as if deleted.",
     )
+    llama_proxy_metrics_user_label: bool = Field(
+        True,
+        description="Label the gateway's per-user metrics (`/metrics`) with the user's name; "
+        "0 = sum them over all users (no `user` label).",
+    )
 
     # Database of users, keys and the request log
     postgres_auth_host: str = Field(

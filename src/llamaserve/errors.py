@@ -113,6 +113,11 @@ class QuotaExceeded(RateLimited):
     type = "insufficient_quota"
 
 
+class TokenRateLimited(RateLimited):
+    """A user's tokens per minute used up: OpenAI's 429 `rate_limit_exceeded`, as for
+    requests (a class of its own for the metrics, which count the two apart)."""
+
+
 class InternalError(APIError):
     status = 500
     type = "server_error"

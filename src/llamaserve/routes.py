@@ -52,6 +52,19 @@ def response_of(path: str) -> str | None:
     return None
 
 
+def route_of(path: str) -> str:
+    """The route a path is, as a metric's label: the route itself, its pattern for one
+    with an id in it, `other` for a path that is no route of ours (a client's own
+    paths would make a label without bound)."""
+    if path in OPENAI_ROUTES:
+        return path
+    if model_of(path) is not None:
+        return MODEL_PREFIX + "{model}"
+    if response_of(path) is not None:
+        return RESPONSE_PREFIX + "{id}"
+    return "other"
+
+
 def check_route(path: str, method: str) -> None:
     """Refuse a path that is no route of ours (404; never an engine's own, such as /slots)
     or the wrong method for it (405), in the same words everywhere."""

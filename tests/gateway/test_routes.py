@@ -37,6 +37,7 @@ def gateway(tmp_path: Path) -> Gateway:
         requests=built.requests,
         stored=unused,
         quotas=unused,
+        metrics=built.metrics,
     )
     return built
 

@@ -22,6 +22,7 @@ from llamaserve.gateway.engines import EngineWatch
 from llamaserve.gateway.exchange import Exchange, Services
 from llamaserve.gateway.leases import Leases
 from llamaserve.gateway.logbook import RequestLog
+from llamaserve.gateway.metrics import Metrics
 from llamaserve.gateway.quotas import Quotas
 from llamaserve.gateway.scheduling import EngineState, QueueLimits, Scheduler
 from llamaserve.gateway.slots import Slots
@@ -62,6 +63,7 @@ class Gateway:
         # still going are ended with a clear error, so that none is cut off silently,
         # and each has its row (`http.stopping`).
         self.in_flight = InFlight(log)
+        self.metrics = Metrics(settings)
         self.pool: Any = None
         self.auth: Authenticator
         self.admissions: Admissions
@@ -84,6 +86,9 @@ class Gateway:
             path = scope["path"]
             if path.startswith("/dashboard") and path[10:11] in ("", "/"):
                 await self.dashboard(scope, receive, send)
+                return
+            if path == "/metrics":
+                await self.metrics.serve(scope, send)
                 return
             if path not in ("/health", "/ready"):
                 await Exchange(self.services, scope, receive, send).run()
@@ -144,6 +149,7 @@ class Gateway:
             requests=self.requests,
             stored=self.stored,
             quotas=self.quotas,
+            metrics=self.metrics,
         )
         self.dashboard = Dashboard(
             self.pool,
@@ -152,6 +158,7 @@ class Gateway:
             default_quota=self.settings.llama_proxy_token_quota,
             default_period=self.settings.llama_proxy_quota_period,
         )
+        self.metrics.watch(self.scheduler, self.admissions, self.requests, self.pool, self.settings)
         await self.upstream.open()
         await self.watch.probe_all()
         self.watch.start()

@@ -52,6 +52,7 @@ from llamaserve.gateway.affinity import Prefixes
 from llamaserve.gateway.auth import Authenticator
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.metering import Meter
+from llamaserve.gateway.metrics import Metrics
 from llamaserve.gateway.quotas import (
     COMPLETION_BOUNDS,
     Quotas,
@@ -93,6 +94,7 @@ class Services:
     requests: RequestLog
     stored: StoredResponses
     quotas: Quotas
+    metrics: Metrics
 
 
 class Exchange:
@@ -128,6 +130,7 @@ class Exchange:
         self._admission: asyncio.Future[Admitted | None] | None = None  # until settled
         self._cleared = asyncio.Event()  # the admission is settled: `_refused` says how
         self._refused = False
+        self._failure: APIError | None = None  # the error the request ended with
 
     async def run(self) -> None:
         try:
@@ -484,6 +487,7 @@ class Exchange:
             except APIError as refusal:
                 error, status = refusal, None
         self.row.error = error.message
+        self._failure = error
         if self.row.outcome != "cancelled":
             self.row.outcome = "error"
         if not self.answer.started:
@@ -504,6 +508,7 @@ class Exchange:
         if row.outcome == "error" and 400 <= row.status < 500:
             row.outcome = "rejected"
         self.services.requests.add(row)
+        self.services.metrics.count(row, self._failure)
         log.info(
             "request id=%s user=%s key=%s %s %s status=%d outcome=%s latency_ms=%.1f "
             "ttft_ms=%s tokens=%s+%s",

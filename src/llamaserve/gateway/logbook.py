@@ -66,6 +66,7 @@ class RequestLog:
         self._closing = False
         self._failing = False  # the last write failed (said once, until one succeeds)
         self._task: asyncio.Task[None] | None = None
+        self._counted: dict[Path, tuple[int, int, int]] = {}  # spooled: mtime, size, rows
 
     def add(self, row: RequestRow) -> None:
         # Made storable now, not as it is written: a backlog of rows holding a client's
@@ -73,6 +74,25 @@ class RequestLog:
         self._rows.append(storable(row))
         if len(self._rows) >= self._batch_size:
             self._wake.set()
+
+    @property
+    def waiting(self) -> int:
+        """Rows queued in memory, not written yet."""
+        return len(self._rows)
+
+    def spooled(self) -> int:
+        """Rows kept on disk until the database takes them (by any gateway on this runtime
+        directory). A file is read once: it is written whole, and rewritten only smaller."""
+        counted: dict[Path, tuple[int, int, int]] = {}
+        for path in self._spool.glob("*.jsonl") if self._spool.is_dir() else []:
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                known = self._counted.get(path)
+                if known is None or known[:2] != (stat.st_mtime_ns, stat.st_size):
+                    known = (stat.st_mtime_ns, stat.st_size, path.read_bytes().count(b"\n"))
+                counted[path] = known
+        self._counted = counted
+        return sum(rows for _, _, rows in counted.values())
 
     async def start(self) -> None:
         """Write the rows kept on disk (the database is there: the gateway checked it),

@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from llamaserve.config import describe_period
-from llamaserve.errors import QuotaExceeded, RateLimited
+from llamaserve.errors import QuotaExceeded, RateLimited, TokenRateLimited
 from llamaserve.gateway.admission import Ask, format_duration
 from llamaserve.routes import MESSAGES, RESPONSES
 from llamaserve.store import quotas
@@ -119,7 +119,7 @@ def refusal(reservation: Reservation) -> RateLimited:
             code="insufficient_quota",
             headers=headers,
         )
-    return RateLimited(
+    return TokenRateLimited(
         f"Rate limit reached: {reservation.tpm_limit} tokens per minute. Retry in {retry}s.",
         code="rate_limit_exceeded",
         headers=headers,
