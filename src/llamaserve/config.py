@@ -231,6 +231,12 @@ class Settings(BaseSettings):
         "start at once; a user alone never gets them (0 = none; not applied when the "
         "engines have no more slots than this).",
     )
+    llama_proxy_fairness: Literal["tokens", "requests"] = Field(
+        "tokens",
+        description="What the fair queue counts of each user's service: `tokens` (prompt "
+        "and completion; the next free slot goes to the waiting user served the fewest) or "
+        "`requests` (the waiting user with the fewest generating, then round-robin).",
+    )
     llama_proxy_queue_size: int = Field(
         1000, ge=0, description="Requests waiting for an engine, all users together (503 above)."
     )

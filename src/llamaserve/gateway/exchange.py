@@ -49,6 +49,7 @@ from llamaserve.gateway.admission import (
     refuse_unless_usable,
 )
 from llamaserve.gateway.auth import Authenticator
+from llamaserve.gateway.fairness import expected_tokens
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.metering import Meter
 from llamaserve.gateway.quotas import (
@@ -376,8 +377,10 @@ class Exchange:
         had the request)."""
         slots = self.services.slots
         tried: EngineState | None = None
+        parsed = self._body if isinstance(self._body, dict) else None
+        cost = expected_tokens(self.row.path, parsed, len(body))  # until its tokens are known
         for last in (False, True):
-            async with slots.engine(self.row, exclude=tried) as engine:
+            async with slots.engine(self.row, exclude=tried, cost=cost) as engine:
                 self.row.engine = engine.url
                 try:
                     await self._exchange(engine.url, body, stream, wants_usage, last)
@@ -491,6 +494,7 @@ class Exchange:
         if self._admission is not None:  # never settled: the client went away first
             _discard(self._admission)
         row = self.row
+        self.services.slots.settle(row)
         if self.reservation is not None or (self.metered and row.path in COMPLETION_BOUNDS
                                             and row.engine is not None):  # fmt: skip
             self.services.quotas.settle(self.reservation, row)
