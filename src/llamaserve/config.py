@@ -97,9 +97,9 @@ class Settings(BaseSettings):
     llama_n_ctx: int = Field(
         4096,
         ge=0,
-        description="Context size in tokens, per slot with llama-server (which gets "
-        "LLAMA_N_CTX times LLAMA_PARALLEL); 0 = the model's own (with llama-server, shared by "
-        "the slots).",
+        description="Context size in tokens: what one request may use (with llama-server, "
+        "its slots share one KV pool of LLAMA_N_CTX times LLAMA_PARALLEL tokens, less if "
+        "memory is short); 0 = the model's own (with llama-server, shared by the slots).",
     )
     llama_n_threads: int = Field(
         0,
@@ -134,10 +134,11 @@ class Settings(BaseSettings):
         "LLAMA_PARALLEL requests together) or llama-cpp-python (one request at a time).",
     )
     llama_parallel: int = Field(
-        4,
-        ge=1,
-        description="Slots of llama-server: requests it decodes at once, each with "
-        "LLAMA_N_CTX tokens of context (llama-cpp-python runs one).",
+        0,
+        ge=0,
+        description="Slots of llama-server: requests it decodes at once, each with up to "
+        "LLAMA_N_CTX tokens of context; 0 = chosen for the machine: 8 a core, between 4 and "
+        "32 (`console.sh start` says how many). llama-cpp-python runs one.",
     )
     llama_server_bin: str = Field(
         "",
