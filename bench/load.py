@@ -34,6 +34,7 @@ class Outcome:
     ttft: float | None = None  # seconds to the first text (streams)
     gaps: list[float] = field(default_factory=list)  # seconds between text chunks
     completion_tokens: int | None = None
+    prompt_tokens: int | None = None
     finish_reason: str | None = None
     request_id: str | None = None  # the gateway's x-request-id
     error: str | None = None  # a clear error: the server said what went wrong
@@ -146,6 +147,7 @@ def _read_chunk(chunk: dict[str, Any], outcome: Outcome) -> bool:
         return False
     if isinstance(chunk.get("usage"), dict):
         outcome.completion_tokens = chunk["usage"].get("completion_tokens")
+        outcome.prompt_tokens = chunk["usage"].get("prompt_tokens")
     text = False
     for choice in chunk.get("choices") or ():
         text = text or bool((choice.get("delta") or {}).get("content"))
