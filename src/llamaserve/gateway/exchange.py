@@ -494,7 +494,8 @@ class Exchange:
         if self._admission is not None:  # never settled: the client went away first
             _discard(self._admission)
         row = self.row
-        self.services.slots.settle(row)
+        if row.engine is not None:  # its tokens charged to its user in the fair queue
+            self.services.slots.settle(row)
         if self.reservation is not None or (self.metered and row.path in COMPLETION_BOUNDS
                                             and row.engine is not None):  # fmt: skip
             self.services.quotas.settle(self.reservation, row)
