@@ -30,6 +30,7 @@ from bench import (
     multiturn,
     overhead,
     report,
+    slots,
     targets,
 )
 from bench.integrity import Ledger
@@ -37,7 +38,7 @@ from bench.load import Target
 from bench.progress import say
 from bench.stack import ROOT, BenchError, Stack, guarded, take_environment
 
-SCENARIOS = ("overhead", "model", "fairness", "multiturn", "dashboard")
+SCENARIOS = ("overhead", "model", "fairness", "slots", "token-fairness", "multiturn", "dashboard")
 # Tried in this order; fairness runs on the first that starts.
 ENGINE_PREFERENCE = ("llama-server", "llama-cpp-python")
 
@@ -49,7 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         type=_names(SCENARIOS),
         default=list(SCENARIOS),
-        help="comma-separated scenarios: overhead,model,fairness,multiturn,dashboard (default all)",
+        help="comma-separated scenarios: overhead,model,fairness,slots,token-fairness,"
+        "multiturn,dashboard (default all)",
     )
     parser.add_argument(
         "--engines",
@@ -58,7 +60,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated engines (default llama-cpp-python,llama-server)",
     )
     parser.add_argument(
-        "--parallel", type=int, default=4, help="LLAMA_PARALLEL: llama-server's slots (default 4)"
+        "--parallel",
+        type=int,
+        default=0,
+        help="LLAMA_PARALLEL of the model and fairness scenarios: llama-server's slots "
+        "(default 0: chosen for the machine)",
     )
     parser.add_argument(
         "--mock-delay-ms",
@@ -143,6 +149,10 @@ def _run(args: argparse.Namespace, stack: Stack, ledger: Ledger, results: dict[s
         say("a) gateway overhead against the mock engine")
         mock = overhead.MockSettings(delay_ms=args.mock_delay_ms)
         results["overhead"] = overhead.run(stack, mock, args.quick, ledger, metered=args.metered)
+    if "slots" in args.only or "token-fairness" in args.only:
+        names = ("slots", "tf-heavy", "tf-light")
+        keys = {name: stack.create_user(f"bench-{name}") for name in names}
+        slots.run(stack, keys, args.only, args.quick, ledger, results)
     if not {"model", "fairness", "multiturn"} & set(args.only):
         return
     names = ("model", "heavy", "light", "multiturn")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import multiturn
+from bench import multiturn, slots, token_fairness
 
 INSTALL_HINT = "no chart: matplotlib is missing (.venv/bin/pip install -e '.[bench]')"
 
@@ -28,7 +28,8 @@ def draw(results: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [p for p in (_overhead, _throughput, _fairness, multiturn.panel) if p(results, None)]
+    every = (_overhead, _throughput, _fairness, slots.panel, token_fairness.panel, multiturn.panel)
+    panels = [p for p in every if p(results, None)]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4.8))
     for panel, ax in zip(panels, [axes] if len(panels) == 1 else axes, strict=True):
         panel(results, ax)

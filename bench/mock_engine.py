@@ -11,7 +11,8 @@ delay, then a token every `chunk_interval`, the usage chunk when asked for
 With `api_key` set, it also serves the Responses and Messages APIs over its chat, through
 the engines' own bridge (`llamaserve.engine.bridge`), as the real engines do.
 
-What a request asks of it: `mock_delay` (seconds) replaces the delay; model "cut" makes
+What a request asks of it: `mock_delay` (seconds) replaces the delay; `mock_tokens` is
+the completion tokens its usage reports (of a stream too, whatever its chunks); model "cut" makes
 it die after the first chunk of a stream. It records each request's tag (its first
 message) in `arrivals`, then in `finished` as it answers, or in `abandoned` if its client
 went away during the delay. While `hung` is set, it takes connections and answers nothing.
@@ -108,7 +109,9 @@ class MockEngine:
         if stream:
             await self._stream(send, request)
         else:
-            await _answer(send, 200, _completion(self.timing.chunks - 1))
+            await _answer(
+                send, 200, _completion(request.get("mock_tokens", self.timing.chunks - 1))
+            )
 
     async def _wait(self, delay: float, receive: Receive) -> bool:
         """Wait `delay` s; False if the client went away meanwhile."""
@@ -130,7 +133,8 @@ class MockEngine:
                 raise RuntimeError("the engine died mid-stream")
         options = request.get("stream_options") or {}
         if options.get("include_usage") is True:
-            await _event(send, {**_chunk({}, None), "choices": [], "usage": _usage(last)})
+            usage = _usage(request.get("mock_tokens", last))
+            await _event(send, {**_chunk({}, None), "choices": [], "usage": usage})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     def _note(self, tags: list[str], tag: str) -> None:

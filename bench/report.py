@@ -13,9 +13,12 @@ Row = Sequence[object]
 
 
 def table(results: dict[str, Any]) -> str:
+    from bench import slots, token_fairness  # they print with this module's grid
+
     sections = [_header(results), _overhead(results), _model(results), _fairness(results),
-                multiturn.table(results), _dashboard(results), _memory(results),
-                _integrity(results), _targets(results)]  # fmt: skip
+                slots.table(results), token_fairness.table(results), multiturn.table(results),
+                _dashboard(results), _memory(results), _integrity(results),
+                _targets(results)]  # fmt: skip
     return "\n\n".join(section for section in sections if section)
 
 

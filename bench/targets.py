@@ -15,13 +15,15 @@ SINGLE_STREAM_RATIO = 0.95
 BATCHING_RATIO = 2.0
 FAIRNESS_RATIO = 0.10
 DASHBOARD_MS = 200.0  # the dashboard page's main query over 1,000,000 request-log rows
+SLOTS_RATIO = 0.90  # gateway, default settings, 16 users / the best direct slot setting at 16
+TOKEN_FAIRNESS_SPREAD = 0.20  # two backlogged users' tokens per second, within 20%
 
 Verdict = dict[str, str]
 
 
 def judge(results: dict[str, Any]) -> list[Verdict]:
     checks: list[Callable[[dict[str, Any]], list[Verdict]]] = [
-        _overhead, _ttft, _single_stream, _batching, _fairness,
+        _overhead, _ttft, _single_stream, _batching, _fairness, _slots, _token_fairness,
         lambda r: multiturn.verdicts(r, _verdict), _integrity, _dashboard,
     ]  # fmt: skip
     return [verdict for check in checks for verdict in check(results)]
@@ -115,6 +117,32 @@ def _fairness(results: dict[str, Any]) -> list[Verdict]:
     light, heavy = fairness["light"]["queue_p50_ms"], fairness["heavy"]["queue_p50_ms"]
     figure = f"{light:.0f} / {heavy:.0f} ms = {ratio:.1%} ({fairness['engine']})"
     return [_verdict(target, figure, ratio <= FAIRNESS_RATIO)]
+
+
+def _slots(results: dict[str, Any]) -> list[Verdict]:
+    target = "16 users through the gateway, default settings: >= 90% of the best direct at 16"
+    sizes = (results.get("slots") or {}).get("sizes", [])
+    chosen = next((s for s in sizes if s["parallel"] == 0), None)
+    level = chosen and next((lv for lv in chosen["levels"] if lv["users"] == 16), None)
+    direct = [lv["direct"]["total_tok_s"] or 0 for s in sizes for lv in s["levels"]
+              if lv["users"] == 16]  # fmt: skip
+    if not level or not level["gateway"]["total_tok_s"] or not max(direct, default=0):
+        return [_verdict(target, "not measured", None)]
+    gateway, best = level["gateway"]["total_tok_s"], max(direct)
+    figure = f"{gateway:.1f} / {best:.1f} tok/s = {gateway / best:.1%} ({chosen['slots']} slots)"
+    return [_verdict(target, figure, gateway >= SLOTS_RATIO * best)]
+
+
+def _token_fairness(results: dict[str, Any]) -> list[Verdict]:
+    target = "two backlogged users' tokens per second within 20% of each other (by tokens)"
+    found = (results.get("token_fairness") or {}).get("policies", {})
+    ratio = (found.get("tokens") or {}).get("heavy_over_light")
+    if not ratio:
+        return [_verdict(target, "not measured", None)]
+    old = (found.get("requests") or {}).get("heavy_over_light")
+    figure = f"heavy / light = {ratio:.2f}" + (f" (by requests: {old:.2f})" if old else "")
+    spread = abs(1 - min(ratio, 1 / ratio))
+    return [_verdict(target, figure, spread <= TOKEN_FAIRNESS_SPREAD)]
 
 
 def _integrity(results: dict[str, Any]) -> list[Verdict]:

@@ -97,9 +97,9 @@ class Settings(BaseSettings):
     llama_n_ctx: int = Field(
         4096,
         ge=0,
-        description="Context size in tokens, per slot with llama-server (which gets "
-        "LLAMA_N_CTX times LLAMA_PARALLEL); 0 = the model's own (with llama-server, shared by "
-        "the slots).",
+        description="Context size in tokens: what one request may use (with llama-server, "
+        "its slots share one KV pool of LLAMA_N_CTX times LLAMA_PARALLEL tokens, less if "
+        "memory is short); 0 = the model's own (with llama-server, shared by the slots).",
     )
     llama_n_threads: int = Field(
         0,
@@ -134,10 +134,11 @@ class Settings(BaseSettings):
         "LLAMA_PARALLEL requests together) or llama-cpp-python (one request at a time).",
     )
     llama_parallel: int = Field(
-        4,
-        ge=1,
-        description="Slots of llama-server: requests it decodes at once, each with "
-        "LLAMA_N_CTX tokens of context (llama-cpp-python runs one).",
+        0,
+        ge=0,
+        description="Slots of llama-server: requests it decodes at once, each with up to "
+        "LLAMA_N_CTX tokens of context; 0 = chosen for the machine: 8 a core, between 4 and "
+        "32 (`console.sh start` says how many). llama-cpp-python runs one.",
     )
     llama_server_bin: str = Field(
         "",
@@ -230,6 +231,12 @@ class Settings(BaseSettings):
         description="Engine slots kept free for users with nothing generating, so that they "
         "start at once; a user alone never gets them (0 = none; not applied when the "
         "engines have no more slots than this).",
+    )
+    llama_proxy_fairness: Literal["tokens", "requests"] = Field(
+        "tokens",
+        description="What the fair queue counts of each user's service: `tokens` (prompt "
+        "and completion; the next free slot goes to the waiting user served the fewest) or "
+        "`requests` (the waiting user with the fewest generating, then round-robin).",
     )
     llama_proxy_queue_size: int = Field(
         1000, ge=0, description="Requests waiting for an engine, all users together (503 above)."

@@ -21,6 +21,7 @@ from openai import OpenAI
 
 from llamaserve.config import Settings, new_engine_key
 from llamaserve.engine.llama_server import build_argv
+from llamaserve.engine.sizing import auto_slots
 from llamaserve.ops.process import start_ticks
 from tests.conftest import (
     ENGINES,
@@ -84,7 +85,7 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> float:
 def test_health_answers_the_number_of_slots(engine: Engine) -> None:
     response = httpx.get(f"{engine.base_url}/health")  # no key
     assert response.status_code == 200
-    slots = 4 if engine.name == "llama-server" else 1
+    slots = auto_slots(os.cpu_count() or 1) if engine.name == "llama-server" else 1
     assert response.json() == {"status": "ok", "slots": slots}
 
 

@@ -1,4 +1,5 @@
-"""The scheduler on its own: round-robin order, bounds, timeouts, cancellation."""
+"""The scheduler on its own: its order (by tokens, or round-robin), bounds, timeouts,
+cancellation."""
 
 from __future__ import annotations
 
@@ -221,3 +222,128 @@ def test_looking_at_the_queue_while_no_slot_is_free_costs_no_one_their_turn() ->
         return ["b", "a", "a"][served]
 
     assert asyncio.run(scenario()) == "b"
+
+
+# Fairness by tokens (the default): the next slot goes to the user served the fewest.
+
+
+async def serve_one_by_one(
+    scheduler: Scheduler, holder: tuple[str, int], backlog: dict[str, list[int]], count: int
+) -> list[str]:
+    """Each user's requests (their tokens), queued at once while `holder` (a user, and
+    the tokens they were charged) has the one slot of the engine; the order of the first
+    `count` served, each released at once."""
+    order: list[str] = []
+
+    async def request(user: str, cost: int) -> None:
+        grant = await scheduler.acquire(user, cost=cost)
+        order.append(user)
+        await asyncio.sleep(0)
+        scheduler.release(user, grant.engine, grant.charged)
+
+    tasks = [asyncio.create_task(request(u, c)) for u, costs in backlog.items() for c in costs]
+    await asyncio.sleep(0)  # all queued
+    scheduler.release(holder[0], scheduler.engines[0], holder[1])
+    while len(order) < count:
+        await asyncio.sleep(0)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return order[:count]
+
+
+def test_a_heavy_user_is_served_as_many_tokens_as_a_light_one_not_as_many_requests() -> None:
+    async def scenario(fairness: str) -> list[str]:
+        engine = EngineState("e", capacity=1)
+        scheduler = Scheduler([engine], QueueLimits(fairness=fairness))  # type: ignore[arg-type]
+        await scheduler.acquire("z")
+        backlog = {"heavy": [1000] * 10, "light": [100] * 50}
+        return await serve_one_by_one(scheduler, ("z", 0), backlog, 33)
+
+    by_tokens = asyncio.run(scenario("tokens"))
+    # Ten light requests for each heavy one: their tokens never more than one heavy
+    # request apart.
+    assert by_tokens.count("heavy") == 3 and by_tokens.count("light") == 30
+    heavy = light = 0
+    for user in by_tokens:
+        heavy, light = heavy + (user == "heavy") * 1000, light + (user == "light") * 100
+        assert abs(heavy - light) <= 1000
+    by_requests = asyncio.run(scenario("requests"))  # the round-robin of old
+    assert by_requests[:6] == ["heavy", "light"] * 3
+
+
+def test_an_estimate_corrected_by_the_exact_count_moves_the_counter() -> None:
+    async def scenario() -> list[str]:
+        engine = EngineState("e", capacity=2)
+        scheduler = Scheduler([engine], QueueLimits())
+        await scheduler.acquire("b", cost=500)
+        first = await scheduler.acquire("a", cost=1000)  # estimated at 1000...
+        waiting = [asyncio.create_task(scheduler.acquire(u, cost=100)) for u in ("b", "a")]
+        await asyncio.sleep(0)
+        scheduler.served("a", 10 - first.charged)  # ...it was 10: a (10) before b (500)
+        scheduler.release("a", engine, first.charged)
+        done, _ = await asyncio.wait(waiting, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+        served = ["b" if task is waiting[0] else "a" for task in done]
+        for task in waiting:
+            task.cancel()
+        return served
+
+    assert asyncio.run(scenario()) == ["a"]
+
+
+def test_a_newcomer_is_lifted_to_the_least_counter_and_banks_no_idle_time() -> None:
+    async def scenario() -> list[str]:
+        engine = EngineState("e", capacity=1)
+        scheduler = Scheduler([engine], QueueLimits())
+        await scheduler.acquire("a", cost=100)
+        for _ in range(10):  # a alone, for a while, never idle: 1100 tokens
+            task = asyncio.create_task(scheduler.acquire("a", cost=100))
+            await asyncio.sleep(0)
+            scheduler.release("a", engine, 100)
+            await task
+        # b comes, and a still has a backlog: b starts from a's 1000 (what a's request
+        # generating will cost is not known yet), not from 0, so it does not get ten
+        # requests in a row.
+        backlog = {"a": [100] * 6, "b": [100] * 6}
+        return await serve_one_by_one(scheduler, ("a", 100), backlog, 8)
+
+    assert "".join(asyncio.run(scenario())) == "babababa"
+
+
+def test_a_user_in_debt_waits_until_the_others_catch_up() -> None:
+    async def scenario() -> list[str]:
+        engine = EngineState("e", capacity=2)
+        scheduler = Scheduler([engine], QueueLimits())
+        light = await scheduler.acquire("light", cost=100)
+        heavy = await scheduler.acquire("heavy", cost=1000)
+        scheduler.release("heavy", heavy.engine, 1000)  # heavy is idle, but owes 1000 tokens
+        await scheduler.acquire("light", cost=100)  # light at 200; the engine is full
+        waiting = [asyncio.create_task(scheduler.acquire(u, cost=400)) for u in ("heavy", "light")]
+        await asyncio.sleep(0)  # heavy came first, yet light (200) goes before it (1000)
+        scheduler.release("light", light.engine, 100)
+        done, _ = await asyncio.wait(waiting, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+        served = ["heavy" if task is waiting[0] else "light" for task in done]
+        for task in waiting:
+            task.cancel()
+        return served
+
+    assert asyncio.run(scenario()) == ["light"]
+
+
+def test_the_least_served_user_at_their_cap_lets_the_next_one_pass() -> None:
+    async def scenario() -> list[str]:
+        engine = EngineState("e", capacity=2)
+        scheduler = Scheduler([engine], QueueLimits(per_user=1))
+        cheap = await scheduler.acquire("cheap", cost=0)  # cheap: 0 tokens, at its cap
+        dear = await scheduler.acquire("dear", cost=1000)
+        waiting = [asyncio.create_task(scheduler.acquire(u, cost=10)) for u in ("cheap", "dear")]
+        await asyncio.sleep(0)
+        # cheap has the least counter, but is at its cap
+        scheduler.release("dear", dear.engine, dear.charged)
+        done, _ = await asyncio.wait(waiting, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+        served = ["cheap" if task is waiting[0] else "dear" for task in done]
+        scheduler.release("cheap", cheap.engine)
+        await asyncio.wait_for(waiting[0], 1)  # then cheap's turn, once under its cap
+        return served
+
+    assert asyncio.run(scenario()) == ["dear"]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from llamaserve.config import ConfigError, Layout, Settings
 from llamaserve.engine.models import model_created
+from llamaserve.engine.sizing import Sizing, size_for
 
 if TYPE_CHECKING:
     from llamaserve.engine.bridge import ApiBridge
@@ -76,18 +77,23 @@ def template_args(chat_format: str) -> list[str]:
 
 
 def build_argv(
-    settings: Settings, model: Path, *, binary: Path, port: int, key_file: Path
+    settings: Settings,
+    model: Path,
+    *,
+    binary: Path,
+    port: int,
+    key_file: Path,
+    sizing: Sizing | None = None,
 ) -> list[str]:
     gpu_layers = "all" if settings.llama_n_gpu_layers < 0 else str(settings.llama_n_gpu_layers)
+    sizing = sizing or size_for(settings, model)
     return [
         str(binary),
         *("--model", str(model), "--alias", model.name),
         *("--host", "127.0.0.1", "--port", str(port)),
         *("--api-key-file", str(key_file)),
         "--no-webui",
-        *("--parallel", str(settings.llama_parallel)),
-        # -c is the context of all slots together.
-        *("--ctx-size", str(settings.llama_n_ctx * settings.llama_parallel)),
+        *slot_args(sizing),
         *("--threads", str(settings.threads()), "--threads-batch", str(settings.threads_batch())),
         # Idle threads sleep rather than spin (llama.cpp polls by default): as fast alone,
         # and far faster beside other busy processes (see docs/operations.md, "Threads").
@@ -95,6 +101,14 @@ def build_argv(
         *("--n-gpu-layers", gpu_layers),
         *template_args(settings.llama_chat_format),
     ]
+
+
+def slot_args(sizing: Sizing) -> list[str]:
+    """The slots, and the one KV pool they share (-c: all slots together), each request
+    bounded to its share (see `engine/sizing.py`)."""
+    per_slot = ["--kv-unified-per-slot", str(sizing.per_slot)] if sizing.per_slot else []
+    return ["--parallel", str(sizing.slots), "--kv-unified", "--ctx-size", str(sizing.pool),
+            *per_slot]  # fmt: skip
 
 
 def write_key_file(path: Path, key: str) -> Path:
@@ -167,9 +181,9 @@ class Launcher:
         self.port = free_loopback_port(avoid=settings.llama_server_port)
         key = settings.llama_server_api_key.get_secret_value()
         self.key_file = write_key_file(layout.run / "llama-server.key", key)
-        argv = build_argv(
-            settings, model, binary=self.binary, port=self.port, key_file=self.key_file
-        )
+        self.sizing = size_for(settings, model)
+        argv = build_argv(settings, model, binary=self.binary, port=self.port,
+                          key_file=self.key_file, sizing=self.sizing)  # fmt: skip
         self.child = Child(argv)
         self.failed = False
         self._watcher: asyncio.Task[None] | None = None
@@ -186,7 +200,7 @@ class Launcher:
             grace=self.settings.stop_grace(),
             header_timeout=self.settings.llama_header_timeout,
         )
-        print(_banner(self.settings, self.model, self.binary, self.port), flush=True)
+        print(_banner(self.settings, self.model, self.binary, self.port, self.sizing), flush=True)
         self._server.run()
         return 1 if self.failed else 0
 
@@ -200,7 +214,7 @@ class Launcher:
             api_key=self.settings.llama_server_api_key,
             model_id=self.model.name,
             created=model_created(self.model),
-            slots=self.settings.llama_parallel,
+            slots=self.sizing.slots,
             native_tools=not self.settings.llama_chat_format,
             on_startup=self.startup,
             on_shutdown=self.shutdown,
@@ -235,10 +249,10 @@ def serve(settings: Settings, layout: Layout, model: Path) -> int:
     return Launcher(settings, layout, model).run()
 
 
-def _banner(settings: Settings, model: Path, binary: Path, port: int) -> str:
+def _banner(settings: Settings, model: Path, binary: Path, port: int, sizing: Sizing) -> str:
     template = settings.llama_chat_format or "the model's own (jinja)"
     return (
         f"llamaserve engine: llama-server ({binary}) on 127.0.0.1:{port}, model {model.name}, "
-        f"{settings.llama_parallel} slots of {settings.llama_n_ctx} tokens, "
+        f"{sizing.describe()}, "
         f"threads {settings.threads()}/{settings.threads_batch()}, chat template {template}"
     )

@@ -54,6 +54,7 @@ class Gateway:
                 user_queue_size=settings.llama_proxy_user_queue_size,
                 max_wait=settings.llama_proxy_queue_timeout,
                 reserved=settings.llama_proxy_reserved_slots,
+                fairness=settings.llama_proxy_fairness,
             ),
         )
         self.watch = EngineWatch(

@@ -50,6 +50,7 @@ from llamaserve.gateway.admission import (
 )
 from llamaserve.gateway.affinity import Prefixes
 from llamaserve.gateway.auth import Authenticator
+from llamaserve.gateway.fairness import expected_tokens
 from llamaserve.gateway.logbook import RequestLog
 from llamaserve.gateway.metering import Meter
 from llamaserve.gateway.metrics import Metrics
@@ -382,8 +383,10 @@ class Exchange:
         had the request)."""
         slots = self.services.slots
         tried: EngineState | None = None
+        parsed = self._body if isinstance(self._body, dict) else None
+        cost = expected_tokens(self.row.path, parsed, len(body))  # until its tokens are known
         for last in (False, True):
-            async with slots.engine(self.row, tried, self.prefixes) as engine:
+            async with slots.engine(self.row, tried, self.prefixes, cost=cost) as engine:
                 self.row.engine = engine.url
                 try:
                     await self._exchange(engine.url, body, stream, wants_usage, last)
@@ -498,6 +501,8 @@ class Exchange:
         if self._admission is not None:  # never settled: the client went away first
             _discard(self._admission)
         row = self.row
+        if row.engine is not None:  # its tokens charged to its user in the fair queue
+            self.services.slots.settle(row)
         if self.reservation is not None or (self.metered and row.path in COMPLETION_BOUNDS
                                             and row.engine is not None):  # fmt: skip
             self.services.quotas.settle(self.reservation, row)

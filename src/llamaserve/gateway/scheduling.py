@@ -1,11 +1,15 @@
-"""Fair admission to the engines' slots: a queue per user, served round-robin.
+"""Fair admission to the engines' slots: a queue per user, served by tokens.
 
 Requests in flight to an engine are capped at its slots. The others wait here, each
-user in a queue of their own; when a slot frees, the waiting user with the fewest
-requests generating is served, and among equals the one served least recently (a
-user who has not been served yet comes first). A user with one request therefore
-waits for at most one request of each other waiting user, never behind another
-user's whole backlog; a newcomer waits only for the next slot to free. Optionally,
+user in a queue of their own; when a slot frees, the waiting user who was served the
+fewest tokens is served (`fairness.TokenCounters`: a request is charged an estimate
+when it starts, its exact tokens when it ends; a newcomer is lifted to the least
+counter of the active users); among equals, the one with the fewest requests
+generating, then the one served least recently (a user not served yet first). With
+`fairness="requests"` the counters are not looked at: the fewest generating, then
+round-robin. Either way a newcomer waits only for the next slot to free (or, by
+tokens, for the others to be served what it was served more than them), never behind
+another user's whole backlog. Optionally,
 `reserved` slots are kept for users who have nothing generating, so that a newcomer
 starts at once, at the price of those slots for a user alone with a backlog.
 
@@ -25,6 +29,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from llamaserve.errors import RateLimited, ServiceUnavailable, retry_soon
+from llamaserve.gateway.fairness import Fairness, TokenCounters
 
 # A request leaves its preferred engine (where its prompt is cached) for one with this
 # many more free slots: each engine batches its own requests, and a busier one answers
@@ -53,6 +58,7 @@ class QueueLimits:
     user_queue_size: int = 100  # waiting, one user
     max_wait: float = 300.0  # seconds
     reserved: int = 0  # free slots kept for users with nothing generating; 0 = none
+    fairness: Fairness = "tokens"  # what a user's service counts: tokens, or requests
 
 
 @dataclass(eq=False)
@@ -60,6 +66,7 @@ class _Waiter:
     user: Hashable
     exclude: EngineState | None
     prefer: EngineState | None  # where its prompt is likely cached (`affinity.py`)
+    cost: int  # tokens charged when it is granted
     future: asyncio.Future[EngineState] = field(default_factory=lambda: _loop().create_future())
 
 
@@ -71,6 +78,7 @@ def _loop() -> asyncio.AbstractEventLoop:
 class Grant:
     engine: EngineState
     waited: float  # seconds spent queued
+    charged: int = 0  # tokens charged to the user: the request's estimate
 
 
 class Scheduler:
@@ -85,6 +93,7 @@ class Scheduler:
         self._clock = itertools.count()
         self._waiting = 0
         self._blocked: set[Hashable] = set()  # users at their cap through other gateways
+        self._counters = TokenCounters()  # tokens served to each user
 
     async def acquire(
         self,
@@ -94,18 +103,22 @@ class Scheduler:
         again: bool = False,
         max_wait: float | None = None,
         prefer: EngineState | None = None,
+        cost: int = 0,
     ) -> Grant:
-        """A slot of an engine (not `exclude`; `prefer`'s while it has one free). A
-        request that had one and gave it back (`again`) waits first in its user's queue;
-        `max_wait` is what is left of the queue's timeout."""
+        """A slot of an engine (not `exclude`; `prefer`'s while it has one free),
+        charging the user `cost` tokens (see `served`). A request that had one and gave it
+        back (`again`) waits first in its user's queue; `max_wait` is what is left of the
+        queue's timeout."""
         began = time.monotonic()
         if not any(e.healthy for e in self.engines if e is not exclude):
             raise _no_engine()
+        if user not in self._running and user not in self._queues:
+            self._counters.lift(user, self._active())  # a newcomer banks no idle time
         engine = self._pick(exclude, prefer)
         if not self._queued and engine is not None and self._may_run(user):
-            self._take(user, engine)
-            return Grant(engine, 0.0)
-        waiter = self._enqueue(user, exclude, prefer, again)
+            self._take(user, engine, cost)
+            return Grant(engine, 0.0, cost)
+        waiter = self._enqueue(user, exclude, prefer, cost, again)
         self.dispatch()  # a free slot may be held back only from users at their limit
         wait = self.limits.max_wait if max_wait is None else max(0.0, max_wait)
         # asyncio.wait, not wait_for: a cancel that comes as the slot is granted must end
@@ -122,7 +135,7 @@ class Scheduler:
                 code="queue_timeout",
                 headers=retry_soon(),
             )
-        return Grant(waiter.future.result(), time.monotonic() - began)
+        return Grant(waiter.future.result(), time.monotonic() - began, cost)
 
     def any_engine(self, exclude: EngineState | None = None) -> EngineState:
         """A healthy engine for a request that takes no slot (such as /v1/models)."""
@@ -134,7 +147,14 @@ class Scheduler:
     def has_other(self, engine: EngineState) -> bool:
         return any(e.healthy and e is not engine for e in self.engines)
 
-    def release(self, user: Hashable, engine: EngineState) -> None:
+    def served(self, user: Hashable, tokens: int) -> None:
+        """Correct the tokens charged to a user: a request's estimate by its exact count
+        (`tokens` the difference), before its slot is released if it is known by then."""
+        self._counters.correct(user, tokens)
+
+    def release(self, user: Hashable, engine: EngineState, charged: int = 0) -> None:
+        """Give back a slot granted with `charged` tokens (`Grant.charged`)."""
+        self._counters.ended(user, charged)
         engine.in_flight -= 1
         self._running[user] -= 1
         if self._running[user] <= 0:
@@ -152,8 +172,8 @@ class Scheduler:
             self.dispatch()
 
     def dispatch(self) -> None:
-        """Grant free slots to waiting users: the one with the fewest requests generating
-        first, the least recently served among equals. Call when capacity appears."""
+        """Grant free slots to waiting users, the least served first (see the module).
+        Call when capacity appears."""
         while self._queued:
             user = self._next_user()
             if user is None or not self._serve_first(user):
@@ -164,7 +184,12 @@ class Scheduler:
         if not eligible:
             return None
         # Never served counts as longest ago; arrival order breaks the remaining ties.
-        return min(eligible, key=lambda u: (self._running[u], self._served.get(u, -1)))
+        if self.limits.fairness == "requests":
+            return min(eligible, key=lambda u: (self._running[u], self._served.get(u, -1)))
+        counters = self._counters
+        return min(
+            eligible, key=lambda u: (counters.of(u), self._running[u], self._served.get(u, -1))
+        )
 
     @property
     def waiting(self) -> int:
@@ -185,7 +210,7 @@ class Scheduler:
         if not queue:
             del self._queues[user]
             self._queued.remove(user)
-        self._take(user, engine)
+        self._take(user, engine, waiter.cost)
         waiter.future.set_result(engine)
         return True
 
@@ -194,6 +219,7 @@ class Scheduler:
         user: Hashable,
         exclude: EngineState | None,
         prefer: EngineState | None,
+        cost: int,
         again: bool = False,
     ) -> _Waiter:
         queue = self._queues.get(user)
@@ -211,7 +237,7 @@ class Scheduler:
                     code="queue_full",
                     headers=retry_soon(),
                 )
-        waiter = _Waiter(user, exclude, prefer)
+        waiter = _Waiter(user, exclude, prefer, cost)
         if queue is None:
             queue = self._queues[user] = deque()
             self._queued.append(user)
@@ -224,7 +250,8 @@ class Scheduler:
 
     def _abandon(self, waiter: _Waiter) -> None:
         if waiter.future.done() and not waiter.future.cancelled():
-            self.release(waiter.user, waiter.future.result())  # granted as it gave up
+            self._counters.correct(waiter.user, -waiter.cost)  # granted as it gave up
+            self.release(waiter.user, waiter.future.result(), waiter.cost)
             return
         waiter.future.cancel()
         queue = self._queues.get(waiter.user)
@@ -266,15 +293,22 @@ class Scheduler:
             return prefer
         return best
 
-    def _take(self, user: Hashable, engine: EngineState) -> None:
+    def _take(self, user: Hashable, engine: EngineState, cost: int) -> None:
         engine.in_flight += 1
         self._running[user] += 1
         self._served[user] = next(self._clock)
+        self._counters.charge(user, cost)
+
+    def _active(self) -> set[Hashable]:
+        """The users with requests waiting or generating."""
+        return set(self._running) | set(self._queues)
 
     def _forget_if_idle(self, user: Hashable) -> None:
-        """A user with nothing waiting or generating starts afresh next time."""
+        """A user with nothing waiting or generating starts afresh next time (keeping a
+        debt of tokens, see `TokenCounters.forget`)."""
         if user not in self._running and user not in self._queues:
             self._served.pop(user, None)
+            self._counters.forget(user, self._active())
 
 
 def _no_engine() -> ServiceUnavailable:

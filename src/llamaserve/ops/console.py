@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from llamaserve.config import ConfigError, Layout, Settings, is_engine_url, split_urls
 from llamaserve.engine import llama_server
 from llamaserve.engine.models import resolve_model
+from llamaserve.engine.sizing import size_for
 from llamaserve.logs import private_log
 from llamaserve.ops import cluster
 from llamaserve.ops.process import ProcessRecord, Service, Stopped
@@ -40,6 +41,7 @@ class Plan:
     host: str
     port: int
     info: dict[str, Any]  # recorded with the process (see `_already_running`)
+    note: str = ""  # said as it starts
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -88,9 +90,13 @@ def plans(settings: Settings, layout: Layout) -> list[Plan]:
 
 def plan_engine(settings: Settings, layout: Layout) -> Plan:
     model = resolve_model(settings, layout)
+    env = _child_env(layout, LLAMA_MODEL=str(model))
+    note = ""
     if settings.llama_engine == "llama-server":
         llama_server.find_binary(settings, layout.root)
-    env = _child_env(layout, LLAMA_MODEL=str(model))
+        sizing = size_for(settings, model)
+        env["LLAMA_PARALLEL"] = str(sizing.slots)  # the engine sized as said here
+        note = f"llama-server, {sizing.describe()}"
     host, port = settings.llama_server_host, settings.llama_server_port
     return Plan(
         service=engine_service(layout),
@@ -107,6 +113,7 @@ def plan_engine(settings: Settings, layout: Layout) -> Plan:
             "engine": settings.llama_engine,
             **_settings_record(settings, "engine"),
         },
+        note=note,
     )
 
 
@@ -281,6 +288,8 @@ def launch(plan: Plan, timeout: float, stop_timeout: float, out: TextIO) -> bool
     """Spawn the service and wait until it answers; on failure, show its log and clean up."""
     service = plan.service
     print(f"llamaserve: starting {service.name} (log: {service.logfile})", file=out, flush=True)
+    if plan.note:
+        print(f"llamaserve: {service.name}: {plan.note}", file=out, flush=True)
     began = time.monotonic()
     private_log(service.logfile)
     proc = service.spawn(plan.argv, env=plan.env, info=plan.info)

@@ -1,0 +1,101 @@
+"""How many requests llama-server decodes at once (its slots), and the KV cache they
+share, chosen from the machine when LLAMA_PARALLEL is 0 (the default).
+
+On CPU, decoding several requests in one batch costs little more than decoding one, up to
+a point that grows with the cores: on 2 cores, 16 slots made 1.9 times the tokens of 4
+at 16 users, each request finishing sooner too (docs/performance.md). So `auto` is
+SLOTS_PER_CORE slots a core, between MIN_SLOTS and MAX_SLOTS.
+
+The slots share one KV pool (`--kv-unified`), each request using up to LLAMA_N_CTX of it
+(`--kv-unified-per-slot`). The pool holds every slot's LLAMA_N_CTX tokens when memory
+allows: its size is bounded to MEMORY_SHARE of the memory available (less the model),
+at the KV cache's cost per token read from the model's header (`gguf.Shape`). A pool
+smaller than the slots' contexts together serves many requests as long as they do not
+all take their whole context at once. LLAMA_N_CTX 0 keeps the model's own context as the
+pool, shared by the slots.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamaserve.config import Settings
+from llamaserve.engine.gguf import read_shape
+
+SLOTS_PER_CORE = 8
+MIN_SLOTS, MAX_SLOTS = 4, 32
+MEMORY_SHARE = 0.5  # of the memory available, less the model's file
+
+
+@dataclass(frozen=True)
+class Sizing:
+    slots: int
+    pool: int  # tokens of KV cache the slots share (-c); 0 = the model's own context
+    per_slot: int  # tokens one request may use; 0 = the whole pool
+    auto: bool  # chosen from the machine, not set
+
+    def describe(self) -> str:
+        how = "chosen for this machine" if self.auto else "LLAMA_PARALLEL"
+        if not self.pool:
+            return f"{self.slots} slots ({how}) sharing the model's own context"
+        return (
+            f"{self.slots} slots ({how}) of up to {self.per_slot} tokens each, "
+            f"sharing a KV pool of {self.pool} tokens"
+        )
+
+
+def auto_slots(cores: int) -> int:
+    """The slots for a machine with this many cores."""
+    return max(MIN_SLOTS, min(MAX_SLOTS, SLOTS_PER_CORE * cores))
+
+
+def choose(
+    parallel: int,
+    n_ctx: int,
+    *,
+    cores: int,
+    available: int | None,
+    model_bytes: int,
+    kv_bytes_per_token: int | None,
+) -> Sizing:
+    """The sizing for LLAMA_PARALLEL (`parallel`, 0 = auto) and LLAMA_N_CTX on a machine
+    with `cores` and `available` bytes of memory (None: unknown, not bounded)."""
+    slots = parallel or auto_slots(cores)
+    if not n_ctx:
+        return Sizing(slots, 0, 0, auto=not parallel)
+    pool = slots * n_ctx
+    if available is not None and kv_bytes_per_token:
+        budget = int((available - model_bytes) * MEMORY_SHARE) // kv_bytes_per_token
+        pool = max(n_ctx, min(pool, budget))
+    return Sizing(slots, pool, n_ctx, auto=not parallel)
+
+
+def size_for(settings: Settings, model: Path) -> Sizing:
+    """The sizing of llama-server on this machine, for this model."""
+    shape = read_shape(model)
+    try:
+        model_bytes = model.stat().st_size
+    except OSError:
+        model_bytes = 0
+    return choose(
+        settings.llama_parallel,
+        settings.llama_n_ctx,
+        cores=os.cpu_count() or 1,
+        available=memory_available(),
+        model_bytes=model_bytes,
+        kv_bytes_per_token=shape.kv_bytes_per_token if shape else None,
+    )
+
+
+def memory_available() -> int | None:
+    """Bytes of memory available for new work (Linux's MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
