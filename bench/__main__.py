@@ -143,7 +143,7 @@ class Run:
 
 def _run(args: argparse.Namespace, stack: Stack, ledger: Ledger, results: dict[str, Any]) -> None:
     if "dashboard" in args.only:
-        say("e) the dashboard's queries over 1,000,000 request-log rows")
+        say("g) the dashboard's queries over 1,000,000 request-log rows")
         results["dashboard"] = dashboard.run(stack, args.quick)
     if "overhead" in args.only:
         say("a) gateway overhead against the mock engine")

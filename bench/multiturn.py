@@ -244,7 +244,7 @@ def table(results: dict[str, Any]) -> str:
     if not multiturn:
         return ""
     if "error" in multiturn:
-        return f"Multi-turn: {multiturn['error']}"
+        return f"f) Multi-turn: {multiturn['error']}"
     rows = [
         [case["name"], t["turn"], t["requests"], t["ttft_p50_ms"], t["queue_p50_ms"],
          t["ttft_minus_queue_p50_ms"], t["prompt_tokens"], t["cached_tokens"],
@@ -255,7 +255,7 @@ def table(results: dict[str, Any]) -> str:
                "cached tok", "cached %"]  # fmt: skip
     plan = multiturn["plan"]
     title = (
-        f"Multi-turn ({plan['conversations']} conversations x {plan['turns']} turns at once, "
+        f"f) Multi-turn ({plan['conversations']} conversations x {plan['turns']} turns at once, "
         f"max_tokens {plan['max_tokens']}; ms)"
     )
     spread = "\n".join(

@@ -78,7 +78,7 @@ def _dashboard(results: dict[str, Any]) -> str:
                       ("write: without it", "batch_without_rollup")):  # fmt: skip
         rows.append([f"{name} ({found['batch_rows']} rows, COPY)", *found[key].values()])
     title = (
-        f"e) Dashboard queries, ms ({found['rows']:,} rows over 7 days, {found['users']} users; "
+        f"g) Dashboard queries, ms ({found['rows']:,} rows over 7 days, {found['users']} users; "
         f"{found['rollup_rows']:,} rollup rows; median of {found['runs']} runs)"
     )
     return title + "\n" + grid(["query", "median", "max"], rows)
@@ -197,7 +197,7 @@ def _integrity(results: dict[str, Any]) -> str:
              run["rows"], run["missing_rows"], run["usage_mismatch"]]
             for run in integrity["runs"]]  # fmt: skip
     headers = ["run", "n", "ok", "error", "cut", "lost", "rows", "missing", "tokens differ"]
-    text = "d) Integrity (rows: llama_requests rows found by request id)\n" + grid(headers, rows)
+    text = "h) Integrity (rows: llama_requests rows found by request id)\n" + grid(headers, rows)
     if integrity["problems"]:
         text += "\nproblems:\n" + "\n".join(f"  {p}" for p in integrity["problems"])
     return text
