@@ -83,10 +83,15 @@ def test_the_engine_listens_on_loopback_only(stack: Stack) -> None:
 
 @pytest.mark.one_engine
 def test_engine_routes_other_than_openai_are_unreachable(stack: Stack, alice: str) -> None:
-    for path in ("/slots", "/props", "/metrics", "/extras/tokenize", "/docs", "/v1/unknown"):
-        response = httpx.get(stack.gateway_url + path, headers={"Authorization": f"Bearer {alice}"})
+    headers = {"Authorization": f"Bearer {alice}"}
+    for path in ("/slots", "/props", "/extras/tokenize", "/docs", "/v1/unknown"):
+        response = httpx.get(stack.gateway_url + path, headers=headers)
         assert response.status_code == 404, path
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    # /metrics is the gateway's own, for the operator's key: never the engine's.
+    response = httpx.get(stack.gateway_url + "/metrics", headers=headers)
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "admin_key_required"
 
 
 @pytest.mark.one_engine
