@@ -216,7 +216,7 @@ def _measure_engine(run: Run, engine: str, entry: dict[str, Any]) -> None:
         say(f"c) fairness through the gateway on {engine}")
         heavy = Target(stack.gateway_url, keys["heavy"], model_id)
         light = Target(stack.gateway_url, keys["light"], model_id)
-        plan_f = fairness.Plan.for_run(args.quick)
+        plan_f = fairness.Plan.for_run(args.quick, stack.engine_slots())
         run.results["fairness"] = fairness.run(stack, heavy, light, plan_f, engine, run.ledger)
     if "multiturn" in args.only and engine == "llama-server":
         say(f"e) multi-turn conversations through the gateway on {engine}, one and two engines")

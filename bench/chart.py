@@ -96,7 +96,8 @@ def _fairness(results: dict[str, Any], ax: Any) -> bool:
         values = [(fairness[user][key] or 0) / 1000 for user in users]
         bars = ax.bar([i + (n - 0.5) * 0.35 for i in range(2)], values, 0.35, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(range(2), ["heavy user (16 streams)", "light user (1)"])
+    streams = fairness["plan"]["heavy_streams"]
+    ax.set_xticks(range(2), [f"heavy user ({streams} streams)", "light user (1)"])
     ax.set_ylabel("seconds")
     ax.set_title(f"c) fairness through the gateway ({fairness['engine']})")
     ax.legend(fontsize=8)

@@ -1,6 +1,7 @@
 """Scenario c: a heavy user and a light user through the gateway's fair queue.
 
-The heavy user keeps 16 streams in flight (a new one as soon as one ends), of lengths
+The heavy user keeps twice the engine's slots in flight, 16 at least (a new one as soon
+as one ends), so that half of them wait in the gateway's queue all along; of lengths
 that differ as real requests do (`max_tokens` 64 to 192, 128 on average): with equal
 lengths, streams that start together end together, slots free in bursts, and any
 late request waits for the whole burst, however fair the queue. A little later,
@@ -38,8 +39,12 @@ class Plan:
     light_pause: tuple[float, float] = (0.5, 2.5)  # seconds between the light user's requests
 
     @classmethod
-    def for_run(cls, quick: bool) -> Plan:
-        return cls(light_requests=4) if quick else cls()
+    def for_run(cls, quick: bool, slots: int) -> Plan:
+        """A heavy user with a backlog as long as the engine's slots: with no more streams
+        than slots, nothing of theirs would wait, and a light user's wait for the next
+        slot to free would be measured against none."""
+        heavy = max(16, 2 * slots)
+        return cls(heavy_streams=heavy, light_requests=4 if quick else 8)
 
 
 def run(

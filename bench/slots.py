@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from bench import load, token_fairness
 from bench.integrity import Ledger
 from bench.load import Batch, Client, Target
@@ -47,7 +45,7 @@ def run(stack: Stack, keys: dict[str, str], scenarios: list[str], quick: bool,
         stack.start("llama-server", parallel)
         try:
             model_id = stack.model_id()
-            slots = _slots(stack)
+            slots = stack.engine_slots()
             if "slots" in scenarios:
                 direct = Target(stack.engine_url, stack.engine_key, model_id)
                 gateway = Target(stack.gateway_url, keys["slots"], model_id)
@@ -65,11 +63,6 @@ def run(stack: Stack, keys: dict[str, str], scenarios: list[str], quick: bool,
             stack.stop()
     if sizes:
         results["slots"] = {"sizes": sizes}
-
-
-def _slots(stack: Stack) -> int:
-    """The slots the engine runs, as its /health says."""
-    return int(httpx.get(f"{stack.engine_url}/health", timeout=30).json()["slots"])
 
 
 async def _measure(

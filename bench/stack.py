@@ -205,6 +205,11 @@ class Stack:
         answer.raise_for_status()
         return str(answer.json()["data"][0]["id"])
 
+    def engine_slots(self) -> int:
+        """The slots the engine runs, as its /health says (1 if it does not say)."""
+        health = httpx.get(f"{self.engine_url}/health", timeout=30).json()
+        return int(health.get("slots") or 1)
+
     def stop(self) -> None:
         self.run("console.sh", "stop")
 

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from llamaserve.errors import RateLimited, ServiceUnavailable
-from llamaserve.gateway.scheduling import EngineState, QueueLimits, Scheduler
+from llamaserve.gateway.scheduling import EngineState, Grant, QueueLimits, Scheduler
 
 
 async def run_requests(scheduler: Scheduler, plan: list[str], served: list[str]) -> None:
@@ -347,3 +347,52 @@ def test_the_least_served_user_at_their_cap_lets_the_next_one_pass() -> None:
         return served
 
     assert asyncio.run(scenario()) == ["dear"]
+
+
+def test_a_light_user_takes_the_next_free_slot_from_a_heavy_backlog_at_16_slots() -> None:
+    """The benchmark's fairness scenario in miniature: a heavy user keeps twice the 16 slots
+    busy with requests of mixed lengths (charged an estimate, then corrected to less); a
+    light user sends one request at a time. Each light request gets the very next slot
+    that frees, before any of the heavy user's waiting ones."""
+
+    async def scenario() -> list[str]:
+        engine = EngineState("e", capacity=16)
+        scheduler = Scheduler([engine], QueueLimits())
+        heavy: list[tuple[asyncio.Task[Grant], int]] = []  # (its slot, exact tokens)
+        lengths = [64, 160, 96, 192, 128]
+
+        def send_heavy() -> None:
+            task = asyncio.create_task(scheduler.acquire("heavy", cost=30 + 200))
+            heavy.append((task, 20 + lengths[len(heavy) % 5]))
+
+        def end(user: str, grant: Grant, exact: int) -> None:
+            scheduler.served(user, exact - grant.charged)
+            scheduler.release(user, grant.engine, grant.charged)
+
+        for _ in range(32):
+            send_heavy()
+        await asyncio.sleep(0)
+        next_after_light = []
+        for _ in range(8):
+            light = asyncio.create_task(scheduler.acquire("light", cost=30 + 128))
+            await asyncio.sleep(0)
+            assert scheduler.per_user()["light"] == (1, 0)  # waiting: every slot is taken
+            for n in range(3):  # heavy requests end one by one, their clients send more
+                oldest = next(h for h in heavy if h[0].done() and h[1] >= 0)
+                heavy[heavy.index(oldest)] = (oldest[0], -1)  # ended
+                end("heavy", oldest[0].result(), oldest[1])
+                if n == 0:  # who had the slot that freed
+                    generating = scheduler.per_user()["light"][1]
+                    next_after_light.append("light" if generating else "heavy")
+                send_heavy()
+                for _ in range(5):
+                    await asyncio.sleep(0)
+            end(
+                "light", await asyncio.wait_for(light, 1), 20 + 128
+            )  # then it ends, and the light user pauses
+        for task, _ in heavy:
+            task.cancel()
+        await asyncio.gather(*(t for t, _ in heavy), return_exceptions=True)
+        return next_after_light
+
+    assert asyncio.run(scenario()) == ["light"] * 8
