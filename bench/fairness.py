@@ -2,13 +2,13 @@
 
 The heavy user keeps twice the engine's slots in flight, 16 at least (a new one as soon
 as one ends), so that half of them wait in the gateway's queue all along; of lengths
-that differ as real requests do (`max_tokens` 64 to 192, 128 on average): with equal
-lengths, streams that start together end together, slots free in bursts, and any
-late request waits for the whole burst, however fair the queue. A little later,
-once the heavy user's backlog waits in the queue, the light user sends one request
-(`max_tokens` 128), waits for its answer and a pause of 0.5 to 2.5 s (random, seeded),
-and does so `light_requests` times; then the heavy user stops sending and its
-streams drain. Queue waits are the gateway's own (`llama_requests.queue_ms`); times
+that differ as real requests do (`max_tokens` drawn from 64 to 192, seeded): with equal
+lengths, or a few (five lengths 32 tokens apart did so at 16 slots), streams that start
+together end together, slots free in bursts seconds apart, and a late request waits for
+the next burst, however fair the queue. A little later, once the heavy user's backlog
+waits in the queue, the light user sends one request (`max_tokens` 128), waits for its
+answer and a pause of 0.5 to 2.5 s (random, seeded), and does so `light_requests` times;
+then the heavy user stops sending and its streams drain. Queue waits are the gateway's own (`llama_requests.queue_ms`); times
 to first token are the client's.
 """
 
@@ -27,7 +27,7 @@ from bench.stack import Stack
 from bench.stats import ms, percentile, samples
 
 HEAVY_LIMIT = 300  # requests at most, whatever happens
-HEAVY_LENGTHS = (64, 160, 96, 192, 128)  # max_tokens of the heavy user's requests, in turn
+HEAVY_LENGTHS = (64, 192)  # bounds of the heavy user's max_tokens, drawn anew for each request
 SEED = 4
 
 
@@ -74,9 +74,10 @@ async def _measure(heavy: Target, light: Target, plan: Plan) -> tuple[Batch, Bat
         Client(heavy.url, heavy.key, connections=plan.heavy_streams, timeout=TIMEOUT) as h,
         Client(light.url, light.key, connections=1, timeout=TIMEOUT) as li,
     ):
+        lengths = random.Random(SEED + 1)
 
         async def send_heavy(i: int) -> load.Outcome:
-            length = HEAVY_LENGTHS[i % len(HEAVY_LENGTHS)]
+            length = lengths.randint(*HEAVY_LENGTHS)
             return await h.chat(body(heavy.model, i, length), stream=True)
 
         heavy_run = asyncio.ensure_future(
