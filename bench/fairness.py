@@ -8,8 +8,8 @@ together end together, slots free in bursts seconds apart, and a late request wa
 the next burst, however fair the queue. A little later, once the heavy user's backlog
 waits in the queue, the light user sends one request (`max_tokens` 128), waits for its
 answer and a pause of 0.5 to 2.5 s (random, seeded), and does so `light_requests` times;
-then the heavy user stops sending and its streams drain. Queue waits are the gateway's own (`llama_requests.queue_ms`); times
-to first token are the client's.
+then the heavy user stops sending and its streams drain. Queue waits are the gateway's
+own (`llama_requests.queue_ms`); times to first token are the client's.
 """
 
 from __future__ import annotations
