@@ -407,3 +407,72 @@ async def test_deleting_a_user_during_its_requests_never_deadlocks(
                 assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
     finally:
         await pool.close()
+
+
+async def test_one_statement_charges_many_users_and_periods(pg_conn: asyncpg.Connection) -> None:
+    """A batch of charges: each user's requests summed into their period and their bucket;
+    a request of an ended period charged there; one without a period only to its bucket."""
+    alice = await new_user(pg_conn, "alice", quota=1000, per="day", tpm=600)
+    bob = await new_user(pg_conn, "bob", quota=500, per="week")
+    carol = await new_user(pg_conn, "carol", tpm=600)
+    a1, a2 = await reserve(pg_conn, alice, 100), await reserve(pg_conn, alice, 200)
+    b1, c1 = await reserve(pg_conn, bob, 50), await reserve(pg_conn, carol, 10)
+    assert c1.period_start is None and a1.period_start is not None
+    yesterday = a1.period_start - timedelta(days=1)
+    await pg_conn.execute(
+        "INSERT INTO quota_usage (user_id, period_start, used, reserved) VALUES ($1, $2, 7, 40)",
+        alice, yesterday,
+    )  # fmt: skip
+    Charge = quotas.Charge
+    await quotas.settle_many(pg_conn, [
+        Charge(alice, a1.period_start, a1.granted, 60),
+        Charge(bob, b1.period_start, b1.granted, 30),
+        Charge(alice, yesterday, 40, 25),
+        Charge(carol, None, None, 90),
+        Charge(alice, a2.period_start, a2.granted, 150),
+    ])  # fmt: skip
+    periods = await pg_conn.fetch(
+        "SELECT user_id, period_start, used, reserved FROM quota_usage ORDER BY 1, 2"
+    )
+    assert [tuple(p) for p in periods] == [
+        (alice, yesterday, 7 + 25, 0), (alice, a1.period_start, 210, 0),
+        (bob, b1.period_start, 30, 0),
+    ]  # fmt: skip
+    levels = dict(await pg_conn.fetch("SELECT user_id, level FROM token_rate_state"))
+    assert levels[alice] == pytest.approx(600 - 235, abs=1)
+    assert levels[carol] == pytest.approx(600 - 90, abs=1)
+
+
+async def test_batches_of_many_users_at_once_never_deadlock(pg_database: PgDatabase) -> None:
+    """As many gateways do: reservations and batched charges of the same users in opposite
+    orders, on many connections at once; every token charged, nothing left reserved. (With
+    the charges' locks taken in the other order, this deadlocked.)"""
+    pool = await db.create_pool(pg_database.settings, pg_database.layout, max_size=20)
+    try:
+        async with pool.acquire() as conn:
+            ids = [await new_user(conn, f"u{i}", quota=10**9, per="day", tpm=10**9)
+                   for i in range(6)]  # fmt: skip
+
+        async def gateway(order: list[int]) -> int:
+            charged = 0
+            for _ in range(20):
+                async with pool.acquire() as conn:
+                    made = await quotas.reserve_many(
+                        conn, asks=[(user, 10) for user in order],
+                        default_quota=0, default_period="day", default_tpm=0,
+                    )  # fmt: skip
+                async with pool.acquire() as conn:
+                    await quotas.settle_many(conn, [
+                        quotas.Charge(user, r.period_start, r.granted, 3)
+                        for user, r in zip(order, made, strict=True)
+                    ])  # fmt: skip
+                charged += 3 * len(order)
+            return charged
+
+        orders = [ids, ids[::-1], ids[::2] + ids[1::2], ids[1::2][::-1] + ids[::2]] * 4
+        charged = await asyncio.gather(*(gateway(order) for order in orders))  # no deadlock
+        async with pool.acquire() as conn:
+            used, reserved = await conn.fetchrow("SELECT sum(used), sum(reserved) FROM quota_usage")
+        assert (used, reserved) == (sum(charged), 0)
+    finally:
+        await pool.close()

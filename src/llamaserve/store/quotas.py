@@ -20,8 +20,9 @@ above 0 and charged its real tokens when it ends, so the level may go below 0 (a
 that refilling pays off). Admission locks the bucket's row (and refills it), so the
 level it judges is the latest.
 
-Lock order, in both statements: the user's row (FOR KEY SHARE, so that deleting the
-user waits for them, and they for it), the bucket, then the period's row: no deadlock.
+Charges are settled in batches too (`settle_many`). Lock order, in both statements: the
+users' rows (FOR KEY SHARE, so that deleting a user waits for them, and they for it),
+the buckets, then the periods' rows, each in user order: no deadlock.
 A user with neither a quota nor a tokens-per-minute limit costs one index lookup in
 `users` and takes no lock.
 """
@@ -100,23 +101,45 @@ LEFT JOIN seen ON seen.user_id = u.id
 """
 
 _SETTLE = """
-WITH u AS (  -- the user, locked as in _RESERVE: only when there is something to charge
+WITH c AS (  -- the charges, one per user and period (a user's requests summed)
+    SELECT user_id, period_start, sum(granted) AS granted, sum(tokens) AS tokens
+    FROM unnest($1::bigint[], $2::timestamptz[], $3::bigint[], $4::bigint[])
+         AS c(user_id, period_start, granted, tokens)
+    GROUP BY user_id, period_start
+),
+u AS MATERIALIZED (  -- the users, locked as in _RESERVE, if they have something to charge
     SELECT id FROM users
-    WHERE id = $1::bigint
-      AND ($2::timestamptz IS NOT NULL OR EXISTS (SELECT FROM token_rate_state WHERE user_id = $1))
+    WHERE id IN (SELECT user_id FROM c WHERE period_start IS NOT NULL)
+       OR id IN (SELECT s.user_id FROM token_rate_state s JOIN c ON c.user_id = s.user_id)
+    ORDER BY id
     FOR KEY SHARE
 ),
-b AS (
+lb AS MATERIALIZED (  -- their buckets, locked in user order
+    SELECT s.user_id FROM token_rate_state s JOIN u ON u.id = s.user_id
+    ORDER BY s.user_id
+    FOR UPDATE OF s
+),
+b AS (  -- each bucket refilled up to now, then charged its user's tokens
     UPDATE token_rate_state s SET
         level = LEAST(s.capacity, s.level + s.capacity / 60.0
-                      * GREATEST(0, extract(epoch FROM now() - s.updated_at))) - $4::bigint,
+                      * GREATEST(0, extract(epoch FROM now() - s.updated_at))) - t.tokens,
         updated_at = GREATEST(s.updated_at, now())
-    FROM u WHERE s.user_id = u.id
+    FROM (SELECT user_id, sum(tokens) AS tokens FROM c GROUP BY user_id) t
+    JOIN lb ON lb.user_id = t.user_id
+    WHERE s.user_id = t.user_id
     RETURNING s.user_id
+),
+lq AS MATERIALIZED (  -- the periods' rows, locked in user order once every bucket is
+    SELECT q.user_id, q.period_start FROM quota_usage q  -- charged
+    JOIN c ON c.user_id = q.user_id AND c.period_start = q.period_start
+    JOIN u ON u.id = q.user_id
+    WHERE (SELECT count(*) FROM b) >= 0
+    ORDER BY q.user_id, q.period_start
+    FOR UPDATE OF q
 )
-UPDATE quota_usage q SET used = q.used + $4::bigint, reserved = GREATEST(0, q.reserved - $3::bigint)
-FROM u LEFT JOIN b ON b.user_id = u.id
-WHERE q.user_id = u.id AND q.period_start = $2::timestamptz
+UPDATE quota_usage q SET used = q.used + c.tokens, reserved = GREATEST(0, q.reserved - c.granted)
+FROM c JOIN lq ON lq.user_id = c.user_id AND lq.period_start = c.period_start
+WHERE q.user_id = c.user_id AND q.period_start = c.period_start
 """
 
 _USAGE = """
@@ -220,14 +243,38 @@ async def reserve_many(
     ]
 
 
+@dataclass(frozen=True)
+class Charge:
+    """A request's real tokens (prompt and completion), to be charged to the period it
+    was admitted in (None: it reserved in none), releasing what was `granted` it there."""
+
+    user_id: int
+    period_start: datetime | None
+    granted: int | None
+    tokens: int
+
+
 async def settle(
     conn: Any, *, user_id: int, period_start: datetime | None, granted: int | None, tokens: int
 ) -> None:
-    """Charge a request's real tokens (prompt and completion): to the period it was
-    admitted in (even one that has ended since), releasing its reservation, and to the
-    bucket of its tokens-per-minute limit."""
-    charged = min(max(0, tokens), MAX_TOKENS)
-    await conn.execute(_SETTLE, user_id, period_start, granted or 0, charged)
+    """Charge a request's real tokens: to the period it was admitted in (even one that has
+    ended since), releasing its reservation, and to the bucket of its tokens-per-minute
+    limit."""
+    await settle_many(conn, [Charge(user_id, period_start, granted, tokens)])
+
+
+async def settle_many(conn: Any, charges: Sequence[Charge]) -> None:
+    """`settle` for several requests, of any users, in one statement: a user's charges
+    summed, one update of each row. Rows are locked in the order `reserve_many` locks
+    them (users, buckets, periods, each in user order): gateways never deadlock."""
+    if charges:
+        await conn.execute(
+            _SETTLE,
+            [c.user_id for c in charges],
+            [c.period_start for c in charges],
+            [c.granted or 0 for c in charges],
+            [min(max(0, c.tokens), MAX_TOKENS) for c in charges],
+        )
 
 
 async def current_usage(
