@@ -15,7 +15,7 @@ import pytest
 from llamaserve.config import Settings
 from llamaserve.engine.gguf import read_shape
 from llamaserve.engine.llama_server import build_argv
-from llamaserve.engine.sizing import Sizing, auto_slots, choose
+from llamaserve.engine.sizing import Sizing, auto_slots, choose, size_for
 from tests.conftest import default_model, make_project
 
 GIB = 1024**3
@@ -70,10 +70,11 @@ def test_the_kv_cost_of_a_token_is_read_from_the_models_header(tmp_path: Path) -
         "gemma3.embedding_length": 640, "gemma3.attention.head_count": 4,
         "gemma3.attention.head_count_kv": 1, "gemma3.attention.key_length": 256,
         "gemma3.attention.value_length": 256, "gemma3.context_length": 32768,
+        "gemma3.attention.sliding_window": 512,
     }))  # fmt: skip
     shape = read_shape(model)
     assert shape is not None and shape.kv_bytes_per_token == KV_270M
-    assert shape.context_length == 32768
+    assert shape.context_length == 32768 and shape.sliding_window == 512
     model.write_bytes(gguf({"general.architecture": "x"}))  # says nothing of its shape
     assert read_shape(model) is None
     model.write_bytes(b"not a model")
@@ -90,7 +91,19 @@ def test_llama_server_gets_the_slots_and_one_shared_pool(tmp_path: Path) -> None
     shared = build_argv(Settings(), tmp_path / "m.gguf", binary=tmp_path / "bin", port=1,
                         key_file=tmp_path, sizing=Sizing(16, 0, 0, auto=True))  # fmt: skip
     assert shared[shared.index("--ctx-size") + 1] == "0"
-    assert "--kv-unified-per-slot" not in shared
+    assert "--kv-unified-per-slot" not in shared and "--swa-full" not in shared
+
+
+def test_a_model_with_sliding_window_layers_keeps_them_whole() -> None:
+    """So that a conversation's next turn finds the previous answer in the cache (see
+    `test_a_conversations_next_turn_reuses_its_cached_prefix`)."""
+    model = default_model()
+    assert size_for(Settings(), model).full_windows  # Gemma 3: sliding-window layers
+    shape = read_shape(model)
+    assert shape is not None and shape.sliding_window > 0
+    argv = build_argv(Settings(), model, binary=model, port=1, key_file=model,
+                      sizing=Sizing(16, 65536, 4096, auto=True, full_windows=True))  # fmt: skip
+    assert "--swa-full" in argv
 
 
 def child_argv(engine_pid: int) -> list[str]:

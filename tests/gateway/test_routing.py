@@ -205,10 +205,10 @@ def test_the_map_is_bounded_and_forgets_the_least_recently_used() -> None:
 @pytest.mark.one_engine  # llama-server: llama-cpp-python does not count cached tokens
 def test_a_conversations_next_turn_reuses_its_cached_prefix(stack: Stack, alice: str) -> None:
     """Through the gateway, turn N's usage says how much of its prompt llama-server took
-    from its cache: the history that turn N-1 computed."""
+    from its cache: the history that turn N-1 computed, its answer included."""
     client = stack.client(alice)
     messages = opening("tides")
-    prompts, cached = [], []
+    prompts, completions, cached = [], [], []
     for turn in range(3):
         if turn:
             messages.append({"role": "user", "content": "And then? Tell me more, please."})
@@ -226,11 +226,13 @@ def test_a_conversations_next_turn_reuses_its_cached_prefix(stack: Stack, alice:
         messages.append({"role": "assistant", "content": text})
         assert usage is not None and usage.prompt_tokens_details is not None
         prompts.append(usage.prompt_tokens)
+        completions.append(usage.completion_tokens)
         cached.append(usage.prompt_tokens_details.cached_tokens)
-    # Each turn's cached tokens cover about the whole of the previous turn's prompt.
+    # Each turn finds in the cache all that the previous turn computed: its prompt and its
+    # answer (but the answer's last token, sampled and never decoded).
     assert cached[0] < prompts[0]
-    assert prompts[0] - 8 <= cached[1] < prompts[1]
-    assert prompts[1] - 8 <= cached[2] < prompts[2]
+    assert cached[1] == prompts[0] + completions[0] - 1 < prompts[1]
+    assert cached[2] == prompts[1] + completions[1] - 1 < prompts[2]
     responses = [
         client.responses.create(model=stack.model, input=messages, max_output_tokens=16)
         for _ in range(2)

@@ -26,11 +26,12 @@ class Shape:
     key_length: int
     value_length: int
     context_length: int  # tokens the model was trained with
+    sliding_window: int = 0  # tokens its sliding-window layers attend to; 0: it has none
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """The KV cache of one token, every layer counted in full (a sliding-window
-        layer takes less: an upper bound)."""
+        """The KV cache of one token, every layer counted in full (as llama-server keeps
+        them: `engine/sizing.py`)."""
         return self.layers * self.kv_heads * (self.key_length + self.value_length) * KV_BYTES
 
 
@@ -52,6 +53,7 @@ def read_shape(path: Path) -> Shape | None:
             key_length=int(values.get(f"{arch}.attention.key_length", head_length)),
             value_length=int(values.get(f"{arch}.attention.value_length", head_length)),
             context_length=int(values.get(f"{arch}.context_length", 0)),
+            sliding_window=int(values.get(f"{arch}.attention.sliding_window", 0)),
         )
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None

@@ -105,10 +105,11 @@ def build_argv(
 
 def slot_args(sizing: Sizing) -> list[str]:
     """The slots, and the one KV pool they share (-c: all slots together), each request
-    bounded to its share (see `engine/sizing.py`)."""
+    bounded to its share, sliding-window layers kept whole (see `engine/sizing.py`)."""
     per_slot = ["--kv-unified-per-slot", str(sizing.per_slot)] if sizing.per_slot else []
+    windows = ["--swa-full"] if sizing.full_windows else []
     return ["--parallel", str(sizing.slots), "--kv-unified", "--ctx-size", str(sizing.pool),
-            *per_slot]  # fmt: skip
+            *per_slot, *windows]  # fmt: skip
 
 
 def write_key_file(path: Path, key: str) -> Path:

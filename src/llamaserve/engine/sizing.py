@@ -13,12 +13,19 @@ at the KV cache's cost per token read from the model's header (`gguf.Shape`). A 
 smaller than the slots' contexts together serves many requests as long as they do not
 all take their whole context at once. LLAMA_N_CTX 0 keeps the model's own context as the
 pool, shared by the slots.
+
+A model with sliding-window layers (Gemma 2 and 3, among others) keeps them whole
+(`--swa-full`), as the pool's size already counts them. Otherwise llama-server keeps only
+the window's last tokens of those layers, and a conversation's next turn reuses its
+cache only from a checkpoint taken before the end of the previous prompt: the previous
+answer and the prompt's last tokens are computed again at every turn (Gemma 3 270M, a
+second turn of 104 tokens: 51 from the cache, 87 with the layers whole).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llamaserve.config import Settings
@@ -35,6 +42,7 @@ class Sizing:
     pool: int  # tokens of KV cache the slots share (-c); 0 = the model's own context
     per_slot: int  # tokens one request may use; 0 = the whole pool
     auto: bool  # chosen from the machine, not set
+    full_windows: bool = False  # sliding-window layers keep every token (--swa-full)
 
     def describe(self) -> str:
         how = "chosen for this machine" if self.auto else "LLAMA_PARALLEL"
@@ -79,7 +87,7 @@ def size_for(settings: Settings, model: Path) -> Sizing:
         model_bytes = model.stat().st_size
     except OSError:
         model_bytes = 0
-    return choose(
+    sizing = choose(
         settings.llama_parallel,
         settings.llama_n_ctx,
         cores=os.cpu_count() or 1,
@@ -87,6 +95,7 @@ def size_for(settings: Settings, model: Path) -> Sizing:
         model_bytes=model_bytes,
         kv_bytes_per_token=shape.kv_bytes_per_token if shape else None,
     )
+    return replace(sizing, full_windows=bool(shape and shape.sliding_window))
 
 
 def memory_available() -> int | None:
