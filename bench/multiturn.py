@@ -4,11 +4,13 @@ Eight conversations of eight turns each, all at once, through the gateway on
 `llama-server`. Each turn resends the whole history: a system prompt of about 250 tokens,
 then each earlier question (about 45 tokens) and answer (`max_tokens` 32, temperature 0),
 then the new question; a conversation sends its next turn as soon as it has the answer.
-Three cases, each with conversations of its own (their first words differ, so that no
+Four cases, each with conversations of its own (their first words differ, so that no
 case finds another's prompts cached):
 
-- **one engine**: the stack's engine, `--parallel` slots (fewer than the conversations),
-  through the stack's gateway;
+- **one engine**: the stack's engine, its slots the machine's default (16 here: more than
+  the conversations), through the stack's gateway;
+- **one engine, 4 slots**: an engine with half as many slots as conversations, the busy
+  case the targets judge, through a gateway of its own;
 - **two engines, prefix** and **two engines, least-loaded**: a second engine like the
   first (as many slots), and a gateway in front of both with LLAMA_PROXY_ROUTING set so.
 
@@ -37,6 +39,10 @@ from bench.stats import percentile
 
 CACHED_SHARE = 0.80  # of prompt tokens from the cache, each turn from the second on
 TTFT_GROWTH = 1.5  # turn 8's time to first token minus queue wait, over turn 2's
+# The case the targets judge: more conversations than the engine's slots (the default size
+# of this machine, 16, holds the eight at once).
+BUSY_SLOTS = 4
+BUSY = f"one engine, {BUSY_SLOTS} slots"
 TOPICS = ("tides", "volcanoes", "bread", "bicycles", "bees", "glaciers", "violins", "comets")
 SYSTEM = (
     "You are Ada, the assistant of a public library's science desk. Visitors of every age "
@@ -94,12 +100,21 @@ class Turn:
 
 
 def run(stack: Stack, key: str, model_id: str, ledger: Ledger) -> dict[str, Any]:
-    """The three cases; the second engine and the two gateways are stopped at the end."""
+    """The four cases; the engines and gateways started for them are stopped at the end."""
     plan = Plan()
     cases = [_case(stack, "one engine", Target(stack.gateway_url, key, model_id), plan, ledger)]
+    argv = [sys.executable, "-m", "llamaserve", "serve-engine"]
+    port = free_port()
+    busy = f"http://127.0.0.1:{port}"
+    with (
+        stack.process("engine-busy", argv, busy + "/health", LLAMA_SERVER_PORT=str(port),
+                      LLAMA_PARALLEL=str(BUSY_SLOTS)),
+        stack.gateway_to(busy) as gateway,
+    ):  # fmt: skip
+        target = Target(gateway.url, key, model_id)
+        cases.append(_case(stack, BUSY, target, plan, ledger))
     port = free_port()
     second = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "llamaserve", "serve-engine"]
     reading = replace(plan, pause=READING)
     with stack.process("engine-2", argv, second + "/health", LLAMA_SERVER_PORT=str(port)):
         for routing in ("prefix", "least-loaded"):
@@ -209,8 +224,8 @@ def _later(results: dict[str, Any], case: str) -> str:
 
 def verdicts(results: dict[str, Any], verdict: Callable[[str, str, bool | None], Any]) -> list[Any]:
     """The issue's three targets, judged on one run."""
-    one = _turns(results, "one engine")
-    target = f"multi-turn, one engine: from turn 2 on, >= {CACHED_SHARE:.0%} of prompts cached"
+    one = _turns(results, BUSY)
+    target = f"multi-turn, {BUSY}: from turn 2 on, >= {CACHED_SHARE:.0%} of prompts cached"
     shares = [t["cached_share"] for n, t in one.items() if n >= 2]
     if not shares or None in shares:
         found = [verdict(target, "not measured", None)]
@@ -218,7 +233,7 @@ def verdicts(results: dict[str, Any], verdict: Callable[[str, str, bool | None],
         low = min(shares)
         figure = f"lowest {low:.1%} (turns 2-{max(one)}: " + ", ".join(f"{s:.0%}" for s in shares)
         found = [verdict(target, figure + ")", low >= CACHED_SHARE)]
-    target = f"multi-turn, one engine: turn 8 ttft - queue wait <= {TTFT_GROWTH:g}x turn 2's"
+    target = f"multi-turn, {BUSY}: turn 8 ttft - queue wait <= {TTFT_GROWTH:g}x turn 2's"
     last, second = (one.get(n, {}).get("ttft_minus_queue_p50_ms") for n in (8, 2))
     if last is None or not second:
         found.append(verdict(target, "not measured", None))
