@@ -8,17 +8,25 @@ import asyncio
 import itertools
 import time
 from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
 
+import asyncpg
 import httpx
 import openai
 import pytest
 
+from llamaserve.gateway.quotas import Quotas
+from llamaserve.store import db, users
+from llamaserve.store import quotas as store_quotas
+from llamaserve.store.requests import RequestRow
 from tests.conftest import raw_post
 from tests.gateway.conftest import Stack
 from tests.gateway.harness import Site
 from tests.gateway.helpers import extra_gateway
 from tests.gateway.helpers import mock_request as chat
 from tests.gateway.test_cut_requests import leave_after
+from tests.pgfixtures import PgDatabase
 
 MOCK_PROMPT_TOKENS = 8  # each mock request's prompt; its completion is 1 token
 MOCK_TOKENS = MOCK_PROMPT_TOKENS + 1
@@ -219,3 +227,47 @@ def test_clients_that_leave_are_charged_what_they_cost(stack: Stack, alice: str)
     total = sum(row["prompt_tokens"] + row["completion_tokens"] for row in rows)
 
     wait_for(lambda: quota_use(stack, username) == (total, 0))
+
+
+class AwayPool:
+    """The real pool, with the database away for the first `refusals` connections."""
+
+    def __init__(self, pool: asyncpg.Pool, refusals: int) -> None:
+        self.pool, self.refusals = pool, refusals
+
+    def acquire(self) -> Any:
+        self.refusals -= 1
+        if self.refusals >= 0:
+            raise ConnectionRefusedError("the database went away")
+        return self.pool.acquire()
+
+
+@pytest.mark.anyio
+async def test_charges_wait_for_a_database_that_went_away(pg_database: PgDatabase) -> None:
+    """A request's tokens are charged once the database answers again, not dropped: its
+    row is written then too (the request log's spool), and the two must agree."""
+    pool = await db.create_pool(pg_database.settings, pg_database.layout)
+    try:
+        async with pool.acquire() as conn:
+            await users.create_user(conn, username="alice")
+            await users.set_quota(conn, username="alice", token_quota=1000, period="day")
+            alice = (await users.get_user(conn, username="alice")).id  # type: ignore[union-attr]
+            [reservation] = await store_quotas.reserve_many(
+                conn, asks=[(alice, 100)], default_quota=0, default_period="day",
+                default_tpm=0,
+            )  # fmt: skip
+        charges = Quotas(AwayPool(pool, refusals=2), default_quota=0, default_period="day",
+                         default_tpm=0, gather=0)  # fmt: skip
+        row = RequestRow(request_id="r", created_at=datetime.now(UTC), method="POST",
+                         path="/v1/chat/completions", client_addr=None, user_id=alice,
+                         prompt_tokens=12, completion_tokens=30)  # fmt: skip
+        charges.settle(reservation, row)
+        began = time.monotonic()
+        async with pool.acquire() as conn:
+            while await conn.fetchval("SELECT used FROM quota_usage") == 0:
+                assert time.monotonic() - began < 10, "never charged"
+                await asyncio.sleep(0.1)
+            assert tuple(await conn.fetchrow("SELECT used, reserved FROM quota_usage")) == (42, 0)
+        await charges.close()
+    finally:
+        await pool.close()

@@ -33,6 +33,14 @@ _CONNECTION = (
 )
 
 
+def unreachable(exc: BaseException) -> bool:
+    """The database did not answer (down, restarting, the connection lost), as opposed to
+    refusing a statement: what was asked of it may be asked again."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return isinstance(exc, _CONNECTION)
+    return isinstance(exc, FAILURES)
+
+
 def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -52,7 +60,7 @@ class DatabaseStatus:
         self.explain = lambda exc: db.explain(exc, settings, layout)
 
     def failed(self, exc: BaseException) -> None:
-        if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _CONNECTION):
+        if not unreachable(exc):
             log.warning("database: a statement failed: %s", _cause(exc))  # it answers
             return
         now = time.monotonic()

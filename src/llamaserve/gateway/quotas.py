@@ -19,6 +19,7 @@ from typing import Any
 
 from llamaserve.config import describe_period
 from llamaserve.errors import QuotaExceeded, RateLimited, TokenRateLimited
+from llamaserve.gateway import db_status
 from llamaserve.gateway.admission import Ask, format_duration
 from llamaserve.routes import MESSAGES, RESPONSES
 from llamaserve.store import quotas
@@ -31,6 +32,9 @@ log = logging.getLogger("llamaserve.gateway")
 # few milliseconds, and a statement per request made the charges PostgreSQL's largest
 # cost in the benchmark's metered run.
 GATHER_SECONDS = 0.005
+# While the database does not answer, charges are written again after these many seconds
+# (doubling from the first to the second); their reservations hold meanwhile.
+RETRY_SECONDS = (0.5, 8.0)
 
 # Each generating route's bound on its completion.
 COMPLETION_BOUNDS = {
@@ -73,7 +77,8 @@ class Quotas:
     """The charges of ended requests, written together: the first that comes waits
     `gather` seconds for others (while its reservation still holds its completion's
     bound, so that nothing passes the quota meanwhile), and they go in one statement
-    (`store.quotas.settle_many`); a user's charges are summed into one update."""
+    (`store.quotas.settle_many`); a user's charges are summed into one update. While the
+    database does not answer, they wait and are written when it does."""
 
     def __init__(
         self,
@@ -91,6 +96,7 @@ class Quotas:
         self._gather = gather
         self._pending: list[tuple[Reservation | None, int, int]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._closing = False
 
     def settle(self, reservation: Reservation | None, row: RequestRow) -> None:
         """Charge a request's real tokens (in the background: the answer has gone). With
@@ -105,14 +111,24 @@ class Quotas:
 
     async def _write(self) -> None:
         try:
+            retry = RETRY_SECONDS[0]
             while self._pending:
                 await asyncio.sleep(self._gather)
                 batch, self._pending = self._pending, []
-                await self._charge(batch)
+                if await self._charge(batch):
+                    retry = RETRY_SECONDS[0]
+                    continue
+                self._pending = batch + self._pending  # the database away: again, later
+                if self._closing:
+                    break
+                await asyncio.sleep(retry)
+                retry = min(2 * retry, RETRY_SECONDS[1])
         finally:
             self._writer = None
 
-    async def _charge(self, batch: list[tuple[Reservation | None, int, int]]) -> None:
+    async def _charge(self, batch: list[tuple[Reservation | None, int, int]]) -> bool:
+        """Write a batch of charges; False if the database did not answer (the batch is
+        to be written again). One it refuses is logged and dropped: it would fail again."""
         try:
             async with self._pool.acquire() as conn:
                 # The period of those that reserved in none, reserving nothing.
@@ -126,8 +142,12 @@ class Quotas:
                     )
                 ])  # fmt: skip
         except Exception as exc:
+            if db_status.unreachable(exc):
+                db_status.status.failed(exc)
+                return False
             lost = ", ".join(f"user {user}: {tokens}" for _, user, tokens in batch)
             log.error("tokens could not be charged (%s): %s", lost, exc)
+        return True
 
     async def _periods(self, conn: Any, asks: list[tuple[int, int]]) -> list[Reservation]:
         if not asks:
@@ -138,10 +158,14 @@ class Quotas:
         )  # fmt: skip
 
     async def close(self) -> None:
-        """Write the charges still waiting."""
-        self._gather = 0.0
+        """Write the charges still waiting (once more if the database is away; what it
+        then cannot take is said in the log)."""
+        self._gather, self._closing = 0.0, True
         if self._writer is not None:
             await asyncio.wait({self._writer}, timeout=10)
+        if self._pending:
+            lost = ", ".join(f"user {user}: {tokens}" for _, user, tokens in self._pending)
+            log.error("tokens not charged, the database away at shutdown (%s)", lost)
 
 
 def refusal(reservation: Reservation) -> RateLimited:
