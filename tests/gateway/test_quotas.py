@@ -271,3 +271,34 @@ async def test_charges_wait_for_a_database_that_went_away(pg_database: PgDatabas
         await charges.close()
     finally:
         await pool.close()
+
+
+@pytest.mark.anyio
+async def test_a_request_that_reserved_nothing_is_charged_to_the_current_period(
+    pg_database: PgDatabase,
+) -> None:
+    """One sent ahead of its admission while its user had no quota yet: its tokens are
+    charged all the same, in the same batch as another's reserved charge."""
+    pool = await db.create_pool(pg_database.settings, pg_database.layout)
+    try:
+        async with pool.acquire() as conn:
+            for name in ("alice", "bob"):
+                await users.create_user(conn, username=name)
+                await users.set_quota(conn, username=name, token_quota=1000, period="week")
+            ids = [(await users.get_user(conn, username=n)).id for n in ("alice", "bob")]  # type: ignore[union-attr]
+            [bobs] = await store_quotas.reserve_many(
+                conn, asks=[(ids[1], 50)], default_quota=0, default_period="day", default_tpm=0
+            )
+        charges = Quotas(pool, default_quota=0, default_period="day", default_tpm=0)
+        for user_id, reservation, tokens in ((ids[0], None, 7), (ids[1], bobs, 20)):
+            charges.settle(reservation, RequestRow(
+                request_id=f"r{user_id}", created_at=datetime.now(UTC), method="POST",
+                path="/v1/chat/completions", client_addr=None, user_id=user_id,
+                prompt_tokens=tokens - 2, completion_tokens=2,
+            ))  # fmt: skip
+        await charges.close()
+        async with pool.acquire() as conn:
+            found = await conn.fetch("SELECT user_id, used, reserved FROM quota_usage ORDER BY 1")
+        assert [tuple(f) for f in found] == [(ids[0], 7, 0), (ids[1], 20, 0)]
+    finally:
+        await pool.close()

@@ -134,13 +134,11 @@ class Quotas:
                 # The period of those that reserved in none, reserving nothing.
                 unreserved = [(user, 0) for reservation, user, _ in batch if reservation is None]
                 found = iter(await self._periods(conn, unreserved))
-                await quotas.settle_many(conn, [
-                    Charge(user, r.period_start, r.granted, tokens)
-                    for r, user, tokens in (
-                        (reservation or next(found), user, tokens)
-                        for reservation, user, tokens in batch
-                    )
-                ])  # fmt: skip
+                charges = []
+                for reservation, user, tokens in batch:
+                    period = reservation or next(found)
+                    charges.append(Charge(user, period.period_start, period.granted, tokens))
+                await quotas.settle_many(conn, charges)
         except Exception as exc:
             if db_status.unreachable(exc):
                 db_status.status.failed(exc)
