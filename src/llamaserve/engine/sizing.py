@@ -18,8 +18,8 @@ A model with sliding-window layers (Gemma 2 and 3, among others) keeps them whol
 (`--swa-full`), as the pool's size already counts them. Otherwise llama-server keeps only
 the window's last tokens of those layers, and a conversation's next turn reuses its
 cache only from a checkpoint taken before the end of the previous prompt: the previous
-answer and the prompt's last tokens are computed again at every turn (Gemma 3 270M, a
-second turn of 104 tokens: 51 from the cache, 87 with the layers whole).
+answer and the prompt's last tokens are computed again at every turn (figures:
+docs/performance.md, "Multi-turn conversations").
 """
 
 from __future__ import annotations
