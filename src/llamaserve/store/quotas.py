@@ -129,8 +129,8 @@ b AS (  -- each bucket refilled up to now, then charged its user's tokens
     WHERE s.user_id = t.user_id
     RETURNING s.user_id
 ),
-lq AS MATERIALIZED (  -- the periods' rows, locked in user order once every bucket is
-    SELECT q.user_id, q.period_start FROM quota_usage q  -- charged
+lq AS MATERIALIZED (  -- the periods' rows, locked in user order after every bucket
+    SELECT q.user_id, q.period_start FROM quota_usage q
     JOIN c ON c.user_id = q.user_id AND c.period_start = q.period_start
     JOIN u ON u.id = q.user_id
     WHERE (SELECT count(*) FROM b) >= 0
