@@ -21,12 +21,33 @@ def test_a_build_is_named_by_the_version_and_cmake_args(
 ) -> None:
     monkeypatch.setenv("LLAMASERVE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    monkeypatch.setattr(build, "cpu_args", list)  # a CPU without AMX
     version = build.LLAMA_CPP_PYTHON_VERSION
     assert build.llama_server_path() == tmp_path / f"llama.cpp/{version}-default/bin/llama-server"
     assert build.log_path() == tmp_path / f"logs/llama.cpp-{version}-default.log"
     monkeypatch.setenv("CMAKE_ARGS", "-DGGML_CUDA=on")
     assert build.build_key().startswith(f"{version}-") and build.build_key() != f"{version}-default"
     assert build.build_dir().parent == tmp_path / "llama.cpp"
+
+
+def test_amx_is_turned_off_where_the_native_target_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama.cpp's AMX kernels die of SIGILL on a Sapphire Rapids Xeon (`ops/build.py`)."""
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\necho '#define __AVX512F__ 1'; echo \"$AMX\"\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    monkeypatch.setenv("AMX", "")
+    assert build.cpu_args() == []
+    assert build.build_key().endswith("-default")
+    monkeypatch.setenv("AMX", "#define __AMX_TILE__ 1")
+    assert build.cpu_args() == [f"-DCMAKE_C_FLAGS={build.NO_AMX}",
+                                f"-DCMAKE_CXX_FLAGS={build.NO_AMX}"]  # fmt: skip
+    assert not build.build_key().endswith("-default")  # a build of its own, not the old one
+    monkeypatch.setenv("CC", str(tmp_path / "none"))
+    assert build.cpu_args() == []
 
 
 def test_ninja_unless_a_generator_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,15 @@ libggml*, libmtmd, ...), which it finds through its RPATH, `$ORIGIN/../lib`. The
 llama-cpp-python is packaged without compiling anything (its CMake option
 `LLAMA_BUILD=OFF`): its wheel carries the same libraries in `llama_cpp/lib`, where its
 bindings load them from, so neither engine needs an environment variable to find them.
-A build is named by the pinned version and CMAKE_ARGS (`build_key`), so a CUDA or Metal
-build sits beside the default one.
+A build is named by the pinned version and its CMake arguments (`build_key`), so a CUDA
+or Metal build sits beside the default one.
+
+llama.cpp builds for the CPU it is built on (`-march=native`). On a CPU with AMX (Intel
+Xeon from its 4th generation on) that turns on llama.cpp's AMX kernels, which stop with
+an illegal instruction at their first tile instruction: seen on a Sapphire Rapids Xeon
+under gcc 12, llama-server killed by SIGILL as it warmed up (llama.cpp#26954 is an open
+fix). So where the compiler's native target has AMX, the build turns it off
+(`cpu_args`); AVX-512 and the rest stay on.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ LLAMA_CPP_CMAKE_ARGS = (
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_APP=OFF",
 )
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 # Added to llama-cpp-python's CMake project (CMAKE_PROJECT_INCLUDE): installs the built
 # libraries where its bindings look, in the wheel.
 WHEEL_LIBRARIES = """\
@@ -65,10 +73,24 @@ def cache_dir() -> Path:
 
 
 def build_key() -> str:
-    """Names one build of llama.cpp: the pinned version and the CMAKE_ARGS it was built with."""
-    cmake_args = os.environ.get("CMAKE_ARGS", "").strip()
-    flavour = hashlib.sha256(cmake_args.encode()).hexdigest()[:10] if cmake_args else "default"
+    """Names one build of llama.cpp: the pinned version and the arguments it was built with
+    beyond the usual ones (`cpu_args`, CMAKE_ARGS); "default" when there are none."""
+    args = " ".join([*cpu_args(), os.environ.get("CMAKE_ARGS", "").strip()]).strip()
+    flavour = hashlib.sha256(args.encode()).hexdigest()[:10] if args else "default"
     return f"{LLAMA_CPP_PYTHON_VERSION}-{flavour}"
+
+
+def cpu_args() -> list[str]:
+    """CMake arguments for this CPU: AMX turned off where `-march=native` turns it on."""
+    compiler = os.environ.get("CC") or "cc"
+    try:
+        native = subprocess.run([compiler, "-march=native", "-dM", "-E", "-"], input="",
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []  # no compiler to ask: the configure step will say so
+    if "__AMX_TILE__" not in native.stdout:
+        return []
+    return [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 
 
 def build_dir() -> Path:
@@ -136,7 +158,7 @@ def _compile(work: Path, log: BuildLog) -> None:
     build = work / "build"
     extra = shlex.split(os.environ.get("CMAKE_ARGS", ""))
     configure = ["cmake", "-S", str(source), "-B", str(build), *LLAMA_CPP_CMAKE_ARGS]
-    configure += [*generator_args(extra), *extra]
+    configure += [*cpu_args(), *generator_args(extra), *extra]
     log.run("configuring llama.cpp", configure)
     jobs = str(os.cpu_count() or 1)
     compile_ = ["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs]
