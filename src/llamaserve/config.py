@@ -91,6 +91,14 @@ class Settings(BaseSettings):
         description="GGUF file to serve (a name in the models directory, or a path). "
         "May stay empty when the models directory holds exactly one .gguf.",
     )
+    llama_kv_pool: int = Field(
+        0,
+        ge=0,
+        description="Tokens of KV cache llama-server's slots share, whatever their number; "
+        "0 = 8 times LLAMA_N_CTX, less if memory is short, at least LLAMA_N_CTX. A request "
+        "waits until the pool has room for its prompt and its max_tokens (a whole context "
+        "without max_tokens).",
+    )
     llama_models_dir: Path = Field(
         Path("models"), description="Directory searched for .gguf files (relative to the project)."
     )
@@ -98,8 +106,8 @@ class Settings(BaseSettings):
         4096,
         ge=0,
         description="Context size in tokens: what one request may use (with llama-server, "
-        "its slots share one KV pool of LLAMA_N_CTX times LLAMA_PARALLEL tokens, less if "
-        "memory is short); 0 = the model's own (with llama-server, shared by the slots).",
+        "its slots share one KV pool: LLAMA_KV_POOL); 0 = the model's own (with "
+        "llama-server, shared by the slots).",
     )
     llama_n_threads: int = Field(
         0,

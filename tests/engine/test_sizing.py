@@ -4,6 +4,7 @@ and (slow) the engine started by the real scripts with them, a long request incl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import struct
@@ -12,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamaserve.config import Settings
+from llamaserve.config import ConfigError, Settings
 from llamaserve.engine.gguf import read_shape
 from llamaserve.engine.llama_server import build_argv
-from llamaserve.engine.sizing import Sizing, auto_slots, choose, size_for
+from llamaserve.engine.sizing import POOL_CONTEXTS, Sizing, auto_slots, choose, size_for
 from tests.conftest import default_model, make_project
 
 GIB = 1024**3
@@ -23,12 +24,15 @@ KV_270M = 18 * 1 * (256 + 256) * 2  # Gemma 3 270M: 18 layers, 1 KV head of 256,
 
 
 @pytest.mark.parametrize(("cores", "slots"), [(1, 8), (2, 16), (3, 24), (4, 32), (64, 32)])
-def test_the_slots_grow_with_the_cores_within_bounds(cores: int, slots: int) -> None:
+def test_the_slots_grow_with_the_cores_within_bounds_and_the_pool_does_not(
+    cores: int, slots: int
+) -> None:
     assert auto_slots(cores) == slots
     sizing = choose(0, 4096, cores=cores, available=64 * GIB, model_bytes=GIB,
                     kv_bytes_per_token=KV_270M)  # fmt: skip
-    # Memory to spare: the pool holds every slot's whole context, one request at most its own.
-    assert sizing == Sizing(slots, slots * 4096, 4096, auto=True)
+    # Memory to spare: the pool holds POOL_CONTEXTS whole contexts, whatever the slots,
+    # one request at most its own.
+    assert sizing == Sizing(slots, POOL_CONTEXTS * 4096, 4096, auto=True)
 
 
 def test_short_memory_shrinks_the_shared_pool_never_below_one_context() -> None:
@@ -36,7 +40,7 @@ def test_short_memory_shrinks_the_shared_pool_never_below_one_context() -> None:
     sizing = choose(0, 4096, cores=2, available=GIB, model_bytes=GIB // 2,
                     kv_bytes_per_token=KV_270M)  # fmt: skip
     assert (sizing.slots, sizing.per_slot) == (16, 4096)
-    assert sizing.pool == (GIB // 4) // KV_270M < 16 * 4096
+    assert sizing.pool == (GIB // 4) // KV_270M < POOL_CONTEXTS * 4096
     starved = choose(0, 4096, cores=2, available=GIB, model_bytes=GIB,
                      kv_bytes_per_token=KV_270M)  # fmt: skip
     assert starved.pool == 4096
@@ -44,7 +48,13 @@ def test_short_memory_shrinks_the_shared_pool_never_below_one_context() -> None:
 
 def test_a_set_size_is_kept_and_the_models_own_context_is_shared() -> None:
     kept = choose(4, 4096, cores=2, available=None, model_bytes=0, kv_bytes_per_token=None)
-    assert kept == Sizing(4, 4 * 4096, 4096, auto=False)
+    assert kept == Sizing(4, 4 * 4096, 4096, auto=False)  # no more than its slots can use
+    pool = choose(0, 4096, pool=6000, cores=2, available=GIB, model_bytes=GIB,
+                  kv_bytes_per_token=KV_270M)  # fmt: skip
+    assert pool == Sizing(16, 6000, 4096, auto=True)  # as set, memory or not
+    with pytest.raises(ConfigError, match="LLAMA_KV_POOL=2000"):
+        choose(0, 4096, pool=2000, cores=2, available=None, model_bytes=0,
+               kv_bytes_per_token=None)  # fmt: skip
     shared = choose(0, 0, cores=2, available=64 * GIB, model_bytes=0, kv_bytes_per_token=KV_270M)
     assert shared == Sizing(16, 0, 0, auto=True)
 
@@ -141,5 +151,40 @@ def test_the_real_scripts_start_llama_server_with_the_slots_chosen(tmp_path: Pat
         assert answer.status_code == 200, answer.text
         usage = answer.json()["usage"]
         assert usage["prompt_tokens"] > 3000 and usage["completion_tokens"] > 0
+    finally:
+        project.console("stop")
+
+
+@pytest.mark.slow  # it starts an engine of its own
+def test_requests_that_outgrow_the_pool_wait_for_room_and_end_whole(tmp_path: Path) -> None:
+    """Four requests that together need more than the KV pool: llama-server alone ends
+    every one in progress with "Context size has been exceeded" once the pool is full;
+    the front sends each only when the pool has room for it, so all four end whole."""
+    project = make_project(tmp_path / "rt", LLAMA_ENGINE="llama-server", LLAMA_PARALLEL="4",
+                           LLAMA_N_CTX="512", LLAMA_KV_POOL="1024")  # fmt: skip
+    try:
+        started = project.console("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "4 slots (LLAMA_PARALLEL) of up to 512 tokens each, sharing a KV pool of 1024" in (
+            started.stdout
+        )
+        config = dict(line.split("=", 1) for line in (project.runtime / "config.env")
+                      .read_text().splitlines() if line.startswith("LLAMA_SERVER_"))  # fmt: skip
+        url = f"http://127.0.0.1:{config['LLAMA_SERVER_PORT'].strip(chr(34))}"
+        headers = {"Authorization": f"Bearer {config['LLAMA_SERVER_API_KEY'].strip(chr(34))}"}
+        # About 440 tokens each, 1,760 together: the pool holds two at once.
+        body = {"model": default_model().name, "prompt": "word " * 40, "max_tokens": 400,
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
+
+        async def four() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
+                sent = [client.post("/v1/completions", json=body) for _ in range(4)]
+                return await asyncio.gather(*sent)
+
+        for answer in asyncio.run(four()):
+            assert answer.status_code == 200, answer.text
+            result = answer.json()
+            assert result["choices"][0]["finish_reason"] == "length"
+            assert result["usage"]["completion_tokens"] == 400
     finally:
         project.console("stop")

@@ -209,6 +209,7 @@ class Launcher:
         """The front: the relay to llama-server, with the Responses and Messages APIs."""
         from llamaserve.engine.bridge import ApiBridge
         from llamaserve.engine.relay import Relay
+        from llamaserve.engine.room import Room
 
         relay = Relay(
             upstream_url=f"http://127.0.0.1:{self.port}",
@@ -217,6 +218,7 @@ class Launcher:
             created=model_created(self.model),
             slots=self.sizing.slots,
             native_tools=not self.settings.llama_chat_format,
+            room=Room(self.sizing.pool, self.sizing.per_slot) if self.sizing.per_slot else None,
             on_startup=self.startup,
             on_shutdown=self.shutdown,
         )

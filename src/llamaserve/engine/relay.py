@@ -5,16 +5,19 @@ It serves OpenAI's routes and `GET /health` on LLAMA_SERVER_HOST:LLAMA_SERVER_PO
 checks the key itself and relays to llama-server on a private loopback port, whose own
 routes (`/slots`, `/props`, ...) it never exposes. Requests are rewritten and answers
 translated by `translate`; every failure of llama-server or of the connection to it is
-mapped to the error family here, and nowhere else. A client that goes away closes the
-stream from llama-server, which frees the slot at once.
+mapped to the error family here, and nowhere else. A generation waits for room in the KV
+pool before it is sent (`room`). A client that goes away closes the stream from
+llama-server, which frees the slot at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from pydantic import SecretStr
@@ -31,6 +34,7 @@ from llamaserve.engine.protocol import (
     retrieve_model,
 )
 from llamaserve.engine.readback import ReadBack
+from llamaserve.engine.room import Room
 from llamaserve.engine.tally import Tallies
 from llamaserve.engine.translate import (
     Assembler,
@@ -63,6 +67,7 @@ class Relay:
         created: int,
         slots: int,
         native_tools: bool,
+        room: Room | None = None,
         on_startup: asgi.Hook | None = None,
         on_shutdown: asgi.Hook | None = None,
     ) -> None:
@@ -71,6 +76,7 @@ class Relay:
         self.created = created  # of the model, in its listing
         self.slots = slots
         self.native_tools = native_tools
+        self.room = room  # None: llama-server's pool is not bounded here
         self._key = api_key.get_secret_value().encode()
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
@@ -151,6 +157,12 @@ class Relay:
             return chat_translator(body, native_tools=self.native_tools)
         return completion_translator(body)
 
+    def _room_for(self, body: bytes, max_tokens: int | None) -> AbstractAsyncContextManager[None]:
+        """Room in the KV pool for a generation of this body, held until its answer ends."""
+        if self.room is None:
+            return contextlib.nullcontext()
+        return self.room.held(self.room.need(len(body), max_tokens))
+
     async def _read_back(self, read_back: ReadBack, send: Send) -> None:
         """A completion of no tokens: the prompt's text and count, as llama-server's
         completion would count it (with the BOS it adds to a text, never to token ids)."""
@@ -186,7 +198,10 @@ class Relay:
             if translator.echo_tokens is not None:
                 translator.echo = await self._text_of(translator.echo_tokens)
             body = json.dumps(translator.body).encode()
-            async with self._upstream.send(self.upstream_url, "POST", path, body) as reply:
+            async with (
+                self._room_for(body, translator.body.get("max_tokens")),
+                self._upstream.send(self.upstream_url, "POST", path, body) as reply,
+            ):
                 if reply.status != 200:
                     raise engine_error(reply.status, await reply.read())
                 async for chunk in chunks(reply):

@@ -7,12 +7,13 @@ at 16 users, each request finishing sooner too (docs/performance.md). So `auto` 
 SLOTS_PER_CORE slots a core, between MIN_SLOTS and MAX_SLOTS.
 
 The slots share one KV pool (`--kv-unified`), each request using up to LLAMA_N_CTX of it
-(`--kv-unified-per-slot`). The pool holds every slot's LLAMA_N_CTX tokens when memory
-allows: its size is bounded to MEMORY_SHARE of the memory available (less the model),
-at the KV cache's cost per token read from the model's header (`gguf.Shape`). A pool
-smaller than the slots' contexts together serves many requests as long as they do not
-all take their whole context at once. LLAMA_N_CTX 0 keeps the model's own context as the
-pool, shared by the slots.
+(`--kv-unified-per-slot`). The pool's size does not follow the slots: LLAMA_KV_POOL
+tokens, or by default POOL_CONTEXTS contexts of LLAMA_N_CTX (fewer with fewer slots),
+bounded to MEMORY_SHARE of the memory available (less the model) at the KV cache's cost
+per token read from the model's header (`gguf.Shape`), never below one context. More
+slots than the pool holds whole contexts is safe: the front sends a request only once
+the pool has room for the most it may take (`engine/room.py`). LLAMA_N_CTX 0 keeps the
+model's own context as the pool, shared by the slots, with no such bound.
 
 A model with sliding-window layers (Gemma 2 and 3, among others) keeps them whole
 (`--swa-full`), as the pool's size already counts them. Otherwise llama-server keeps only
@@ -28,11 +29,12 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llamaserve.config import Settings
+from llamaserve.config import ConfigError, Settings
 from llamaserve.engine.gguf import read_shape
 
 SLOTS_PER_CORE = 8
 MIN_SLOTS, MAX_SLOTS = 4, 32
+POOL_CONTEXTS = 8  # contexts of LLAMA_N_CTX in the pool by default, whatever the slots
 MEMORY_SHARE = 0.5  # of the memory available, less the model's file
 
 
@@ -63,17 +65,25 @@ def choose(
     parallel: int,
     n_ctx: int,
     *,
+    pool: int = 0,
     cores: int,
     available: int | None,
     model_bytes: int,
     kv_bytes_per_token: int | None,
 ) -> Sizing:
-    """The sizing for LLAMA_PARALLEL (`parallel`, 0 = auto) and LLAMA_N_CTX on a machine
-    with `cores` and `available` bytes of memory (None: unknown, not bounded)."""
+    """The sizing for LLAMA_PARALLEL (`parallel`, 0 = auto), LLAMA_N_CTX and LLAMA_KV_POOL
+    (`pool`, 0 = auto) on a machine with `cores` and `available` bytes of memory (None:
+    unknown, not bounded)."""
     slots = parallel or auto_slots(cores)
     if not n_ctx:
         return Sizing(slots, 0, 0, auto=not parallel)
-    pool = slots * n_ctx
+    if pool:
+        if pool < n_ctx:
+            raise ConfigError(
+                f"LLAMA_KV_POOL={pool} cannot hold one request's context (LLAMA_N_CTX={n_ctx})"
+            )
+        return Sizing(slots, pool, n_ctx, auto=not parallel)
+    pool = min(slots, POOL_CONTEXTS) * n_ctx  # more than all slots' contexts is of no use
     if available is not None and kv_bytes_per_token:
         budget = int((available - model_bytes) * MEMORY_SHARE) // kv_bytes_per_token
         pool = max(n_ctx, min(pool, budget))
@@ -90,6 +100,7 @@ def size_for(settings: Settings, model: Path) -> Sizing:
     sizing = choose(
         settings.llama_parallel,
         settings.llama_n_ctx,
+        pool=settings.llama_kv_pool,
         cores=os.cpu_count() or 1,
         available=memory_available(),
         model_bytes=model_bytes,
