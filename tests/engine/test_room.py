@@ -24,7 +24,7 @@ async def holding(room: Room, need: int, log: list[str], name: str, until: async
         await until.wait()
 
 
-def test_requests_wait_for_room_in_order_of_arrival() -> None:
+def test_requests_wait_for_room_in_order_of_arrival(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         room = Room(pool=1000, per_request=1000)
         log: list[str] = []
@@ -36,9 +36,15 @@ def test_requests_wait_for_room_in_order_of_arrival() -> None:
         await asyncio.sleep(0.01)
         # c would fit beside a, but b came first: nobody passes a request that waits.
         assert log == ["a"] and room.used == 600
+        # The engine's log says when the line forms and when it is gone, not per request.
+        assert caplog.messages == [
+            "the KV pool is full (600 of 1000 tokens held): requests wait for room "
+            "(LLAMA_KV_POOL sets its size)"
+        ]
         ends["a"].set()
         await asyncio.sleep(0.01)
         assert log == ["a", "b", "c", "d"] and room.used == 1000
+        assert caplog.messages[1].startswith("the KV pool has room again: 3 requests waited")
         for name in "bcd":
             ends[name].set()
         await asyncio.gather(*tasks.values())

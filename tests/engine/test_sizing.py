@@ -186,5 +186,7 @@ def test_requests_that_outgrow_the_pool_wait_for_room_and_end_whole(tmp_path: Pa
             result = answer.json()
             assert result["choices"][0]["finish_reason"] == "length"
             assert result["usage"]["completion_tokens"] == 400
+        engine_log = (project.runtime / "logs" / "engine.log").read_text()
+        assert "the KV pool is full" in engine_log  # the operator is told they waited
     finally:
         project.console("stop")

@@ -6,7 +6,8 @@ together. When its requests outgrow the pool, llama-server drops idle slots' cac
 then, with nothing left to drop, ends every request in progress with "Context size has been
 exceeded". So each request holds, from before it is sent until its answer ends, room for
 its prompt and everything it may generate: `need`. Requests wait in order of arrival: a
-large one is never passed over for ever by smaller ones behind it.
+large one is never passed over for ever by smaller ones behind it. The engine's log says
+when requests begin to wait, and, once none waits, how many did and for how long.
 
 A prompt's tokens are not known before llama-server reads it; its bound is the bytes of
 the body sent, plus TEMPLATE_TOKENS. A token of the tokenizers llama.cpp runs is at least
@@ -18,8 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
+
+log = logging.getLogger("llamaserve.engine")
 
 # Tokens a chat template may add beyond the body's own bytes.
 TEMPLATE_TOKENS = 256
@@ -31,6 +36,8 @@ class Room:
         self.per_request = per_request  # the most one request may use (its context)
         self.used = 0  # held by requests sent, until their answers end
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._waited = 0  # requests that waited since the line formed
+        self._line_since = 0.0  # when it formed
 
     def need(self, body_bytes: int, max_tokens: int | None) -> int:
         """The most a request may take: its prompt's bound and what it may generate,
@@ -54,7 +61,14 @@ class Room:
             return
         turn = asyncio.get_running_loop().create_future()
         entry = (need, turn)
+        if not self._waiting:
+            self._line_since = time.monotonic()
+            log.warning(
+                "the KV pool is full (%d of %d tokens held): requests wait for room "
+                "(LLAMA_KV_POOL sets its size)", self.used, self.pool,
+            )  # fmt: skip
         self._waiting.append(entry)
+        self._waited += 1
         try:
             await turn
         except BaseException:
@@ -71,3 +85,9 @@ class Room:
             need, turn = self._waiting.popleft()
             self.used += need
             turn.set_result(None)
+        if not self._waiting and self._waited:
+            log.warning(
+                "the KV pool has room again: %d requests waited for it over %.1f s",
+                self._waited, time.monotonic() - self._line_since,
+            )  # fmt: skip
+            self._waited = 0
