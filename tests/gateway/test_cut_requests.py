@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from llamaserve.engine import tally
 from tests.conftest import raw_post
 from tests.engine.test_launcher import wait_until
 from tests.gateway.conftest import Stack
@@ -89,6 +90,15 @@ def test_a_whole_answer_left_while_generating_is_counted(stack: Stack, alice: st
     [row] = rows
     assert row["completion_tokens"] is not None and row["completion_tokens"] > 0
     assert row["prompt_tokens"] > 0
+    # The engine stopped generating when the client went away, far short of the 2,000
+    # tokens asked, and the row has all it generated. llama-cpp-python went on to the end
+    # (80 s on a slow machine, busy for no one), its row short of what it generated.
+    counted = httpx.get(
+        f"{stack.engine_url}{tally.PREFIX}{row['request_id']}",
+        headers={"Authorization": f"Bearer {stack.engine_key}"},
+    ).json()
+    assert counted["ended"] and counted["completion_tokens"] == row["completion_tokens"]
+    assert row["completion_tokens"] < LONG["max_tokens"]
 
 
 @pytest.mark.one_engine

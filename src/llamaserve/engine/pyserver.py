@@ -43,7 +43,8 @@ def _add_missing_request_fields() -> None:
 
 
 def _meter(llama: Any) -> None:
-    """Count prompt and generated tokens of every generation into the request's Usage.
+    """Count prompt and generated tokens of every generation into the request's Usage,
+    and end the generation once its client has gone (`Usage.stopped`).
 
     The count mirrors llama-cpp-python's own non-streamed usage: every sampled token
     but the end-of-generation one.
@@ -58,6 +59,8 @@ def _meter(llama: Any) -> None:
         if usage is not None:
             usage.prompt_tokens += len(tokens)
         for token in generate(tokens, *args, **kwargs):
+            if usage is not None and usage.stopped:
+                return
             if usage is not None and not llama_cpp.llama_vocab_is_eog(vocab, token):
                 usage.completion_tokens += 1
             yield token

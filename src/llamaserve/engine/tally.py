@@ -36,6 +36,9 @@ class Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ended: bool = False
+    # Its client went away: generate no more (read by llama-cpp-python's generation hook,
+    # whose answer runs in a thread that nothing else can stop).
+    stopped: bool = False
 
     def as_dict(self) -> dict[str, int]:
         """The tokens as OpenAI's usage says them."""
